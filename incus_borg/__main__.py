@@ -1,0 +1,5 @@
+"""Run as `python -m incus_borg`."""
+
+from .cli import main
+
+main()

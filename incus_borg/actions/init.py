@@ -1,0 +1,73 @@
+"""`incus-borg init`: create every configured repository and export its key."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from ..borg import Borg, Secrets, init_argv, key_export_argv
+from ..config import DEFAULT_CONFIG_PATH, LoadedConfig, Repository
+from ..errors import UserError
+
+ALREADY_EXISTS = 10
+
+
+def encryption_for(repo: Repository, secrets: Secrets) -> str:
+    """The encryption mode to create `repo` with, or a UserError when none is safe."""
+    if repo.encryption is not None:
+        if repo.encryption != "none" and not secrets.available:
+            raise UserError(
+                f"repository {repo.name} asks for {repo.encryption} but no passphrase is "
+                "configured: set encryption_passphrase or encryption_passcommand"
+            )
+        return repo.encryption
+    if secrets.available:
+        return "repokey-blake2"
+    raise UserError(
+        f"repository {repo.name}: no passphrase is configured; set encryption_passphrase or "
+        "encryption_passcommand, or set `encryption: none` for this repository"
+    )
+
+
+def key_export_path(loaded: LoadedConfig, repo: Repository) -> Path:
+    """Where the key export of `repo` is written: next to the configuration file."""
+    directory = (loaded.path or DEFAULT_CONFIG_PATH).resolve().parent
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", repo.name).strip("_") or "repository"
+    return directory / f"{safe}.borg-key"
+
+
+def write_private(path: Path, content: str) -> None:
+    """Write `content` to `path` readable by its owner only (0600), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def run(loaded: LoadedConfig, borg: Borg, label: str | None) -> None:
+    """Create the repositories (all, or the one labelled `label`)."""
+    repos = loaded.config.select_repositories(label)
+    modes = {repo.name: encryption_for(repo, borg.secrets) for repo in repos}
+    for repo in repos:
+        mode = modes[repo.name]
+        result = borg.run(init_argv(repo, mode), repo, ok_codes=(ALREADY_EXISTS,))
+        if result.returncode == ALREADY_EXISTS:
+            click.echo(f"repository {repo.name}: already exists at {repo.path}, left alone")
+            continue
+        click.echo(f"repository {repo.name}: created at {repo.path} ({mode})")
+        if mode == "none":
+            continue
+        exported = borg.run(key_export_argv(repo), repo).stdout
+        path = key_export_path(loaded, repo)
+        write_private(path, exported)
+        click.echo(f"repository {repo.name}: key exported to {path} (mode 0600)")
+        click.echo(
+            "  KEEP A COPY OF THIS KEY AND THE PASSPHRASE OFF THIS HOST: without them the "
+            "backups cannot be read."
+        )

@@ -1,0 +1,229 @@
+"""The only code that runs `borg`: argv builders (pure functions) and one runner.
+
+Secrets travel in the child's environment only, never in argv or logs. Every call runs
+with BORG_EXIT_CODES=modern and --log-json, so failures map to clear messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import IO, Any
+
+from .config import Config, Repository
+from .errors import UserError
+
+MIN_VERSION = (1, 4)
+PASSPHRASE_ENV = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD")
+
+
+def find_borg() -> str:
+    """The borg next to the running interpreter (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).parent / "borg"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("borg")
+    if found is None:
+        raise UserError("borg is not installed: pip install 'borgbackup>=1.4,<2'")
+    return found
+
+
+@cache
+def checked_version(binary: str) -> str:
+    """The version of `binary`, refusing anything older than borg 1.4."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UserError(f"cannot run {binary} --version: {exc}") from None
+    match = re.search(r"(\d+)\.(\d+)\.\S+", out)
+    if match is None:
+        raise UserError(f"cannot tell the version of {binary} from {out.strip()!r}")
+    if (int(match.group(1)), int(match.group(2))) < MIN_VERSION or match.group(1) != "1":
+        raise UserError(
+            f"{binary} is borg {match.group(0)}; incus-borg needs borg 1.4 or newer 1.x: "
+            "pip install 'borgbackup>=1.4,<2'"
+        )
+    return match.group(0)
+
+
+# --- argv builders -------------------------------------------------------------------------
+
+
+def init_argv(repo: Repository, encryption: str) -> list[str]:
+    """Create a repository (and its parent directories)."""
+    return ["init", "--make-parent-dirs", "--encryption", encryption, repo.path]
+
+
+def key_export_argv(repo: Repository, paper: bool = False) -> list[str]:
+    """Export the repository key to stdout."""
+    return ["key", "export", *(["--paper"] if paper else []), repo.path]
+
+
+def list_argv(repo: Repository) -> list[str]:
+    """List a repository's archives as JSON."""
+    return ["list", "--json", repo.path]
+
+
+# --- runner ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Where the passphrase comes from: the config file or the caller's environment."""
+
+    passphrase: str | None = None
+    passcommand: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> Secrets:
+        """The secrets a configuration names."""
+        return cls(config.encryption_passphrase, config.encryption_passcommand)
+
+    @property
+    def available(self) -> bool:
+        """Whether borg will get a passphrase without asking."""
+        return bool(self.passphrase or self.passcommand) or any(
+            os.environ.get(name) for name in PASSPHRASE_ENV
+        )
+
+    def env(self) -> dict[str, str]:
+        """Environment entries handing the passphrase to borg."""
+        if self.passphrase:
+            return {"BORG_PASSPHRASE": self.passphrase}
+        if self.passcommand:
+            return {"BORG_PASSCOMMAND": self.passcommand}
+        return {}
+
+
+@dataclass
+class BorgResult:
+    """What a finished borg call returned."""
+
+    returncode: int
+    stdout: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Borg's WARNING and ERROR log lines."""
+        return [
+            str(m.get("message", "")).strip()
+            for m in self.messages
+            if m.get("levelname") in ("WARNING", "ERROR", "CRITICAL")
+        ]
+
+    def json(self) -> Any:
+        """stdout decoded as JSON."""
+        return json.loads(self.stdout)
+
+
+def _is_warning(code: int) -> bool:
+    return code == 1 or 100 <= code <= 127
+
+
+class Borg:
+    """Runs borg for one configuration, with its secrets in the child's environment."""
+
+    def __init__(self, secrets: Secrets, debug: bool = False, binary: str | None = None) -> None:
+        self.binary = binary or find_borg()
+        checked_version(self.binary)
+        self.secrets = secrets
+        self.debug = debug
+
+    def env(self, repo: Repository, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The child environment: modern exit codes, secrets, repository-specific settings."""
+        env = {**os.environ, "BORG_EXIT_CODES": "modern", **self.secrets.env()}
+        env["BORG_DISPLAY_PASSPHRASE"] = "no"
+        if repo.encryption == "none":
+            env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
+        return {**env, **(extra or {})}
+
+    def run(
+        self,
+        args: Sequence[str],
+        repo: Repository,
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: IO[bytes] | None = None,
+        timeout: float | None = None,
+        ok_codes: Sequence[int] = (),
+    ) -> BorgResult:
+        """Run `borg --log-json ARGS` for `repo`; an error exit becomes a UserError.
+
+        Warnings (exit 1 or 100-127) are returned for the caller to report. Codes in
+        `ok_codes` are returned instead of raised.
+        """
+        argv = [self.binary, "--log-json", *args]
+        if self.debug:
+            print("incus-borg: running " + " ".join(argv), file=sys.stderr)
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(repo, env),
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise UserError(
+                f"borg {args[0]} on repository {repo.name} did not finish within {timeout:.0f} s"
+            ) from None
+        result = BorgResult(
+            done.returncode,
+            done.stdout.decode("utf-8", "replace") if done.stdout is not None else "",
+            parse_log_json(done.stderr.decode("utf-8", "replace")),
+        )
+        code = result.returncode
+        if code == 0 or _is_warning(code) or code in ok_codes:
+            return result
+        raise UserError(explain_failure(args[0], repo, result))
+
+
+def parse_log_json(stderr: str) -> list[dict[str, Any]]:
+    """Borg's --log-json lines as dicts; lines that are not JSON become plain messages."""
+    messages: list[dict[str, Any]] = []
+    for line in stderr.splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            item = {"type": "log_message", "levelname": "ERROR", "message": line}
+        if isinstance(item, dict):
+            messages.append(item)
+    return messages
+
+
+def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
+    """One line telling what went wrong and how to fix it."""
+    name = repo.name
+    known = {
+        13: f"repository {name} ({repo.path}) does not exist: run `incus-borg init`",
+        15: f"{repo.path} is not a Borg repository: fix the path of repository {name}, "
+        "or run `incus-borg init` for a new one",
+        50: f"repository {name} is encrypted and no passphrase is configured: set "
+        "encryption_passphrase or encryption_passcommand, or BORG_PASSPHRASE",
+        51: f"the encryption_passcommand for repository {name} failed: check that it prints "
+        "the passphrase",
+        52: f"wrong passphrase for repository {name}: check encryption_passphrase, "
+        "encryption_passcommand or BORG_PASSPHRASE",
+        73: f"repository {name} is locked by another borg process (lock wait expired): retry "
+        "later, or run `borg break-lock` if no borg is running",
+    }
+    if result.returncode in known:
+        return known[result.returncode]
+    errors = [m for m in result.warnings if m]
+    detail = errors[-1].splitlines()[0] if errors else "no message"
+    return f"borg {command} failed on repository {name} (exit {result.returncode}): {detail}"

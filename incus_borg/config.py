@@ -1,0 +1,317 @@
+"""Configuration: the one schema (dataclasses with a description per key), loading and checks.
+
+Every key, its type, default and description is declared once below; validation, the
+generated sample (`incus-borg config generate`) and the README reference all read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import UserError
+
+DEFAULT_CONFIG_PATH = Path("/etc/incus-borg/config.yaml")
+CONFIG_ENV = "INCUS_BORG_CONFIG"
+
+Mode = Literal["auto", "snapshot", "freeze", "stop", "none"]
+Encryption = Literal[
+    "repokey-blake2", "repokey", "keyfile-blake2", "keyfile", "authenticated-blake2", "none"
+]
+
+
+def key(default: Any, doc: str, *, example: Any = None) -> Any:
+    """Declare a schema key: its default, one-line description and an optional sample value."""
+    meta = {"doc": doc, "example": example}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Repository:
+    """One Borg repository that every backup goes to."""
+
+    path: str = key(
+        "/var/backups/incus-borg", "Borg repository: a local path or ssh://user@host:port/path."
+    )
+    label: str = key("", "Short name used by --repository and in messages (default: the path).")
+    encryption: Encryption | None = key(
+        None,
+        "Borg encryption mode for `init`: repokey-blake2 when a passphrase is configured; "
+        "'none' must be set explicitly.",
+    )
+
+    @property
+    def name(self) -> str:
+        """The label, or the path when no label is set."""
+        return self.label or self.path
+
+
+@dataclass(frozen=True)
+class IncusSettings:
+    """Where Incus keeps its state and how its daemon is stopped and started."""
+
+    dir: str = key("/var/lib/incus", "Incus directory, passed to every incus call as INCUS_DIR.")
+    stop_command: str = key(
+        "systemctl stop incus.service incus.socket",
+        "Stops the Incus daemon only (instances keep running).",
+    )
+    start_command: str = key(
+        "systemctl start incus.socket incus.service", "Starts the Incus daemon again."
+    )
+    subuid: str = key("/etc/subuid", "subuid file deciding uid shifting; backed up and restored.")
+    subgid: str = key("/etc/subgid", "subgid file deciding gid shifting; backed up and restored.")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many archives `prune` keeps, per period."""
+
+    keep_daily: int = key(7, "Daily archives to keep.")
+    keep_weekly: int = key(4, "Weekly archives to keep.")
+    keep_monthly: int = key(6, "Monthly archives to keep.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    repositories: list[Repository] = key(
+        [Repository(label="local")], "One or more Borg repositories; each backup goes to every one."
+    )
+    encryption_passphrase: str | None = key(
+        None,
+        "Passphrase of the repositories (or use encryption_passcommand, or BORG_PASSPHRASE "
+        "in the environment).",
+        example="change me",
+    )
+    encryption_passcommand: str | None = key(
+        None, "Command printing the passphrase, run without a shell.", example="cat /root/pass"
+    )
+    incus: IncusSettings = key(IncusSettings, "The Incus server to back up.")
+    staging_dir: str = key(
+        "/var/lib/incus-borg/staging", "Where a run lays out metadata and stable mount points."
+    )
+    mode: Mode = key("auto", "How instances are quiesced: auto, snapshot, freeze, stop or none.")
+    instances: list[str] = key(
+        [], "Instances to back up, as name or project/name; empty means all, in all projects."
+    )
+    retention: Retention = key(Retention, "Archives kept by `prune`.")
+
+    def select_repositories(self, label: str | None) -> list[Repository]:
+        """All repositories, or the one whose label (or path) is `label`."""
+        if label is None:
+            return list(self.repositories)
+        for repo in self.repositories:
+            if label in (repo.label, repo.path):
+                return [repo]
+        known = ", ".join(r.name for r in self.repositories)
+        raise UserError(f"no repository labelled {label!r}: use one of {known}")
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated configuration and the file it came from (None for built-in defaults)."""
+
+    config: Config
+    path: Path | None
+
+
+def resolve_path(option: str | None) -> tuple[Path | None, bool]:
+    """Which file to read: -c, then $INCUS_BORG_CONFIG, then the default path if it exists.
+
+    Returns the path (None for built-in defaults) and whether it was asked for explicitly.
+    """
+    if option:
+        return Path(option), True
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), True
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH, True
+    return None, False
+
+
+def load(option: str | None) -> LoadedConfig:
+    """Read and validate the configuration chosen by `resolve_path`."""
+    path, _ = resolve_path(option)
+    if path is None:
+        return LoadedConfig(Config(), None)
+    return LoadedConfig(parse(read_text(path), str(path)), path)
+
+
+def read_text(path: Path) -> str:
+    """The file's text, or a UserError saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(
+            f"config file {path} does not exist: create it with "
+            f"`incus-borg config generate > {path}`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"cannot read config file {path}: {reason}") from None
+
+
+def parse(text: str, source: str) -> Config:
+    """Parse YAML text into a validated Config; `source` names the file in messages."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"config {source}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    config = typing.cast(Config, _build(Config, data, "", source))
+    names = [repo.name for repo in config.repositories]
+    if not names:
+        raise UserError(f"config {source}: 'repositories' must list at least one repository")
+    if len(set(names)) != len(names):
+        raise UserError(f"config {source}: repository labels must be unique, got {names}")
+    return config
+
+
+def _type_name(tp: Any) -> str:
+    """How a schema type is named in messages and docs."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or empty)"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", bool: "true or false"}.get(tp, str(tp))
+
+
+def _build(tp: Any, value: Any, where: str, source: str) -> Any:
+    """Check `value` against the schema type `tp` and convert it; `where` is the key path."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(inner, value, where, source)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"config {source}: '{where}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _wrong_type(tp, value, where, source)
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build_mapping(typing.cast(type, tp), value, where, source)
+    # bool is a subclass of int: do not accept true where a number is expected.
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise _wrong_type(tp, value, where, source)
+    return value
+
+
+def _build_mapping(cls: type, value: Any, where: str, source: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys."""
+    if not isinstance(value, dict):
+        raise _wrong_type(cls, value, where, source)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name in value:
+        if name not in known:
+            place = f" under '{where}'" if where else ""
+            raise UserError(
+                f"config {source}: unknown key '{name}'{place} (known keys: {', '.join(known)})"
+            )
+    kwargs = {
+        name: _build(hints[name], value[name], f"{where}.{name}" if where else name, source)
+        for name in known
+        if name in value
+    }
+    return cls(**kwargs)
+
+
+def _wrong_type(tp: Any, value: Any, where: str, source: str) -> UserError:
+    got = "empty" if value is None else type(value).__name__
+    return UserError(f"config {source}: '{where}' must be {_type_name(tp)}, got {got}")
+
+
+def sample() -> str:
+    """A commented sample configuration built from the schema."""
+    lines = ["# incus-borg configuration (every key is optional; shown with its default)."]
+    _sample_lines(Config, Config(), "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _dump(value: Any) -> str:
+    """One YAML value on one line."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000)
+    return text.removesuffix("...\n").strip()
+
+
+def _sample_lines(cls: type, instance: Any, indent: str, lines: list[str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = getattr(instance, f.name)
+        if not indent:
+            lines.append("")
+        lines.append(f"{indent}# {f.metadata['doc']}")
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{indent}{f.name}:")
+            _sample_lines(typing.cast(type, tp), default, indent + "  ", lines)
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            item_cls = typing.get_args(tp)[0]
+            lines.append(f"{indent}{f.name}:")
+            for item in default:
+                item_lines: list[str] = []
+                _sample_lines(item_cls, item, indent + "  ", item_lines)
+                first = next(i for i, line in enumerate(item_lines) if not line.lstrip()[0] == "#")
+                item_lines[first] = indent + "  - " + item_lines[first].lstrip()
+                lines.extend(
+                    line if i <= first else indent + "  " + line for i, line in enumerate(item_lines)
+                )
+        elif default is None:
+            example = f.metadata["example"]
+            shown = f" {_dump(example)}" if example is not None else ""
+            lines.append(f"{indent}# {f.name}:{shown}")
+        else:
+            lines.append(f"{indent}{f.name}: {_dump(default)}")
+
+
+def reference() -> str:
+    """The configuration reference as a Markdown table, for the README."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            name = prefix + f.name
+            default = getattr(defaults, f.name)
+            shown = "" if default is None else f"`{_dump(default)}`"
+            if dataclasses.is_dataclass(tp):
+                shown = ""
+            rows.append(f"| `{name}` | {_type_name(tp)} | {shown} | {f.metadata['doc']} |")
+            if dataclasses.is_dataclass(tp):
+                walk(typing.cast(type, tp), name + ".")
+            elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+                walk(typing.get_args(tp)[0], name + "[].")
+
+    walk(Config, "")
+    return "\n".join(rows) + "\n"
