@@ -74,6 +74,31 @@ def list_argv(repo: Repository) -> list[str]:
     return ["list", "--json", repo.path]
 
 
+def info_argv(repo: Repository) -> list[str]:
+    """Repository information as JSON (cheap: proves it exists and the passphrase is right)."""
+    return ["info", "--json", repo.path]
+
+
+def create_argv(
+    repo: Repository,
+    archive: str,
+    paths: Sequence[str],
+    *,
+    excludes: Sequence[str] = (),
+    files_cache: str | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Create `archive` from `paths` (relative to the caller's working directory)."""
+    argv = ["create", "--json", "--numeric-ids"]
+    if files_cache:
+        argv += ["--files-cache", files_cache]
+    if progress:
+        argv.append("--progress")
+    for pattern in excludes:
+        argv += ["--exclude", pattern]
+    return [*argv, f"{repo.path}::{archive}", *paths]
+
+
 # --- runner ----------------------------------------------------------------------------------
 
 
@@ -114,13 +139,21 @@ class BorgResult:
     messages: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def warnings(self) -> list[str]:
+    def problems(self) -> list[str]:
         """Borg's WARNING and ERROR log lines."""
         return [
             str(m.get("message", "")).strip()
             for m in self.messages
             if m.get("levelname") in ("WARNING", "ERROR", "CRITICAL")
         ]
+
+    @property
+    def warnings(self) -> list[str]:
+        """What to report as warnings: borg's problems, when it exited with a warning code.
+
+        (A successful run also logs harmless warnings, such as a new files cache.)
+        """
+        return self.problems if _is_warning(self.returncode) else []
 
     def json(self) -> Any:
         """stdout decoded as JSON."""
@@ -154,41 +187,53 @@ class Borg:
         repo: Repository,
         *,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
         stdout: IO[bytes] | None = None,
-        timeout: float | None = None,
+        show_progress: bool = False,
         ok_codes: Sequence[int] = (),
     ) -> BorgResult:
         """Run `borg --log-json ARGS` for `repo`; an error exit becomes a UserError.
 
         Warnings (exit 1 or 100-127) are returned for the caller to report. Codes in
-        `ok_codes` are returned instead of raised.
+        `ok_codes` are returned instead of raised. With `show_progress`, borg's progress
+        lines are shown on stderr as they come.
         """
         argv = [self.binary, "--log-json", *args]
         if self.debug:
             print("incus-borg: running " + " ".join(argv), file=sys.stderr)
-        try:
-            done = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout if stdout is not None else subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=self.env(repo, env),
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            raise UserError(
-                f"borg {args[0]} on repository {repo.name} did not finish within {timeout:.0f} s"
-            ) from None
-        result = BorgResult(
-            done.returncode,
-            done.stdout.decode("utf-8", "replace") if done.stdout is not None else "",
-            parse_log_json(done.stderr.decode("utf-8", "replace")),
-        )
-        code = result.returncode
+        with subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env(repo, env),
+            cwd=cwd,
+        ) as proc:
+            assert proc.stderr is not None
+            messages = []
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace")
+                messages += parse_log_json(line)
+                if show_progress and messages and "progress" in messages[-1].get("type", ""):
+                    print("\r" + progress_line(messages[-1]), end="", file=sys.stderr)
+            out = proc.stdout.read() if proc.stdout is not None else b""
+            code = proc.wait()
+        if show_progress:
+            print(file=sys.stderr)
+        result = BorgResult(code, out.decode("utf-8", "replace"), messages)
         if code == 0 or _is_warning(code) or code in ok_codes:
             return result
         raise UserError(explain_failure(args[0], repo, result))
+
+
+def progress_line(message: Mapping[str, Any]) -> str:
+    """One progress message of borg's, as a short line."""
+    if message.get("type") == "archive_progress":
+        size = int(message.get("original_size") or 0) / 1e6
+        return f"{message.get('nfiles', 0)} files, {size:.1f} MB read  {message.get('path', '')}"[
+            :100
+        ]
+    return str(message.get("message", ""))[:100]
 
 
 def parse_log_json(stderr: str) -> list[dict[str, Any]]:
@@ -224,6 +269,6 @@ def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
     }
     if result.returncode in known:
         return known[result.returncode]
-    errors = [m for m in result.warnings if m]
+    errors = [m for m in result.problems if m]
     detail = errors[-1].splitlines()[0] if errors else "no message"
     return f"borg {command} failed on repository {name} (exit {result.returncode}): {detail}"

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import click
 
 from . import config as config_module
+from .actions import backup as backup_action
+from .actions import hooks as hook_actions
 from .actions import init as init_action
 from .actions import list_archives
 from .borg import Borg, Secrets
@@ -45,7 +47,9 @@ repository_option = click.option(
     metavar="FILE",
     help="Configuration file (default: $INCUS_BORG_CONFIG, then /etc/incus-borg/config.yaml).",
 )
-@click.option("-v", "--verbose", "--debug", "debug", is_flag=True, help="Show details and tracebacks.")
+@click.option(
+    "-v", "--verbose", "--debug", "debug", is_flag=True, help="Show details and tracebacks."
+)
 @click.version_option(package_name="incus-borg")
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, debug: bool) -> None:
@@ -70,6 +74,65 @@ def list_command(options: Options, label: str | None, as_json: bool) -> None:
     """List the archives in the repositories."""
     loaded = options.load()
     list_archives.run(loaded.config, options.borg(loaded), label, as_json)
+
+
+mode_option = click.option(
+    "--mode",
+    type=click.Choice(["auto", "snapshot", "freeze", "stop", "none"]),
+    help="How to quiesce instances (default: the config's `mode`).",
+)
+instance_option = click.option(
+    "--instance",
+    "instances",
+    multiple=True,
+    metavar="[P/]NAME",
+    help="Only this instance (repeatable; default: the config's `instances`, else all).",
+)
+
+
+@cli.command()
+@mode_option
+@instance_option
+@repository_option
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--progress", is_flag=True, help="Show borg's progress.")
+@pass_options
+def backup(
+    options: Options,
+    mode: str | None,
+    instances: tuple[str, ...],
+    label: str | None,
+    dry_run: bool,
+    as_json: bool,
+    progress: bool,
+) -> int:
+    """Back up the whole Incus server into every repository."""
+    loaded = options.load()
+    wanted = backup_action.BackupOptions(mode, instances, label, dry_run, as_json, progress)
+    return backup_action.run(loaded.config, options.borg(loaded), wanted)
+
+
+@cli.group()
+def hook() -> None:
+    """Pre/post hooks for borgmatic, restic or any other backup program."""
+
+
+@hook.command()
+@mode_option
+@instance_option
+@pass_options
+def pre(options: Options, mode: str | None, instances: tuple[str, ...]) -> int:
+    """Quiesce Incus and lay out the staging tree for another program to back up."""
+    return hook_actions.pre(options.load().config, mode, instances)
+
+
+@hook.command()
+@click.option("--failed", is_flag=True, help="The backup program failed (same cleanup).")
+@pass_options
+def post(options: Options, failed: bool) -> int:
+    """Release every quiesce left by `hook pre` and empty the staging tree."""
+    return hook_actions.post(options.load().config, failed)
 
 
 @cli.group(name="config")
@@ -103,8 +166,8 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         code = EXIT_ERROR
-    except click.exceptions.Abort:
-        print("incus-borg: error: interrupted", file=sys.stderr)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("incus-borg: error: interrupted; every quiesce was undone", file=sys.stderr)
         code = EXIT_ERROR
     except UserError as exc:
         if debug:

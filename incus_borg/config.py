@@ -103,6 +103,15 @@ class Config:
         "/var/lib/incus-borg/staging", "Where a run lays out metadata and stable mount points."
     )
     mode: Mode = key("auto", "How instances are quiesced: auto, snapshot, freeze, stop or none.")
+    quiesce_daemon: bool = key(
+        True,
+        "Stop the daemon for a moment to copy its database exactly; false keeps the API up "
+        "and backs up the SQL dumps only (then `restore server` has no exact database).",
+    )
+    archive_name_format: str = key(
+        "{hostname}-{now:%Y-%m-%dT%H:%M:%S}",
+        "Name of each run's archive; {hostname} and {now:strftime format} are replaced.",
+    )
     instances: list[str] = key(
         [], "Instances to back up, as name or project/name; empty means all, in all projects."
     )
@@ -280,10 +289,11 @@ def _sample_lines(cls: type, instance: Any, indent: str, lines: list[str]) -> No
             for item in default:
                 item_lines: list[str] = []
                 _sample_lines(item_cls, item, indent + "  ", item_lines)
-                first = next(i for i, line in enumerate(item_lines) if not line.lstrip()[0] == "#")
+                first = next(i for i, line in enumerate(item_lines) if line.lstrip()[0] != "#")
                 item_lines[first] = indent + "  - " + item_lines[first].lstrip()
                 lines.extend(
-                    line if i <= first else indent + "  " + line for i, line in enumerate(item_lines)
+                    line if i <= first else indent + "  " + line
+                    for i, line in enumerate(item_lines)
                 )
         elif default is None:
             example = f.metadata["example"]

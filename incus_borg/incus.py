@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from .errors import UserError
 
@@ -51,7 +54,9 @@ class Incus:
                 check=False,
             )
         except FileNotFoundError:
-            raise UserError("the incus client is not installed: install the incus package") from None
+            raise UserError(
+                "the incus client is not installed: install the incus package"
+            ) from None
         except subprocess.TimeoutExpired:
             raise UserError(
                 f"`incus {' '.join(args[:3])}` did not finish within {timeout or self.timeout:.0f} s"
@@ -76,6 +81,98 @@ class Incus:
         out = self.run(args)
         return json.loads(out) if out.strip() else None
 
-    def server_info(self) -> dict[str, Any]:
-        """GET /1.0: server environment and configuration."""
-        return dict(self.query("/1.0"))
+    def run_daemon_command(self, command: str, what: str, timeout: float = 120) -> float:
+        """Run incus.stop_command or incus.start_command (split like a shell, run without one).
+
+        Returns how long it took.
+        """
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                shlex.split(command),
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                timeout=timeout,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise UserError(
+                f"incus.{what} {command!r}: command not found; fix incus.{what}"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise UserError(
+                f"incus.{what} {command!r} did not finish within {timeout:.0f} s"
+            ) from None
+        if done.returncode != 0:
+            detail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            raise UserError(f"incus.{what} {command!r} failed: {detail}")
+        return time.monotonic() - started
+
+    def reachable(self) -> bool:
+        """Whether the daemon answers on its socket."""
+        try:
+            self.run(["query", "/1.0"], timeout=10)
+        except UserError:
+            return False
+        return True
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until the daemon has started and answers."""
+        self.run(["admin", "waitready", "--timeout", str(int(timeout))], timeout=timeout + 10)
+
+    def sql_dump(self, scope: str) -> str:
+        """`incus admin sql local|global .dump`: the database as SQL text."""
+        return self.run(["admin", "sql", scope, ".dump"])
+
+    # --- instances and volumes -----------------------------------------------------------
+
+    def instance_status(self, project: str, name: str) -> str:
+        """Running, Stopped or Frozen."""
+        return str(self.query(api_path(f"/1.0/instances/{quote(name)}/state", project))["status"])
+
+    def change_state(self, project: str, name: str, action: str) -> None:
+        """freeze, unfreeze, stop or start an instance (stop waits up to 60 s, then forces)."""
+        data: dict[str, Any] = {"action": action}
+        if action == "stop":
+            data |= {"timeout": 60, "force": False}
+        self.query(api_path(f"/1.0/instances/{quote(name)}/state", project), "PUT", data)
+
+    def instance_snapshots(self, project: str, name: str) -> list[str]:
+        """Names of an instance's snapshots, oldest first."""
+        urls = self.query(api_path(f"/1.0/instances/{quote(name)}/snapshots", project))
+        return [u.rsplit("/", 1)[-1].split("?")[0] for u in urls]
+
+    def create_instance_snapshot(self, project: str, name: str, snap: str) -> None:
+        """Take a (stateless) snapshot of an instance."""
+        path = api_path(f"/1.0/instances/{quote(name)}/snapshots", project)
+        self.query(path, "POST", {"name": snap, "stateful": False})
+
+    def delete_instance_snapshot(self, project: str, name: str, snap: str) -> None:
+        """Delete one snapshot of an instance."""
+        path = f"/1.0/instances/{quote(name)}/snapshots/{quote(snap)}"
+        self.query(api_path(path, project), "DELETE")
+
+    def volume_snapshots(self, pool: str, project: str, name: str) -> list[str]:
+        """Names of a custom volume's snapshots, oldest first."""
+        path = f"/1.0/storage-pools/{quote(pool)}/volumes/custom/{quote(name)}/snapshots"
+        return [u.rsplit("/", 1)[-1].split("?")[0] for u in self.query(api_path(path, project))]
+
+    def create_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
+        """Take a snapshot of a custom volume."""
+        path = f"/1.0/storage-pools/{quote(pool)}/volumes/custom/{quote(name)}/snapshots"
+        self.query(api_path(path, project), "POST", {"name": snap})
+
+    def delete_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
+        """Delete one snapshot of a custom volume."""
+        path = (
+            f"/1.0/storage-pools/{quote(pool)}/volumes/custom/{quote(name)}/snapshots/{quote(snap)}"
+        )
+        self.query(api_path(path, project), "DELETE")
+
+
+def api_path(path: str, project: str | None = None, **params: str) -> str:
+    """An API path with its query string (project and other parameters)."""
+    if project is not None:
+        params = {"project": project, **params}
+    return f"{path}?{urlencode(params)}" if params else path

@@ -1,0 +1,243 @@
+"""`incus-borg backup`: quiesce, read each instance into its own archive, then the server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import layout, plan, signals
+from ..borg import Borg, checked_version, create_argv, info_argv
+from ..capture import Capture, archive_path, item_for
+from ..config import Config, Repository
+from ..errors import EXIT_ERROR, UserError, Warnings
+from ..incus import Incus
+from ..manifest import Item
+from ..plan import Plan, Target
+
+INSTANCE_FILES_CACHE = "mtime,size"  # snapshot copies change inodes and ctimes, not content
+
+
+@dataclass
+class BackupOptions:
+    """What the command line asked for."""
+
+    mode: str | None = None
+    instances: tuple[str, ...] = ()
+    label: str | None = None
+    dry_run: bool = False
+    as_json: bool = False
+    progress: bool = False
+
+
+@dataclass
+class Outcome:
+    """What the run did, for the summary."""
+
+    archives: dict[str, list[str]] = field(default_factory=dict)
+    added: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def part_archive(run: str, target: Target) -> str:
+    """The archive holding one instance or volume of run `run`."""
+    if target.kind == "instance":
+        return f"{run}@instance@{target.project}@{target.name}"
+    return f"{run}@volume@{target.pool}@{target.project}@{target.name}"
+
+
+def files_cache_suffix(name: str) -> str:
+    """A files-cache suffix per archive kind, so that entries never age out across parts."""
+    return "incus-borg-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def reporter(as_json: bool) -> Any:
+    """Print progress lines on stdout, or on stderr when stdout carries JSON."""
+    return lambda line: click.echo(line, err=as_json)
+
+
+def run(config: Config, borg: Borg, options: BackupOptions) -> int:
+    """Back up the whole server (or the named instances); returns the exit code."""
+    mode = options.mode or config.mode
+    incus = Incus(config.incus.dir)
+    warnings = Warnings()
+    report = reporter(options.as_json)
+    capture = Capture(config, mode, incus, warnings, report)
+    repos = config.select_repositories(options.label)
+    selection = list(options.instances) or config.instances
+    with capture.journal.locked():
+        capture.recover("backup")
+        the_plan = plan.build(incus, mode, selection)
+        if options.dry_run:
+            print_plan(the_plan, config, repos, report)
+            return 0
+        outcome = Outcome()
+        live = check_repositories(borg, repos, outcome, warnings)
+        capture.journal.begin("backup", capture.run)
+        try:
+            with signals.interruptible():
+                items = read_all(capture, the_plan, borg, live, outcome, options, warnings)
+        finally:
+            with signals.shielded():
+                capture.finish()
+    if options.as_json:
+        click.echo(json.dumps(summary(capture, items, outcome, warnings), indent=2))
+    if not outcome.archives:
+        raise UserError("no repository holds this run: " + "; ".join(outcome.failed.values()))
+    return warnings.exit_code
+
+
+def check_repositories(
+    borg: Borg, repos: list[Repository], outcome: Outcome, warnings: Warnings
+) -> list[Repository]:
+    """The repositories that answer; an error when none does, a warning per one that does not."""
+    live = []
+    for repo in repos:
+        try:
+            borg.run(info_argv(repo), repo)
+            live.append(repo)
+        except UserError as exc:
+            outcome.failed[repo.name] = str(exc)
+    if not live:
+        raise UserError("; ".join(outcome.failed.values()))
+    for message in outcome.failed.values():
+        warnings.add(message)
+    return live
+
+
+def read_all(
+    capture: Capture,
+    the_plan: Plan,
+    borg: Borg,
+    repos: list[Repository],
+    outcome: Outcome,
+    options: BackupOptions,
+    warnings: Warnings,
+) -> dict[str, Item]:
+    """Capture the server, read each target into its own archive, then the server archive."""
+    stage_root = capture.stage.root
+    database = capture.capture_server(the_plan)
+    items: dict[str, Item] = {}
+    for target in the_plan.instances + the_plan.volumes:
+        item = item_for(target)
+        item.archive = part_archive(capture.run, target)
+        held = capture.hold(target)
+        read = create(
+            borg,
+            repos,
+            outcome,
+            warnings,
+            stage_root,
+            item.archive,
+            [item.path],
+            INSTANCE_FILES_CACHE,
+            options.progress,
+        )
+        item.window = capture.release(held)
+        item.bytes_read = read
+        items[archive_path(target)] = item
+        capture.report(
+            f"{target.kind} {target.ref}: {target.mode}, window {item.window:.2f} s, "
+            f"read {read / 1e6:.1f} MB"
+        )
+    manifest = capture.manifest(the_plan, database, items, checked_version(borg.binary), False)
+    capture.stage.write(layout.MANIFEST, manifest.to_json())
+    paths = [str(p) for p in layout.SERVER_PATHS if (stage_root / p).exists()]
+    excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
+    read = create(
+        borg,
+        repos,
+        outcome,
+        warnings,
+        stage_root,
+        capture.run,
+        paths,
+        None,
+        options.progress,
+        excludes,
+    )
+    capture.report(f"server: read {read / 1e6:.1f} MB into {capture.run}")
+    return items
+
+
+def create(
+    borg: Borg,
+    repos: list[Repository],
+    outcome: Outcome,
+    warnings: Warnings,
+    cwd: Path,
+    archive: str,
+    paths: list[str],
+    files_cache: str | None,
+    progress: bool,
+    excludes: list[str] | None = None,
+) -> int:
+    """`borg create` of `paths` into every repository still healthy; returns bytes read."""
+    read = 0
+    for repo in list(repos):
+        argv = create_argv(
+            repo,
+            archive,
+            paths,
+            excludes=excludes or (),
+            files_cache=files_cache,
+            progress=progress,
+        )
+        env = {"BORG_FILES_CACHE_SUFFIX": files_cache_suffix(archive.partition("@")[2] or "server")}
+        try:
+            result = borg.run(argv, repo, env=env, cwd=cwd, show_progress=progress)
+        except UserError as exc:
+            repos.remove(repo)
+            outcome.failed[repo.name] = str(exc)
+            warnings.add(
+                f"repository {repo.name} failed and is skipped for the rest of the run: {exc}"
+            )
+            continue
+        for message in result.warnings:
+            warnings.add(f"repository {repo.name}: {message}")
+        stats = result.json()["archive"]["stats"]
+        outcome.archives.setdefault(repo.name, []).append(archive)
+        outcome.added[repo.name] = outcome.added.get(repo.name, 0) + stats["deduplicated_size"]
+        read = stats["original_size"]
+    if not repos:
+        raise UserError("every repository failed: " + "; ".join(outcome.failed.values()))
+    return read
+
+
+def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: Any) -> None:
+    """What a run would do, changing nothing."""
+    report(f"staging: {config.staging_dir}")
+    report("repositories: " + ", ".join(f"{r.name} ({r.path})" for r in repos))
+    for target in the_plan.instances + the_plan.volumes:
+        report(
+            f"{target.kind} {target.ref} on {target.pool} ({target.driver}): {target.mode}, "
+            f"snapshots {target.snapshots or 'none'} -> {archive_path(target)}"
+        )
+
+
+def summary(
+    capture: Capture, items: dict[str, Item], outcome: Outcome, warnings: Warnings
+) -> dict[str, Any]:
+    """The machine-readable summary printed by --json."""
+    return {
+        "run": capture.run,
+        "archives": outcome.archives,
+        "deduplicated_bytes_added": outcome.added,
+        "failed_repositories": outcome.failed,
+        "daemon_downtime": capture.daemon_downtime,
+        "items": [
+            {
+                "kind": i.kind,
+                "ref": i.ref,
+                "mode": i.mode,
+                "window": i.window,
+                "bytes_read": i.bytes_read,
+            }
+            for i in items.values()
+        ],
+        "warnings": warnings.messages,
+        "exit_code": warnings.exit_code if outcome.archives else EXIT_ERROR,
+    }

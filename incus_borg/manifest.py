@@ -1,0 +1,77 @@
+"""The manifest: what one run's archives hold. It is the contract between backup and restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Item:
+    """One instance or custom volume, as backed up."""
+
+    kind: str  # "instance" or "volume"
+    project: str
+    name: str
+    pool: str
+    driver: str
+    type: str  # "container" for instances; "filesystem" or "block" for volumes
+    snapshots: list[str]
+    state: str  # Running, Stopped or Frozen at backup time ("" for volumes)
+    mode: str  # how it was quiesced: snapshot, freeze, stop, none, or idle (nothing to do)
+    path: str  # its subtree in the archive
+    archive: str | None = None  # the archive holding it; None: the manifest's own archive
+    window: float | None = None  # seconds it was quiesced; None in hook mode
+    bytes_read: int | None = None
+
+    @property
+    def ref(self) -> str:
+        """project/name, as the admin writes it."""
+        return f"{self.project}/{self.name}"
+
+
+@dataclass
+class Manifest:
+    """Everything one run recorded."""
+
+    hostname: str
+    run: str
+    created: str
+    incus_version: str
+    borg_version: str
+    mode: str
+    hook_mode: bool
+    database: str  # "exact" (copied with the daemon stopped) or "dumps-only"
+    daemon_downtime: float | None
+    instances: list[Item] = field(default_factory=list)
+    volumes: list[Item] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        """Serialise as indented JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """Read a manifest written by this or an older format version."""
+        try:
+            data: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"the archive's manifest is not valid JSON: {exc}") from None
+        if data.get("format", 0) > FORMAT_VERSION:
+            raise UserError(
+                f"the manifest has format {data['format']}, newer than this incus-borg "
+                f"understands ({FORMAT_VERSION}): upgrade incus-borg"
+            )
+        known = {f.name for f in dataclasses.fields(Item)}
+        for kind in ("instances", "volumes"):
+            data[kind] = [Item(**{k: v for k, v in i.items() if k in known}) for i in data[kind]]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
