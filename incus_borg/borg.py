@@ -99,6 +99,27 @@ def create_argv(
     return [*argv, f"{repo.path}::{archive}", *paths]
 
 
+def extract_stdout_argv(repo: Repository, archive: str, path: str) -> list[str]:
+    """One file of an archive, on stdout."""
+    return ["extract", "--stdout", f"{repo.path}::{archive}", path]
+
+
+def export_tar_argv(repo: Repository, archive: str, path: str, strip: int) -> list[str]:
+    """A subtree of an archive as an uncompressed tar stream on stdout."""
+    return ["export-tar", "--strip-components", str(strip), f"{repo.path}::{archive}", "-", path]
+
+
+def extract_argv(repo: Repository, archive: str, paths: Sequence[str], strip: int) -> list[str]:
+    """Extract paths of an archive into the working directory, with numeric owners."""
+    location = f"{repo.path}::{archive}"
+    return ["extract", "--numeric-ids", "--strip-components", str(strip), location, *paths]
+
+
+def list_paths_argv(repo: Repository, archive: str, paths: Sequence[str] = ()) -> list[str]:
+    """The paths in an archive (optionally below `paths`), one JSON object per line."""
+    return ["list", "--json-lines", "--format", "{path}", f"{repo.path}::{archive}", *paths]
+
+
 # --- runner ----------------------------------------------------------------------------------
 
 
@@ -181,6 +202,19 @@ class Borg:
             env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
         return {**env, **(extra or {})}
 
+    def popen(self, args: Sequence[str], repo: Repository) -> subprocess.Popen[bytes]:
+        """Start borg with its stdout as a pipe, for streaming; check it with `raise_for`."""
+        argv = [self.binary, "--log-json", *args]
+        if self.debug:
+            print("incus-borg: running " + " ".join(argv), file=sys.stderr)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env(repo),
+        )
+
     def run(
         self,
         args: Sequence[str],
@@ -234,6 +268,14 @@ def progress_line(message: Mapping[str, Any]) -> str:
             :100
         ]
     return str(message.get("message", ""))[:100]
+
+
+def raise_for(command: str, repo: Repository, code: int, stderr: str) -> None:
+    """Raise a UserError for a streamed borg call that failed (see `Borg.popen`)."""
+    if code != 0 and not _is_warning(code):
+        raise UserError(
+            explain_failure(command, repo, BorgResult(code, "", parse_log_json(stderr)))
+        )
 
 
 def parse_log_json(stderr: str) -> list[dict[str, Any]]:

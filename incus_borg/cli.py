@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -13,8 +14,11 @@ from .actions import backup as backup_action
 from .actions import hooks as hook_actions
 from .actions import init as init_action
 from .actions import list_archives
+from .actions import restore as restore_action
 from .borg import Borg, Secrets
 from .errors import EXIT_ERROR, UserError
+from .incus import Incus
+from .source import Source, open_source
 
 
 @dataclass
@@ -31,6 +35,12 @@ class Options:
     def borg(self, loaded: config_module.LoadedConfig) -> Borg:
         """A borg runner holding the configuration's secrets."""
         return Borg(Secrets.from_config(loaded.config), debug=self.debug)
+
+    def source(self, spec: str, label: str | None) -> tuple[config_module.Config, Source]:
+        """The configuration and the run (archive, `latest` or directory) to restore from."""
+        loaded = self.load()
+        repo = loaded.config.select_repositories(label)[0]
+        return loaded.config, open_source(spec, self.borg(loaded), repo)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -133,6 +143,116 @@ def pre(options: Options, mode: str | None, instances: tuple[str, ...]) -> int:
 def post(options: Options, failed: bool) -> int:
     """Release every quiesce left by `hook pre` and empty the staging tree."""
     return hook_actions.post(options.load().config, failed)
+
+
+@cli.group()
+def restore() -> None:
+    """Restore instances, volumes, definitions, files or the whole server from a run.
+
+    ARCHIVE is an archive name, `latest`, or a directory holding a restored staging tree.
+    """
+
+
+@restore.command(name="instance")
+@click.argument("archive")
+@click.argument("name", metavar="[P/]NAME")
+@click.option(
+    "--as", "new_name", metavar="NEW", help="Restore under this name, beside the original."
+)
+@click.option("--pool", metavar="POOL", help="Onto this storage pool (default: the original's).")
+@click.option("--project", metavar="P", help="Into this project (default: the original's).")
+@click.option("--start", is_flag=True, help="Start the instance once restored.")
+@click.option("--with-volumes", is_flag=True, help="Also restore its missing custom volumes.")
+@repository_option
+@pass_options
+def restore_instance(
+    options: Options,
+    archive: str,
+    name: str,
+    new_name: str | None,
+    pool: str | None,
+    project: str | None,
+    start: bool,
+    with_volumes: bool,
+    label: str | None,
+) -> None:
+    """Restore one instance with its snapshots, streamed into `incus import`."""
+    config, source = options.source(archive, label)
+    incus = Incus(config.incus.dir)
+    restore_action.instance(incus, source, name, new_name, pool, project, start, with_volumes)
+
+
+@restore.command(name="volume")
+@click.argument("archive")
+@click.argument("name", metavar="POOL/[P/]NAME")
+@click.option(
+    "--as", "new_name", metavar="NEW", help="Restore under this name, beside the original."
+)
+@click.option("--pool", metavar="POOL", help="Onto this storage pool (default: the original's).")
+@repository_option
+@pass_options
+def restore_volume(
+    options: Options,
+    archive: str,
+    name: str,
+    new_name: str | None,
+    pool: str | None,
+    label: str | None,
+) -> None:
+    """Restore one custom volume (filesystem or block) with its snapshots."""
+    config, source = options.source(archive, label)
+    item = restore_action.find_item(source, "volume", name)
+    restore_action.volume(Incus(config.incus.dir), source, item, new_name, pool, None)
+
+
+@restore.command(name="config")
+@click.argument("archive")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--profiles", is_flag=True, help="Profiles.")
+@click.option("--networks", is_flag=True, help="Managed networks.")
+@click.option("--projects", is_flag=True, help="Projects.")
+@click.option("--replace", is_flag=True, help="Overwrite entities that exist.")
+@repository_option
+@pass_options
+def restore_config(
+    options: Options,
+    archive: str,
+    names: tuple[str, ...],
+    profiles: bool,
+    networks: bool,
+    projects: bool,
+    replace: bool,
+    label: str | None,
+) -> None:
+    """Recreate projects, networks and profiles from the archive's definitions."""
+    kinds = [
+        k
+        for k, on in (("projects", projects), ("networks", networks), ("profiles", profiles))
+        if on
+    ]
+    config, source = options.source(archive, label)
+    restore_action.config(
+        Incus(config.incus.dir),
+        source,
+        kinds or ["projects", "networks", "profiles"],
+        names,
+        replace,
+    )
+
+
+@restore.command(name="files")
+@click.argument("archive")
+@click.argument("name", metavar="[P/]NAME")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--to", "dest", required=True, metavar="DIR", help="Where to write them.")
+@repository_option
+@pass_options
+def restore_files(
+    options: Options, archive: str, name: str, paths: tuple[str, ...], dest: str, label: str | None
+) -> None:
+    """Copy files or directories out of an instance (or POOL/[P/]NAME volume) into DIR."""
+    _, source = options.source(archive, label)
+    restore_action.files(source, name, paths, Path(dest))
 
 
 @cli.group(name="config")

@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote, urlencode
 
 from .errors import UserError
@@ -108,6 +108,18 @@ class Incus:
             detail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
             raise UserError(f"incus.{what} {command!r} failed: {detail}")
         return time.monotonic() - started
+
+    def feed(self, args: Sequence[str], stdin: IO[bytes], timeout: float = 24 * 3600) -> None:
+        """Run `incus ARGS...` reading a stream (such as a backup tarball) from `stdin`."""
+        argv = ["incus", "--quiet", *args]
+        try:
+            done = subprocess.run(
+                argv, stdin=stdin, capture_output=True, env=self.env(), timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise UserError(f"`incus {' '.join(args[:2])}` did not finish") from None
+        if done.returncode != 0:
+            raise self._failure(args, done.stderr.decode("utf-8", "replace"))
 
     def reachable(self) -> bool:
         """Whether the daemon answers on its socket."""

@@ -1,0 +1,31 @@
+# incus-borg: one entry point for installing, checking and testing.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test check deps venv demo bench clean
+
+## test: install what is missing (system packages, venv), then ruff, mypy and pytest
+test: deps venv check
+	$(BIN)/pytest
+
+## check: ruff and mypy only
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## deps: system packages (Incus from backports, busybox-static, btrfs-progs, borg's build libraries, ...)
+deps:
+	bash scripts/install-system-deps.sh
+
+## venv: .venv with incus-borg and its test tools
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,313 @@
+"""`incus-borg restore instance|volume|config|files`: parts of a run back onto a live server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import click
+import yaml
+
+from .. import entities
+from ..entities import owner_project
+from ..errors import UserError
+from ..incus import Incus, api_path
+from ..manifest import Item
+from ..source import Source, definitions
+
+Report = Callable[[str], None]
+
+
+def report(line: str) -> None:
+    """Say what a restore did."""
+    click.echo(line)
+
+
+def find_item(source: Source, kind: str, ref: str) -> Item:
+    """The instance ([P/]NAME) or volume (POOL/[P/]NAME) named `ref` in the run."""
+    items = source.manifest.instances if kind == "instance" else source.manifest.volumes
+    parts = ref.split("/")
+    if kind == "instance":
+        if len(parts) > 2:
+            raise UserError(f"{ref!r}: name an instance as NAME or PROJECT/NAME")
+        found = [
+            i for i in items if i.name == parts[-1] and (len(parts) == 1 or i.project == parts[0])
+        ]
+    else:
+        if not 2 <= len(parts) <= 3:
+            raise UserError(f"{ref!r}: name a volume as POOL/NAME or POOL/PROJECT/NAME")
+        found = [
+            i
+            for i in items
+            if i.pool == parts[0]
+            and i.name == parts[-1]
+            and (len(parts) == 2 or i.project == parts[1])
+        ]
+    if not found:
+        known = ", ".join(i.ref if kind == "instance" else f"{i.pool}/{i.ref}" for i in items)
+        raise UserError(f"no {kind} {ref!r} in {source.description} (it holds: {known or 'none'})")
+    if len(found) > 1:
+        raise UserError(f"{kind} {ref!r} is ambiguous in {source.description}: add the project")
+    return found[0]
+
+
+def require_pool(incus: Incus, pool: str) -> None:
+    """Refuse a pool that does not exist on this server."""
+    names = {u.rsplit("/", 1)[-1] for u in incus.query("/1.0/storage-pools")}
+    if pool not in names:
+        raise UserError(
+            f"no storage pool {pool!r} on this server (it has: {', '.join(sorted(names))})"
+        )
+
+
+def require_project(incus: Incus, source: Source, project: str) -> None:
+    """Make sure the target project exists, recreating it from the archive if it is missing."""
+    if project in entities.existing(incus, "projects", None):
+        return
+    archived = [p for p in definitions(source, "projects") if p["name"] == project]
+    if not archived:
+        raise UserError(f"no project {project!r} here nor in the archive: create it first")
+    entities.recreate(incus, {"projects": archived}, False, report)
+
+
+# --- instance ------------------------------------------------------------------------------
+
+
+def instance(
+    incus: Incus,
+    source: Source,
+    ref: str,
+    new_name: str | None,
+    pool: str | None,
+    project: str | None,
+    start: bool,
+    with_volumes: bool,
+) -> None:
+    """Import one instance from the run, with its snapshots, under its name or a new one."""
+    item = find_item(source, "instance", ref)
+    name = new_name or item.name
+    target_project = project or item.project
+    target_pool = pool or item.pool
+    require_pool(incus, target_pool)
+    require_project(incus, source, target_project)
+    if name in entities.existing(incus, "instances", target_project):
+        raise UserError(
+            f"instance {target_project}/{name} already exists: restore beside it with --as NEW, "
+            "or delete it first"
+        )
+    definition = _definition(source, "instances", item)
+    volumes = _attached_volumes(definition)
+    missing_volumes = _missing_volumes(incus, volumes, target_project)
+    if missing_volumes and not with_volumes:
+        raise UserError(
+            f"instance {item.ref} uses custom volumes that do not exist: "
+            f"{', '.join(missing_volumes)}; add --with-volumes to restore them too"
+        )
+    _ensure_dependencies(incus, source, definition, target_project)
+    for vol_ref in missing_volumes:
+        vol_pool, vol_name = vol_ref.split("/", 1)
+        vol_item = find_item(source, "volume", f"{vol_pool}/{item.project}/{vol_name}")
+        volume(incus, source, vol_item, vol_name, vol_pool, target_project)
+    args = ["import", "-", name, "--storage", target_pool, "--project", target_project]
+    with source.tar(item) as stream:
+        incus.feed(args, stream)
+    restored = incus.query(api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1"))
+    snapshots = [s["name"] for s in restored.get("snapshots") or []]
+    if sorted(snapshots) != sorted(item.snapshots):
+        raise UserError(
+            f"instance {target_project}/{name} was imported with snapshots {snapshots}, "
+            f"expected {item.snapshots}: check it before use"
+        )
+    report(
+        f"instance {item.ref} restored as {target_project}/{name} on pool {target_pool} "
+        f"with {len(snapshots)} snapshot(s) from {source.description}"
+    )
+    if start:
+        incus.change_state(target_project, name, "start")
+        report(f"instance {target_project}/{name} started")
+    else:
+        report(f"instance {target_project}/{name} left stopped (use --start to start it)")
+
+
+def _definition(source: Source, kind: str, item: Item) -> dict[str, Any]:
+    for definition in definitions(source, kind):
+        if definition["name"] == item.name and definition.get("project", "default") == item.project:
+            return definition
+    raise UserError(f"{source.description} holds no definition of {item.ref}")
+
+
+def _attached_volumes(definition: dict[str, Any]) -> list[str]:
+    """pool/name of the custom volumes an instance attaches."""
+    devices = definition.get("expanded_devices") or definition.get("devices") or {}
+    return sorted(
+        f"{d['pool']}/{d['source']}"
+        for key, d in devices.items()
+        if d.get("type") == "disk" and key != "root" and d.get("pool") and d.get("source")
+    )
+
+
+def _missing_volumes(incus: Incus, volumes: list[str], project: str) -> list[str]:
+    missing = []
+    for ref in volumes:
+        pool, name = ref.split("/", 1)
+        path = f"/1.0/storage-pools/{quote(pool)}/volumes/custom"
+        if name not in {
+            u.rsplit("/", 1)[-1].split("?")[0] for u in incus.query(api_path(path, project))
+        }:
+            missing.append(ref)
+    return missing
+
+
+def _ensure_dependencies(
+    incus: Incus, source: Source, definition: dict[str, Any], project: str
+) -> None:
+    """Recreate the profiles and managed networks the instance needs, when missing."""
+    profile_project = owner_project(incus, "profiles", project)
+    network_project = owner_project(incus, "networks", project)
+    profiles = set(definition.get("profiles") or [])
+    have_profiles = entities.existing(incus, "profiles", profile_project)
+    wanted_profiles = [
+        {**p, "project": profile_project}
+        for p in definitions(source, "profiles")
+        if p["name"] in profiles - have_profiles
+        and p.get("project", "default") == definition.get("project", "default")
+    ]
+    devices = list((definition.get("expanded_devices") or {}).values())
+    networks = {d["network"] for d in devices if d.get("type") == "nic" and d.get("network")}
+    have_networks = entities.existing(incus, "networks", network_project)
+    wanted_networks = [
+        {**n, "project": network_project}
+        for n in definitions(source, "networks")
+        if n["name"] in networks - have_networks
+    ]
+    missing = (profiles - have_profiles) - {p["name"] for p in wanted_profiles}
+    if missing:
+        raise UserError(
+            f"profiles {sorted(missing)} are missing here and in the archive: create them first"
+        )
+    entities.recreate(
+        incus, {"networks": wanted_networks, "profiles": wanted_profiles}, False, report
+    )
+
+
+# --- volume --------------------------------------------------------------------------------
+
+
+def volume(
+    incus: Incus,
+    source: Source,
+    item: Item,
+    new_name: str | None,
+    pool: str | None,
+    project: str | None,
+) -> None:
+    """Import one custom volume (filesystem or block) from the run, with its snapshots."""
+    name = new_name or item.name
+    target_pool = pool or item.pool
+    target_project = project or item.project
+    require_pool(incus, target_pool)
+    require_project(incus, source, target_project)
+    path = f"/1.0/storage-pools/{quote(target_pool)}/volumes/custom"
+    existing_names = {
+        u.rsplit("/", 1)[-1].split("?")[0] for u in incus.query(api_path(path, target_project))
+    }
+    if name in existing_names:
+        raise UserError(
+            f"volume {target_pool}/{target_project}/{name} already exists: restore beside it "
+            "with --as NEW, or delete it first"
+        )
+    args = [
+        "storage",
+        "volume",
+        "import",
+        target_pool,
+        "/dev/stdin",
+        name,
+        "--project",
+        target_project,
+    ]
+    with source.tar(item) as stream:
+        incus.feed(args, stream)
+    snapshots = incus.volume_snapshots(target_pool, target_project, name)
+    report(
+        f"volume {item.pool}/{item.ref} restored as {target_pool}/{target_project}/{name} "
+        f"({item.type}) with {len(snapshots)} snapshot(s) from {source.description}"
+    )
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def config(
+    incus: Incus, source: Source, kinds: list[str], names: tuple[str, ...], replace: bool
+) -> None:
+    """Recreate projects, networks and profiles from the run's definitions."""
+    wanted = {
+        kind: [d for d in definitions(source, kind) if not names or d["name"] in names]
+        for kind in kinds
+    }
+    if kinds and names:
+        found = {d["name"] for defs in wanted.values() for d in defs}
+        unknown = sorted(set(names) - found)
+        if unknown:
+            raise UserError(f"{', '.join(unknown)} not among the archive's {', '.join(kinds)}")
+    outcome = entities.recreate(incus, wanted, replace, report)
+    for what in outcome.kept:
+        report(f"{what}: exists, left alone (use --replace to overwrite it)")
+    if not outcome.created and not outcome.replaced:
+        report("nothing to recreate")
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def files(source: Source, ref: str, paths: tuple[str, ...], dest: Path) -> None:
+    """Copy files or directories out of an instance's (or volume's) data into `dest`."""
+    try:
+        item = find_item(source, "instance", ref)
+        base = f"{item.path}/backup/container/rootfs"
+        idmap = _instance_idmap(source, item)
+    except UserError:
+        item = find_item(source, "volume", ref)
+        base = f"{item.path}/backup/volume"
+        idmap = _volume_idmap(source, item)
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = [f"{base}/{p.strip('/')}" for p in paths]
+    source.extract(item, wanted, len(Path(base).parts), dest)
+    if idmap:
+        for path in paths:
+            _unshift(dest / path.strip("/"), idmap)
+    for path in paths:
+        report(f"{item.ref}:{path} -> {dest / path.strip('/')}")
+
+
+def _instance_idmap(source: Source, item: Item) -> list[dict[str, Any]]:
+    backup = yaml.safe_load(source.read(f"{item.path}/backup/container/backup.yaml", item))
+    raw = backup["container"]["config"].get("volatile.last_state.idmap") or "[]"
+    return list(json.loads(raw))
+
+
+def _volume_idmap(source: Source, item: Item) -> list[dict[str, Any]]:
+    index = yaml.safe_load(source.read(f"{item.path}/backup/index.yaml", item))
+    raw = index["config"]["volume"]["config"].get("volatile.idmap.last") or "[]"
+    return list(json.loads(raw))
+
+
+def _unshift(root: Path, idmap: list[dict[str, Any]]) -> None:
+    """Turn the on-disk (host) owners of extracted files into the ones seen inside."""
+
+    def inside(host_id: int, is_uid: bool) -> int:
+        for entry in idmap:
+            if (entry["Isuid"] if is_uid else entry["Isgid"]) and 0 <= host_id - entry[
+                "Hostid"
+            ] < entry["Maprange"]:
+                return int(entry["Nsid"] + host_id - entry["Hostid"])
+        return host_id
+
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        st = path.lstat()
+        os.lchown(path, inside(st.st_uid, True), inside(st.st_gid, False))
