@@ -110,9 +110,10 @@ def export_tar_argv(repo: Repository, archive: str, path: str, strip: int) -> li
 
 
 def extract_argv(repo: Repository, archive: str, paths: Sequence[str], strip: int) -> list[str]:
-    """Extract paths of an archive into the working directory, with numeric owners."""
+    """Extract paths of an archive into the working directory (numeric owners, holes kept)."""
     location = f"{repo.path}::{archive}"
-    return ["extract", "--numeric-ids", "--strip-components", str(strip), location, *paths]
+    argv = ["extract", "--numeric-ids", "--sparse", "--strip-components", str(strip)]
+    return [*argv, location, *paths]
 
 
 def list_paths_argv(repo: Repository, archive: str, paths: Sequence[str] = ()) -> list[str]:

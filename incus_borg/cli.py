@@ -15,6 +15,7 @@ from .actions import hooks as hook_actions
 from .actions import init as init_action
 from .actions import list_archives
 from .actions import restore as restore_action
+from .actions import restore_server as restore_server_action
 from .borg import Borg, Secrets
 from .errors import EXIT_ERROR, UserError
 from .incus import Incus
@@ -77,11 +78,15 @@ def init(options: Options, label: str | None) -> None:
 
 
 @cli.command(name="list")
+@click.argument("archive", required=False)
 @repository_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @pass_options
-def list_command(options: Options, label: str | None, as_json: bool) -> None:
-    """List the archives in the repositories."""
+def list_command(options: Options, archive: str | None, label: str | None, as_json: bool) -> None:
+    """List the runs in the repositories, or what one run (ARCHIVE) holds."""
+    if archive:
+        list_archives.show(options.source(archive, label)[1], as_json)
+        return
     loaded = options.load()
     list_archives.run(loaded.config, options.borg(loaded), label, as_json)
 
@@ -253,6 +258,17 @@ def restore_files(
     """Copy files or directories out of an instance (or POOL/[P/]NAME volume) into DIR."""
     _, source = options.source(archive, label)
     restore_action.files(source, name, paths, Path(dest))
+
+
+@restore.command(name="server")
+@click.argument("archive")
+@click.option("--yes", is_flag=True, help="Confirm: the Incus directory is replaced (kept aside).")
+@repository_option
+@pass_options
+def restore_server(options: Options, archive: str, yes: bool, label: str | None) -> None:
+    """Restore the whole server; the current Incus directory is moved aside, never deleted."""
+    config, source = options.source(archive, label)
+    restore_server_action.run(config, source, yes)
 
 
 @cli.group(name="config")

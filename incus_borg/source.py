@@ -46,8 +46,9 @@ class Source(Protocol):
     def tar(self, item: Item) -> Any:
         """A context manager yielding a readable tar stream of the item's `backup/` tree."""
 
-    def extract(self, item: Item, paths: list[str], strip: int, dest: Path) -> None:
-        """Extract `paths` of the item's archive into `dest`, dropping `strip` leading parts."""
+    def extract(self, item: Item | None, paths: list[str], strip: int, dest: Path) -> None:
+        """Extract `paths` of the item's archive (or the run's own) into `dest`, dropping
+        `strip` leading parts."""
 
     def has(self, item: Item) -> bool:
         """Whether the item's data is really there."""
@@ -103,7 +104,7 @@ class DirectorySource:
                 stderr = proc.stderr.read().decode() if proc.stderr else ""
                 raise UserError(f"reading {item.path} from {self.root} failed: {stderr.strip()}")
 
-    def extract(self, item: Item, paths: list[str], strip: int, dest: Path) -> None:
+    def extract(self, item: Item | None, paths: list[str], strip: int, dest: Path) -> None:
         for path in paths:
             source = self.root / path
             if not source.exists() and not source.is_symlink():
@@ -149,11 +150,11 @@ class BorgSource:
         self.description = f"{repo.name}::{name}"
         self.manifest = Manifest.from_json(self.read(str(layout.MANIFEST)).decode())
 
-    def _archive_of(self, item: Item) -> str:
-        return item.archive or self.archive
+    def _archive_of(self, item: Item | None) -> str:
+        return (item.archive if item else None) or self.archive
 
     def read(self, path: str, item: Item | None = None) -> bytes:
-        archive = self._archive_of(item) if item else self.archive
+        archive = self._archive_of(item)
         return self.borg.run(
             extract_stdout_argv(self.repo, archive, path), self.repo
         ).stdout.encode()
@@ -173,7 +174,7 @@ class BorgSource:
             proc.stderr.close()
         raise_for("export-tar", self.repo, code, stderr)
 
-    def extract(self, item: Item, paths: list[str], strip: int, dest: Path) -> None:
+    def extract(self, item: Item | None, paths: list[str], strip: int, dest: Path) -> None:
         argv = extract_argv(self.repo, self._archive_of(item), paths, strip)
         self.borg.run(argv, self.repo, cwd=dest)
 

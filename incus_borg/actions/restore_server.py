@@ -1,0 +1,231 @@
+"""`incus-borg restore server`: the whole server back, the old directory kept aside.
+
+Order: check the run, stop instances and the daemon, move the Incus directory aside,
+extract the directory and database, put every volume back into its pool, restore
+subuid/subgid, start Incus and verify. Any failure rolls back to the moved-aside directory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from .. import layout, mounts, signals
+from ..config import Config
+from ..errors import UserError
+from ..incus import Incus, api_path
+from ..manifest import Item
+from ..pools import SUPPORTED, Pool, lift
+from ..source import Source, definitions
+from .restore import report
+
+
+class ServerRestore:
+    """One whole-server restore and its rollback."""
+
+    def __init__(self, config: Config, source: Source) -> None:
+        self.config = config
+        self.source = source
+        self.incus = Incus(config.incus.dir)
+        self.dir = Path(config.incus.dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.old = self.dir.with_name(f"{self.dir.name}.incus-borg-old-{stamp}")
+        self.failed = self.dir.with_name(f"{self.dir.name}.incus-borg-failed-{stamp}")
+        self.host_files = {
+            Path(config.incus.subuid): "subuid",
+            Path(config.incus.subgid): "subgid",
+        }
+        self.stamp = stamp
+        self.moved = False
+        self.pools: list[Pool] = []
+
+    def check(self) -> None:
+        """Refuse a run that cannot give back a working server."""
+        manifest = self.source.manifest
+        if manifest.database != "exact":
+            raise UserError(
+                f"{self.source.description} holds SQL dumps only (quiesce_daemon was false): "
+                "restore server needs a run with the database copied exactly"
+            )
+        self.source.read(f"{layout.DATABASE}/local.db")
+        missing = [i.ref for i in manifest.instances + manifest.volumes if not self.source.has(i)]
+        if missing:
+            raise UserError(f"{self.source.description} lacks the data of {', '.join(missing)}")
+        self.pools = [Pool(self.dir, d) for d in definitions(self.source, "storage-pools")]
+        unsupported = [p.name for p in self.pools if p.driver not in SUPPORTED]
+        if unsupported:
+            report(
+                f"pools {', '.join(unsupported)} are not dir or btrfs: their volumes are not put "
+                "back; restore them with `incus-borg restore instance|volume` once Incus is up"
+            )
+
+    def run(self) -> None:
+        """Restore, or roll back and re-raise on any failure."""
+        self.check()
+        self._stop()
+        try:
+            with signals.interruptible():
+                self._replace()
+                self._start_and_verify()
+        except BaseException as exc:
+            with signals.shielded():
+                self._roll_back(exc)
+            raise
+        if self.moved:
+            report(
+                f"the previous Incus directory is kept at {self.old}; remove it with `rm -rf {self.old}` once satisfied"
+            )
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def _stop(self) -> None:
+        if self.incus.reachable():
+            instances = self.incus.query(
+                api_path("/1.0/instances", None, recursion="1", **{"all-projects": "true"})
+            )
+            for instance in instances:
+                if instance["status"] != "Stopped":
+                    self.incus.change_state(instance["project"], instance["name"], "stop")
+                    report(f"instance {instance['project']}/{instance['name']}: stopped")
+            self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
+            if self.incus.reachable():
+                raise UserError(
+                    "incus.stop_command returned but the daemon still answers: nothing was changed"
+                )
+            report("daemon stopped")
+
+    def _replace(self) -> None:
+        for point in mounts.mounts_below(self.dir):
+            mounts.unmount(point)
+        if self.dir.exists():
+            os.rename(self.dir, self.old)
+            self.moved = True
+            report(f"moved {self.dir} aside to {self.old}")
+        work = self.dir.with_name(f"{self.dir.name}.incus-borg-new-{self.stamp}")
+        work.mkdir(mode=0o700)
+        self.source.extract(None, [str(layout.INCUS), str(layout.DATABASE)], 0, work)
+        os.rename(work / str(layout.INCUS), self.dir)
+        os.rename(work / str(layout.DATABASE), self.dir / "database")
+        work.rmdir()
+        report(f"extracted the Incus directory and its database into {self.dir}")
+        manifest = self.source.manifest
+        for pool in self.pools:
+            if pool.driver not in SUPPORTED:
+                continue
+            pool.prepare()
+            for item in manifest.instances + manifest.volumes:
+                if item.pool == pool.name:
+                    self._put_back(pool, item)
+            pool.release()
+        self._restore_host_files()
+
+    def _put_back(self, pool: Pool, item: Item) -> None:
+        """Extract one instance or volume (and its snapshots) into its pool."""
+        backup = f"{item.path}/backup"
+        strip = len(Path(backup).parts)
+        places: list[tuple[Path, str, str | None]]
+        if item.kind == "instance":
+            volume = layout.instance_data(self.dir, pool.name, item.project, item.name)
+            places = [(volume, "container", None)]
+            places += [
+                (
+                    layout.instance_snapshot_data(self.dir, pool.name, item.project, item.name, s),
+                    f"snapshots/{s}",
+                    s,
+                )
+                for s in item.snapshots
+            ]
+        else:
+            block = item.type == "block"
+            volume = layout.volume_data(self.dir, pool.name, item.project, item.name, False)
+            places = [(volume, "volume.img" if block else "volume", None)]
+            places += [
+                (
+                    layout.volume_snapshot_data(
+                        self.dir, pool.name, item.project, item.name, s, False
+                    ),
+                    f"volume-snapshots/{s}.img" if block else f"volume-snapshots/{s}",
+                    s,
+                )
+                for s in item.snapshots
+            ]
+        for target, member, snap in places:
+            pool.volume_dir(target)
+            self.source.extract(item, [f"{backup}/{member}"], strip + member.count("/"), target)
+            leaf = Path(member).name
+            if leaf.endswith(".img"):
+                os.rename(target / leaf, target / "root.img")
+            else:
+                lift(target, leaf)
+            if snap:
+                pool.seal_snapshot(target)
+        report(f"{item.kind} {item.ref}: data put back into pool {pool.name}")
+
+    def _restore_host_files(self) -> None:
+        for path, name in self.host_files.items():
+            try:
+                content = self.source.read(f"{layout.HOST}/{name}")
+            except UserError:
+                continue
+            if path.exists():
+                os.rename(path, path.with_name(f"{path.name}.incus-borg-old-{self.stamp}"))
+            path.write_bytes(content)
+            report(f"{path} restored (the previous one kept beside it)")
+
+    def _start_and_verify(self) -> None:
+        took = self.incus.run_daemon_command(self.config.incus.start_command, "start_command")
+        self.incus.wait_ready()
+        report(f"daemon started in {took:.1f} s")
+        manifest = self.source.manifest
+        for item in manifest.instances:
+            self.incus.query(api_path(f"/1.0/instances/{quote(item.name)}", item.project))
+        for item in manifest.volumes:
+            self.incus.query(
+                api_path(
+                    f"/1.0/storage-pools/{quote(item.pool)}/volumes/custom/{quote(item.name)}",
+                    item.project,
+                )
+            )
+        for pool in self.pools:
+            status = self.incus.query(api_path(f"/1.0/storage-pools/{quote(pool.name)}"))["status"]
+            if status != "Created":
+                raise UserError(f"pool {pool.name} is {status} after the restore")
+        report(
+            f"server restored from {self.source.description}: {len(manifest.instances)} instance(s), "
+            f"{len(manifest.volumes)} volume(s), {len(self.pools)} pool(s) known to Incus"
+        )
+
+    def _roll_back(self, cause: BaseException) -> None:
+        report(f"restore failed ({cause}): rolling back")
+        try:
+            if self.incus.reachable():
+                self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
+        except UserError as exc:
+            report(f"could not stop the daemon for the rollback: {exc}")
+        for point in mounts.mounts_below(self.dir):
+            mounts.unmount(point)
+        if self.dir.exists():
+            os.rename(self.dir, self.failed)
+            report(f"the failed restore is kept at {self.failed}")
+        for path in self.host_files:
+            kept = path.with_name(f"{path.name}.incus-borg-old-{self.stamp}")
+            if kept.exists():
+                os.replace(kept, path)
+        if self.moved:
+            os.rename(self.old, self.dir)
+            report(f"{self.dir} is back as it was")
+            self.incus.run_daemon_command(self.config.incus.start_command, "start_command")
+            self.incus.wait_ready()
+            report("daemon started again on the original directory")
+
+
+def run(config: Config, source: Source, yes: bool) -> None:
+    """Restore the whole server from `source`."""
+    if not yes:
+        raise UserError(
+            "restore server replaces the whole Incus directory (the old one is moved aside): "
+            "add --yes to go ahead"
+        )
+    ServerRestore(config, source).run()
