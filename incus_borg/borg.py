@@ -89,7 +89,8 @@ def create_argv(
     progress: bool = False,
 ) -> list[str]:
     """Create `archive` from `paths` (relative to the caller's working directory)."""
-    argv = ["create", "--json", "--numeric-ids"]
+    # --list --filter=AME logs only files that were not unchanged in the files cache.
+    argv = ["create", "--json", "--numeric-ids", "--list", "--filter=AME"]
     if files_cache:
         argv += ["--files-cache", files_cache]
     if progress:
@@ -180,6 +181,11 @@ class BorgResult:
     def json(self) -> Any:
         """stdout decoded as JSON."""
         return json.loads(self.stdout)
+
+    @property
+    def changed_files(self) -> int:
+        """Files a `create --list` logged as added, modified or unreadable (not unchanged)."""
+        return sum(1 for m in self.messages if m.get("type") == "file_status")
 
 
 def _is_warning(code: int) -> bool:

@@ -10,13 +10,14 @@ from typing import Any
 import click
 
 from .. import layout, plan, signals
-from ..borg import Borg, checked_version, create_argv, info_argv
+from ..borg import Borg, BorgResult, checked_version, create_argv, info_argv
 from ..capture import Capture, archive_path, item_for
 from ..config import Config, Repository
 from ..errors import EXIT_ERROR, UserError, Warnings
 from ..incus import Incus
 from ..manifest import Item
 from ..plan import Plan, Target
+from ..source import PART_MARK
 
 INSTANCE_FILES_CACHE = "mtime,size"  # snapshot copies change inodes and ctimes, not content
 
@@ -39,14 +40,24 @@ class Outcome:
 
     archives: dict[str, list[str]] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
+    files: dict[str, int] = field(default_factory=dict)
+    changed_files: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+
+    def record(self, repo: str, archive: str, result: BorgResult) -> None:
+        """Count one created archive."""
+        stats = result.json()["archive"]["stats"]
+        self.archives.setdefault(repo, []).append(archive)
+        self.added[repo] = self.added.get(repo, 0) + stats["deduplicated_size"]
+        self.files[repo] = self.files.get(repo, 0) + stats["nfiles"]
+        self.changed_files[repo] = self.changed_files.get(repo, 0) + result.changed_files
 
 
 def part_archive(run: str, target: Target) -> str:
     """The archive holding one instance or volume of run `run`."""
     if target.kind == "instance":
-        return f"{run}@instance@{target.project}@{target.name}"
-    return f"{run}@volume@{target.pool}@{target.project}@{target.name}"
+        return PART_MARK.join((run, "instance", target.project, target.name))
+    return PART_MARK.join((run, "volume", target.pool, target.project, target.name))
 
 
 def files_cache_suffix(name: str) -> str:
@@ -79,7 +90,8 @@ def run(config: Config, borg: Borg, options: BackupOptions) -> int:
         capture.journal.begin("backup", capture.run)
         try:
             with signals.interruptible():
-                items = read_all(capture, the_plan, borg, live, outcome, options, warnings)
+                writer = Writer(borg, live, outcome, warnings, capture.stage.root, options.progress)
+                items = read_all(capture, the_plan, writer)
         finally:
             with signals.shielded():
                 capture.finish()
@@ -108,103 +120,88 @@ def check_repositories(
     return live
 
 
-def read_all(
-    capture: Capture,
-    the_plan: Plan,
-    borg: Borg,
-    repos: list[Repository],
-    outcome: Outcome,
-    options: BackupOptions,
-    warnings: Warnings,
-) -> dict[str, Item]:
+@dataclass
+class Writer:
+    """Creates archives of staging paths in every repository that is still healthy."""
+
+    borg: Borg
+    repos: list[Repository]
+    outcome: Outcome
+    warnings: Warnings
+    cwd: Path
+    progress: bool
+
+    def create(
+        self,
+        archive: str,
+        paths: list[str],
+        files_cache: str | None = None,
+        excludes: list[str] | None = None,
+    ) -> tuple[int, int]:
+        """`borg create`; returns bytes read and files missing the files cache."""
+        read = changed = 0
+        suffix = files_cache_suffix(archive.partition(PART_MARK)[2] or "server")
+        for repo in list(self.repos):
+            argv = create_argv(
+                repo,
+                archive,
+                paths,
+                excludes=excludes or (),
+                files_cache=files_cache,
+                progress=self.progress,
+            )
+            try:
+                result = self.borg.run(
+                    argv,
+                    repo,
+                    env={"BORG_FILES_CACHE_SUFFIX": suffix},
+                    cwd=self.cwd,
+                    show_progress=self.progress,
+                )
+            except UserError as exc:
+                self.repos.remove(repo)
+                self.outcome.failed[repo.name] = str(exc)
+                self.warnings.add(
+                    f"repository {repo.name} is skipped for the rest of the run: {exc}"
+                )
+                continue
+            for message in result.warnings:
+                self.warnings.add(f"repository {repo.name}: {message}")
+            self.outcome.record(repo.name, archive, result)
+            stats = result.json()["archive"]["stats"]
+            read, changed = stats["original_size"], result.changed_files
+        if not self.repos:
+            raise UserError("every repository failed: " + "; ".join(self.outcome.failed.values()))
+        return read, changed
+
+
+def read_all(capture: Capture, the_plan: Plan, writer: Writer) -> dict[str, Item]:
     """Capture the server, read each target into its own archive, then the server archive."""
-    stage_root = capture.stage.root
     database = capture.capture_server(the_plan)
     items: dict[str, Item] = {}
     for target in the_plan.instances + the_plan.volumes:
         item = item_for(target)
         item.archive = part_archive(capture.run, target)
         held = capture.hold(target)
-        read = create(
-            borg,
-            repos,
-            outcome,
-            warnings,
-            stage_root,
-            item.archive,
-            [item.path],
-            INSTANCE_FILES_CACHE,
-            options.progress,
-        )
+        read, changed = writer.create(item.archive, [item.path], INSTANCE_FILES_CACHE)
         item.window = capture.release(held)
         item.bytes_read = read
         items[archive_path(target)] = item
         capture.report(
             f"{target.kind} {target.ref}: {target.mode}, window {item.window:.2f} s, "
-            f"read {read / 1e6:.1f} MB"
+            f"read {read / 1e6:.1f} MB, {changed} file(s) not in the files cache"
         )
-    manifest = capture.manifest(the_plan, database, items, checked_version(borg.binary), False)
+    borg_version = checked_version(writer.borg.binary)
+    manifest = capture.manifest(the_plan, database, items, borg_version, False)
     capture.stage.write(layout.MANIFEST, manifest.to_json())
-    paths = [str(p) for p in layout.SERVER_PATHS if (stage_root / p).exists()]
+    paths = [str(p) for p in layout.SERVER_PATHS if capture.stage.path(p).exists()]
     excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
-    read = create(
-        borg,
-        repos,
-        outcome,
-        warnings,
-        stage_root,
-        capture.run,
-        paths,
-        None,
-        options.progress,
-        excludes,
+    read, changed = writer.create(capture.run, paths, excludes=excludes)
+    capture.report(
+        f"server: read {read / 1e6:.1f} MB into {capture.run}, "
+        f"{changed} file(s) not in the files cache"
     )
-    capture.report(f"server: read {read / 1e6:.1f} MB into {capture.run}")
     return items
-
-
-def create(
-    borg: Borg,
-    repos: list[Repository],
-    outcome: Outcome,
-    warnings: Warnings,
-    cwd: Path,
-    archive: str,
-    paths: list[str],
-    files_cache: str | None,
-    progress: bool,
-    excludes: list[str] | None = None,
-) -> int:
-    """`borg create` of `paths` into every repository still healthy; returns bytes read."""
-    read = 0
-    for repo in list(repos):
-        argv = create_argv(
-            repo,
-            archive,
-            paths,
-            excludes=excludes or (),
-            files_cache=files_cache,
-            progress=progress,
-        )
-        env = {"BORG_FILES_CACHE_SUFFIX": files_cache_suffix(archive.partition("@")[2] or "server")}
-        try:
-            result = borg.run(argv, repo, env=env, cwd=cwd, show_progress=progress)
-        except UserError as exc:
-            repos.remove(repo)
-            outcome.failed[repo.name] = str(exc)
-            warnings.add(
-                f"repository {repo.name} failed and is skipped for the rest of the run: {exc}"
-            )
-            continue
-        for message in result.warnings:
-            warnings.add(f"repository {repo.name}: {message}")
-        stats = result.json()["archive"]["stats"]
-        outcome.archives.setdefault(repo.name, []).append(archive)
-        outcome.added[repo.name] = outcome.added.get(repo.name, 0) + stats["deduplicated_size"]
-        read = stats["original_size"]
-    if not repos:
-        raise UserError("every repository failed: " + "; ".join(outcome.failed.values()))
-    return read
 
 
 def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: Any) -> None:
@@ -226,6 +223,8 @@ def summary(
         "run": capture.run,
         "archives": outcome.archives,
         "deduplicated_bytes_added": outcome.added,
+        "files": outcome.files,
+        "changed_files": outcome.changed_files,
         "failed_repositories": outcome.failed,
         "daemon_downtime": capture.daemon_downtime,
         "items": [
