@@ -7,6 +7,7 @@ generated sample (`incus-borg config generate`) and the README reference all rea
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -115,7 +116,7 @@ class Config:
     instances: list[str] = key(
         [], "Instances to back up, as name or project/name; empty means all, in all projects."
     )
-    retention: Retention = key(Retention, "Archives kept by `prune`.")
+    retention: Retention = key(Retention, "How many archives to keep per period when pruning.")
 
     def select_repositories(self, label: str | None) -> list[Repository]:
         """All repositories, or the one whose label (or path) is `label`."""
@@ -201,7 +202,8 @@ def _type_name(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " (or empty)"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        item = typing.get_args(tp)[0]
+        return "a list of " + ("mappings" if dataclasses.is_dataclass(item) else "strings")
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {str: "a string", int: "an integer", bool: "true or false"}.get(tp, str(tp))
@@ -266,8 +268,7 @@ def sample() -> str:
 
 def _dump(value: Any) -> str:
     """One YAML value on one line."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
+    value = json.loads(json.dumps(value, default=dataclasses.asdict))
     text = yaml.safe_dump(value, default_flow_style=True, width=1000)
     return text.removesuffix("...\n").strip()
 
