@@ -30,6 +30,7 @@ class Held:
     steps: list[Step] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     quiesced: float = 0.0  # when the quiesce itself was in place (a snapshot exists)
+    refs: list[str] = field(default_factory=list)  # instances frozen or stopped for it
 
 
 class Capture:
@@ -52,6 +53,7 @@ class Capture:
         self.run = config.archive_name_format.format(hostname=socket.gethostname(), now=now)
         self.timings: dict[str, float] = {}
         self.daemon_downtime: float | None = None
+        self.held: set[str] = set()  # instances this run has frozen or stopped
 
     # --- before and after ------------------------------------------------------------------
 
@@ -136,8 +138,12 @@ class Capture:
             take = q.freeze if target.mode == "freeze" else q.stop
             refs = [target.ref] if target.kind == "instance" else target.users
             for ref in refs:
+                if ref in self.held:  # a volume's user that this run already holds
+                    continue
                 project, name = ref.split("/", 1)
                 held.steps.append(take(project, name))
+                held.refs.append(ref)
+                self.held.add(ref)
         elif target.mode == "none":
             self.warnings.add(f"{target.kind} {target.ref} is read live: it may be inconsistent")
         held.quiesced = time.monotonic()
@@ -153,6 +159,7 @@ class Capture:
         """
         for step in reversed(held.steps):
             self.quiescer.release(step)
+        self.held -= set(held.refs)
         mode = held.target.mode
         if mode in ("freeze", "stop"):
             return time.monotonic() - held.started

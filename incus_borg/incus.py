@@ -71,7 +71,8 @@ class Incus:
         if any(sign in text.lower() for sign in UNREACHABLE_SIGNS) or not self.socket.exists():
             return UserError(f"Incus is not reachable at {self.socket}: is incusd running?")
         last = text.splitlines()[-1] if text else "no message"
-        return UserError(f"`incus {' '.join(args[:3])}` failed: {last.removeprefix('Error: ')}")
+        what = " ".join([a for a in args if not a.startswith("-")][:3])
+        return UserError(f"`incus {what}` failed: {last.removeprefix('Error: ')}")
 
     def query(self, path: str, method: str = "GET", data: Any = None) -> Any:
         """Call the REST API through `incus query` and return the decoded JSON."""

@@ -29,6 +29,7 @@ class Item:
     archive: str | None = None  # the archive holding it; None: the manifest's own archive
     window: float | None = None  # seconds it was quiesced; None in hook mode
     bytes_read: int | None = None
+    changed_files: int | None = None  # files that missed Borg's files cache
 
     @property
     def ref(self) -> str:

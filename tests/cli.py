@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import yaml
@@ -34,7 +35,7 @@ def run_cli(
     )
 
 
-def write_config(path: Path, data: dict[str, object]) -> Path:
+def write_config(path: Path, data: Mapping[str, Any]) -> Path:
     """Write a configuration file and return its path."""
     path.write_text(yaml.safe_dump(data))
     return path
@@ -47,3 +48,42 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert len(errors) == 1, done.stderr
     assert "Traceback" not in done.stderr
     return errors[0]
+
+
+def incus_config(server: object, root: Path, **extra: object) -> Path:
+    """A configuration for a private Incus server (`harness.server.IncusServer`), with its
+    own repository, staging directory and copies of subuid/subgid under `root`."""
+    daemon = server.daemon  # type: ignore[attr-defined]
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("subuid", "subgid"):
+        (root / name).write_text("root:1000000:1000000000\n")
+    data: dict[str, object] = {
+        "repositories": [{"path": str(root / "repo"), "label": "local"}],
+        "encryption_passphrase": PASSPHRASE,
+        "incus": {
+            "dir": str(daemon.incus_dir),
+            "stop_command": daemon.stop_command(),
+            "start_command": daemon.start_command(),
+            "subuid": str(root / "subuid"),
+            "subgid": str(root / "subgid"),
+        },
+        "staging_dir": str(root / "staging"),
+    }
+    data.update(extra)
+    return write_config(root / "config.yaml", data)
+
+
+def borg_env() -> dict[str, str]:
+    """Environment for running borg directly on a test repository."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
+    return {**clean, "BORG_PASSPHRASE": PASSPHRASE, "BORG_EXIT_CODES": "modern"}
+
+
+def borg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the venv's borg with the test passphrase; fails the test on an error exit."""
+    binary = str(Path(sys.executable).parent / "borg")
+    done = subprocess.run(
+        [binary, *args], capture_output=True, text=True, env=borg_env(), cwd=cwd, check=False
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return done

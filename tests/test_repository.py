@@ -49,7 +49,7 @@ def test_init_refuses_without_passphrase_unless_encryption_none(tmp_path: Path) 
     assert "no passphrase is configured" in error and "encryption: none" in error
     assert not (tmp_path / "repo").exists()
 
-    data["repositories"][0]["encryption"] = "none"  # type: ignore[index]
+    data["repositories"][0]["encryption"] = "none"
     write_config(tmp_path / "c.yaml", data)
     done = run_cli("init", config=config)
     assert done.returncode == 0, done.stderr

@@ -185,7 +185,7 @@ def read_all(capture: Capture, the_plan: Plan, writer: Writer) -> dict[str, Item
         held = capture.hold(target)
         read, changed = writer.create(item.archive, [item.path], INSTANCE_FILES_CACHE)
         item.window = capture.release(held)
-        item.bytes_read = read
+        item.bytes_read, item.changed_files = read, changed
         items[archive_path(target)] = item
         capture.report(
             f"{target.kind} {target.ref}: {target.mode}, window {item.window:.2f} s, "
@@ -234,6 +234,7 @@ def summary(
                 "mode": i.mode,
                 "window": i.window,
                 "bytes_read": i.bytes_read,
+                "changed_files": i.changed_files,
             }
             for i in items.values()
         ],

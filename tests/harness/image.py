@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from .incusd import PrivateIncus
+
 BUSYBOX = Path("/bin/busybox")
 ALIAS = "tiny"
 
@@ -111,3 +113,11 @@ def build_image(workdir: Path, busybox: Path = BUSYBOX) -> tuple[Path, Path]:
     """Build both tarballs in ``workdir``; return (metadata, rootfs)."""
     workdir.mkdir(parents=True, exist_ok=True)
     return build_metadata(workdir / "meta.tar.gz"), build_rootfs(workdir / "rootfs.tar.gz", busybox)
+
+
+def import_image(daemon: PrivateIncus, workdir: Path, alias: str = ALIAS) -> str:
+    """Build the image in ``workdir`` and import it as ``alias``; return its fingerprint."""
+    meta, rootfs = build_image(workdir)
+    daemon.incus("image", "import", str(meta), str(rootfs), "--alias", alias)
+    image: dict[str, str] = daemon.query(f"/1.0/images/aliases/{alias}")
+    return image["target"]
