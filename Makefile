@@ -14,6 +14,10 @@ check: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+## demo: a throwaway private Incus is backed up, loses an instance and a profile, gets them back
+demo: deps venv
+	$(BIN)/python scripts/demo.py
+
 ## deps: system packages (Incus from backports, busybox-static, btrfs-progs, borg's build libraries, ...)
 deps:
 	bash scripts/install-system-deps.sh

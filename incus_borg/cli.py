@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from . import borgmatic
 from . import config as config_module
 from .actions import backup as backup_action
 from .actions import hooks as hook_actions
@@ -277,8 +278,18 @@ def config_group() -> None:
 
 
 @config_group.command()
-def generate() -> None:
-    """Print a commented sample configuration with every key and its default."""
+@click.option(
+    "--borgmatic",
+    "for_borgmatic",
+    is_flag=True,
+    help="Print a borgmatic fragment (staging path, hooks) for this host instead.",
+)
+@pass_options
+def generate(options: Options, for_borgmatic: bool) -> None:
+    """Print a commented sample configuration, or a borgmatic fragment for this host."""
+    if for_borgmatic:
+        click.echo(borgmatic.fragment(options.load()), nl=False)
+        return
     click.echo(config_module.sample(), nl=False)
 
 

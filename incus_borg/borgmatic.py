@@ -1,0 +1,43 @@
+"""A borgmatic configuration fragment that runs incus-borg's hooks around `borgmatic create`."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import LoadedConfig
+
+
+def command_prefix(loaded: LoadedConfig) -> str:
+    """How borgmatic's shell should call this incus-borg, with this configuration."""
+    found = shutil.which("incus-borg")
+    program = shlex.quote(found) if found else f"{shlex.quote(sys.executable)} -m incus_borg"
+    if loaded.path is None:
+        return program
+    return f"{program} -c {shlex.quote(str(loaded.path.resolve()))}"
+
+
+def fragment(loaded: LoadedConfig) -> str:
+    """The fragment to merge into a borgmatic configuration file (YAML with a header)."""
+    prefix = command_prefix(loaded)
+    # A warning (exit 1) leaves a complete staging tree: do not fail borgmatic's run for it.
+    tolerate = " || test $? -eq 1"
+    data = {
+        "source_directories": [f"{Path(loaded.config.staging_dir)}/./"],
+        "files_cache": "mtime,size",
+        "numeric_ids": True,
+        "commands": [
+            {"before": "action", "when": ["create"], "run": [f"{prefix} hook pre{tolerate}"]},
+            {"after": "action", "when": ["create"], "run": [f"{prefix} hook post{tolerate}"]},
+            {"after": "error", "run": [f"{prefix} hook post --failed{tolerate}"]},
+        ],
+    }
+    header = (
+        "# borgmatic 2.x fragment for this host (incus-borg config generate --borgmatic).\n"
+        "# Merge it into a borgmatic configuration that names your repositories.\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False, width=1000)
