@@ -115,7 +115,10 @@ def instance(
     args = ["import", "-", name, "--storage", target_pool, "--project", target_project]
     with source.tar(item) as stream:
         incus.feed(args, stream)
-    restored = incus.query(api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1"))
+    path = api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1")
+    restored = incus.query(path)
+    if (name, target_project) != (item.name, item.project):
+        _new_identity(incus, path, restored)
     snapshots = [s["name"] for s in restored.get("snapshots") or []]
     if sorted(snapshots) != sorted(item.snapshots):
         raise UserError(
@@ -126,11 +129,49 @@ def instance(
         f"instance {item.ref} restored as {target_project}/{name} on pool {target_pool} "
         f"with {len(snapshots)} snapshot(s) from {source.description}"
     )
+    if (target_project, name) != (item.project, item.name):
+        forget_identity(incus, target_project, name, restored)
+        report(
+            f"instance {target_project}/{name}: gets new MAC addresses and UUID, beside the original"
+        )
     if start:
         incus.change_state(target_project, name, "start")
         report(f"instance {target_project}/{name} started")
     else:
         report(f"instance {target_project}/{name} left stopped (use --start to start it)")
+
+
+# What PUT /1.0/instances/NAME takes.
+INSTANCE_WRITABLE = ("architecture", "config", "devices", "ephemeral", "profiles", "stateful")
+
+
+def _new_identity(incus: Incus, path: str, restored: dict[str, Any]) -> None:
+    """Drop the MAC addresses a copy shares with its original (as `incus copy` does), so
+    that both can run side by side; Incus draws new ones at start."""
+    config = restored.get("config") or {}
+    kept = {
+        k: v for k, v in config.items() if not (k.startswith("volatile.") and k.endswith(".hwaddr"))
+    }
+    if kept != config:
+        body = {k: restored[k] for k in INSTANCE_WRITABLE if k in restored}
+        body["config"] = kept
+        body["description"] = restored.get("description", "")
+        incus.query(path, "PUT", body)
+
+
+IDENTITY_KEYS = ("volatile.uuid", "volatile.uuid.generation")
+UPDATABLE = ("architecture", "devices", "ephemeral", "profiles", "stateful", "description")
+
+
+def forget_identity(incus: Incus, project: str, name: str, instance: dict[str, Any]) -> None:
+    """Drop a copy's MAC addresses and UUID so that it can run beside its original."""
+    config = {
+        k: v
+        for k, v in instance["config"].items()
+        if k not in IDENTITY_KEYS and not (k.startswith("volatile.") and k.endswith(".hwaddr"))
+    }
+    body = {k: instance[k] for k in UPDATABLE if k in instance} | {"config": config}
+    incus.query(api_path(f"/1.0/instances/{quote(name)}", project), "PUT", body)
 
 
 def _definition(source: Source, kind: str, item: Item) -> dict[str, Any]:
