@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -22,6 +23,10 @@ from .config import Config, Repository
 from .errors import UserError
 
 MIN_VERSION = (1, 4)
+# Connection closed / broken (ssh:// repositories): retried with a doubling delay.
+CONNECTION_FAILURES = (80, 81, 87)
+CONNECTION_RETRIES = 2
+RETRY_DELAY = 1.0
 PASSPHRASE_ENV = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD")
 
 
@@ -74,6 +79,32 @@ def list_argv(repo: Repository) -> list[str]:
     return ["list", "--json", repo.path]
 
 
+def list_comments_argv(repo: Repository) -> list[str]:
+    """Every archive as `name<TAB>comment`, one per line."""
+    return ["list", "--format", "{name}{TAB}{comment}{NL}", repo.path]
+
+
+def delete_argv(repo: Repository, archives: Sequence[str]) -> list[str]:
+    """Delete archives from a repository."""
+    return ["delete", repo.path, *archives]
+
+
+def compact_argv(repo: Repository) -> list[str]:
+    """Free the space of deleted archives."""
+    return ["compact", repo.path]
+
+
+def check_argv(repo: Repository, verify_data: bool) -> list[str]:
+    """Check a repository and its archives (reading every chunk with `verify_data`)."""
+    return ["check", *(["--verify-data"] if verify_data else []), repo.path]
+
+
+def list_files_argv(repo: Repository, archive: str, path: str) -> list[str]:
+    """Mode, owner, size and sha256 of every item below `path` in an archive, as JSON lines."""
+    fmt = "{mode}{uid}{gid}{size}{sha256}{type}{path}"
+    return ["list", "--json-lines", "--format", fmt, f"{repo.path}::{archive}", path]
+
+
 def info_argv(repo: Repository) -> list[str]:
     """Repository information as JSON (cheap: proves it exists and the passphrase is right)."""
     return ["info", "--json", repo.path]
@@ -87,10 +118,13 @@ def create_argv(
     excludes: Sequence[str] = (),
     files_cache: str | None = None,
     progress: bool = False,
+    comment: str = "",
 ) -> list[str]:
     """Create `archive` from `paths` (relative to the caller's working directory)."""
     # --list --filter=AME logs only files that were not unchanged in the files cache.
     argv = ["create", "--json", "--numeric-ids", "--list", "--filter=AME"]
+    if comment:
+        argv += ["--comment", comment]
     if files_cache:
         argv += ["--files-cache", files_cache]
     if progress:
@@ -143,6 +177,12 @@ class Secrets:
         return bool(self.passphrase or self.passcommand) or any(
             os.environ.get(name) for name in PASSPHRASE_ENV
         )
+
+    def for_repository(self, repo: Repository) -> Secrets:
+        """The repository's own passphrase settings when it has some, else these."""
+        if repo.encryption_passphrase or repo.encryption_passcommand:
+            return Secrets(repo.encryption_passphrase, repo.encryption_passcommand)
+        return self
 
     def env(self) -> dict[str, str]:
         """Environment entries handing the passphrase to borg."""
@@ -203,19 +243,33 @@ class Borg:
 
     def env(self, repo: Repository, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The child environment: modern exit codes, secrets, repository-specific settings."""
-        env = {**os.environ, "BORG_EXIT_CODES": "modern", **self.secrets.env()}
+        env = {**os.environ, "BORG_EXIT_CODES": "modern"}
+        env |= self.secrets.for_repository(repo).env()
         env["BORG_DISPLAY_PASSPHRASE"] = "no"
         if repo.encryption == "none":
             env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
+        if repo.ssh_command:
+            env["BORG_RSH"] = repo.ssh_command
         return {**env, **(extra or {})}
+
+    def argv(self, args: Sequence[str], repo: Repository) -> list[str]:
+        """The full command line: borg, the repository's common options, then `args`."""
+        common = ["--log-json"]
+        if repo.lock_wait is not None:
+            common += ["--lock-wait", str(repo.lock_wait)]
+        if repo.remote_path:
+            common += ["--remote-path", repo.remote_path]
+        if repo.upload_ratelimit:
+            common += ["--upload-ratelimit", str(repo.upload_ratelimit)]
+        argv = [self.binary, *common, *args]
+        if self.debug:
+            print("incus-borg: running " + " ".join(argv), file=sys.stderr)
+        return argv
 
     def popen(self, args: Sequence[str], repo: Repository) -> subprocess.Popen[bytes]:
         """Start borg with its stdout as a pipe, for streaming; check it with `raise_for`."""
-        argv = [self.binary, "--log-json", *args]
-        if self.debug:
-            print("incus-borg: running " + " ".join(argv), file=sys.stderr)
         return subprocess.Popen(
-            argv,
+            self.argv(args, repo),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -239,11 +293,32 @@ class Borg:
         `ok_codes` are returned instead of raised. With `show_progress`, borg's progress
         lines are shown on stderr as they come.
         """
-        argv = [self.binary, "--log-json", *args]
-        if self.debug:
-            print("incus-borg: running " + " ".join(argv), file=sys.stderr)
+        for attempt in range(CONNECTION_RETRIES + 1):
+            result = self._run_once(args, repo, env, cwd, stdout, show_progress)
+            if result.returncode not in CONNECTION_FAILURES or attempt == CONNECTION_RETRIES:
+                break
+            delay = RETRY_DELAY * 2**attempt
+            print(
+                f"incus-borg: repository {repo.name}: connection failed, retrying in {delay:.0f} s",
+                file=sys.stderr,
+            )
+            time.sleep(delay)
+        code = result.returncode
+        if code == 0 or _is_warning(code) or code in ok_codes:
+            return result
+        raise UserError(explain_failure(args[0], repo, result))
+
+    def _run_once(
+        self,
+        args: Sequence[str],
+        repo: Repository,
+        env: Mapping[str, str] | None,
+        cwd: Path | None,
+        stdout: IO[bytes] | None,
+        show_progress: bool,
+    ) -> BorgResult:
         with subprocess.Popen(
-            argv,
+            self.argv(args, repo),
             stdin=subprocess.DEVNULL,
             stdout=stdout if stdout is not None else subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -261,10 +336,7 @@ class Borg:
             code = proc.wait()
         if show_progress:
             print(file=sys.stderr)
-        result = BorgResult(code, out.decode("utf-8", "replace"), messages)
-        if code == 0 or _is_warning(code) or code in ok_codes:
-            return result
-        raise UserError(explain_failure(args[0], repo, result))
+        return BorgResult(code, out.decode("utf-8", "replace"), messages)
 
 
 def progress_line(message: Mapping[str, Any]) -> str:
@@ -316,6 +388,10 @@ def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
         73: f"repository {name} is locked by another borg process (lock wait expired): retry "
         "later, or run `borg break-lock` if no borg is running",
     }
+    if result.returncode in CONNECTION_FAILURES:
+        errors = [m for m in result.problems if m]
+        detail = errors[0].splitlines()[0] if errors else "connection closed"
+        return f"cannot reach repository {name} ({repo.path}): {detail}"
     if result.returncode in known:
         return known[result.returncode]
     errors = [m for m in result.problems if m]

@@ -12,9 +12,11 @@ import click
 from . import borgmatic
 from . import config as config_module
 from .actions import backup as backup_action
+from .actions import check as check_action
 from .actions import hooks as hook_actions
 from .actions import init as init_action
 from .actions import list_archives
+from .actions import prune as prune_action
 from .actions import restore as restore_action
 from .actions import restore_server as restore_server_action
 from .borg import Borg, Secrets
@@ -90,6 +92,46 @@ def list_command(options: Options, archive: str | None, label: str | None, as_js
         return
     loaded = options.load()
     list_archives.run(loaded.config, options.borg(loaded), label, as_json)
+
+
+@cli.command()
+@repository_option
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted, delete nothing.")
+@pass_options
+def prune(options: Options, label: str | None, dry_run: bool) -> int:
+    """Delete incus-borg's runs beyond the retention (never other archives), then compact."""
+    loaded = options.load()
+    return prune_action.run(loaded.config, options.borg(loaded), label, dry_run)
+
+
+@cli.command()
+@repository_option
+@click.option("--verify-data", is_flag=True, help="Read and verify every chunk (slow).")
+@click.option(
+    "--restore-test",
+    is_flag=True,
+    help="Import the newest run's instances into a scratch project and compare every file.",
+)
+@pass_options
+def check(options: Options, label: str | None, verify_data: bool, restore_test: bool) -> int:
+    """Check the repositories, and optionally that the newest run really restores."""
+    loaded = options.load()
+    return check_action.run(loaded.config, options.borg(loaded), label, verify_data, restore_test)
+
+
+@cli.group()
+def key() -> None:
+    """Export repository keys (keep a copy off this host)."""
+
+
+@key.command(name="export")
+@click.option("--paper", is_flag=True, help="A paper backup: text to print and type back in.")
+@repository_option
+@pass_options
+def key_export(options: Options, paper: bool, label: str | None) -> None:
+    """Print the key export of each repository on stdout."""
+    loaded = options.load()
+    init_action.export_keys(loaded, options.borg(loaded), label, paper)
 
 
 mode_option = click.option(

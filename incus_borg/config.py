@@ -39,6 +39,15 @@ def key(default: Any, doc: str, *, example: Any = None) -> Any:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How many archives `prune` keeps, per period."""
+
+    keep_daily: int = key(7, "Daily archives to keep.")
+    keep_weekly: int = key(4, "Weekly archives to keep.")
+    keep_monthly: int = key(6, "Monthly archives to keep.")
+
+
+@dataclass(frozen=True)
 class Repository:
     """One Borg repository that every backup goes to."""
 
@@ -50,6 +59,28 @@ class Repository:
         None,
         "Borg encryption mode for `init`: repokey-blake2 when a passphrase is configured; "
         "'none' must be set explicitly.",
+    )
+    encryption_passphrase: str | None = key(
+        None, "This repository's passphrase, when it differs from the global one."
+    )
+    encryption_passcommand: str | None = key(
+        None, "Command printing this repository's passphrase (run without a shell)."
+    )
+    ssh_command: str | None = key(
+        None,
+        "SSH command for an ssh:// repository (BORG_RSH), with its own key.",
+        example="ssh -i /root/.ssh/incus-borg-offsite",
+    )
+    remote_path: str | None = key(None, "The borg command on the remote host (--remote-path).")
+    upload_ratelimit: int | None = key(None, "Upload limit in kiB/s (--upload-ratelimit).")
+    lock_wait: int | None = key(None, "Seconds to wait for the repository's lock (--lock-wait).")
+    append_only: bool = key(
+        False,
+        "The server serves this repository append-only (borg serve --append-only): deleting "
+        "archives frees no space until the server's owner compacts it.",
+    )
+    retention: Retention | None = key(
+        None, "This repository's retention, when it differs from the global one."
     )
 
     @property
@@ -72,15 +103,6 @@ class IncusSettings:
     )
     subuid: str = key("/etc/subuid", "subuid file deciding uid shifting; backed up and restored.")
     subgid: str = key("/etc/subgid", "subgid file deciding gid shifting; backed up and restored.")
-
-
-@dataclass(frozen=True)
-class Retention:
-    """How many archives `prune` keeps, per period."""
-
-    keep_daily: int = key(7, "Daily archives to keep.")
-    keep_weekly: int = key(4, "Weekly archives to keep.")
-    keep_monthly: int = key(6, "Monthly archives to keep.")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ def test_generated_sample_is_valid_and_equals_defaults(tmp_path: Path) -> None:
 
 def test_public_key_names_are_kept() -> None:
     sample = yaml.safe_load(config.sample())
-    assert sample["repositories"] == [{"path": "/var/backups/incus-borg", "label": "local"}]
+    (repository,) = sample["repositories"]
+    assert (repository["path"], repository["label"]) == ("/var/backups/incus-borg", "local")
     assert set(sample["incus"]) == {"dir", "stop_command", "start_command", "subuid", "subgid"}
     assert sample["retention"] == {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 6}
     for key in ("staging_dir", "mode", "instances"):

@@ -19,7 +19,8 @@ from ..manifest import Item
 from ..plan import Plan, Target
 from ..source import PART_MARK
 
-INSTANCE_FILES_CACHE = "mtime,size"  # snapshot copies change inodes and ctimes, not content
+INSTANCE_FILES_CACHE = "mtime,size"
+RUN_COMMENT = "incus-borg"  # marks the archives `prune` may delete  # snapshot copies change inodes and ctimes, not content
 
 
 @dataclass
@@ -149,6 +150,7 @@ class Writer:
                 excludes=excludes or (),
                 files_cache=files_cache,
                 progress=self.progress,
+                comment=RUN_COMMENT,
             )
             try:
                 result = self.borg.run(

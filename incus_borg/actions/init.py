@@ -50,10 +50,17 @@ def write_private(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+def export_keys(loaded: LoadedConfig, borg: Borg, label: str | None, paper: bool) -> None:
+    """Print the key export of every selected (encrypted) repository."""
+    for repo in loaded.config.select_repositories(label):
+        click.echo(f"# repository {repo.name} ({repo.path})")
+        click.echo(borg.run(key_export_argv(repo, paper), repo).stdout, nl=False)
+
+
 def run(loaded: LoadedConfig, borg: Borg, label: str | None) -> None:
     """Create the repositories (all, or the one labelled `label`)."""
     repos = loaded.config.select_repositories(label)
-    modes = {repo.name: encryption_for(repo, borg.secrets) for repo in repos}
+    modes = {repo.name: encryption_for(repo, borg.secrets.for_repository(repo)) for repo in repos}
     for repo in repos:
         mode = modes[repo.name]
         result = borg.run(init_argv(repo, mode), repo, ok_codes=(ALREADY_EXISTS,))

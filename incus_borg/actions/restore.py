@@ -308,12 +308,11 @@ def config(
 
 def files(source: Source, ref: str, paths: tuple[str, ...], dest: Path) -> None:
     """Copy files or directories out of an instance's (or volume's) data into `dest`."""
-    try:
-        item = find_item(source, "instance", ref)
+    item = _files_item(source, ref)
+    if item.kind == "instance":
         base = f"{item.path}/backup/container/rootfs"
         idmap = _instance_idmap(source, item)
-    except UserError:
-        item = find_item(source, "volume", ref)
+    else:
         base = f"{item.path}/backup/volume"
         idmap = _volume_idmap(source, item)
     dest.mkdir(parents=True, exist_ok=True)
@@ -324,6 +323,25 @@ def files(source: Source, ref: str, paths: tuple[str, ...], dest: Path) -> None:
             _unshift(dest / path.strip("/"), idmap)
     for path in paths:
         report(f"{item.ref}:{path} -> {dest / path.strip('/')}")
+
+
+def _files_item(source: Source, ref: str) -> Item:
+    """The instance ([P/]NAME) or volume (POOL/[P/]NAME) that `restore files` names.
+
+    P/NAME and POOL/NAME look alike: an instance is tried first, and its error is the one
+    reported when neither exists.
+    """
+    if ref.count("/") >= 2:
+        return find_item(source, "volume", ref)
+    try:
+        return find_item(source, "instance", ref)
+    except UserError as not_instance:
+        if "/" not in ref:
+            raise
+        try:
+            return find_item(source, "volume", ref)
+        except UserError:
+            raise not_instance from None
 
 
 def _instance_idmap(source: Source, item: Item) -> list[dict[str, Any]]:

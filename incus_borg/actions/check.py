@@ -1,0 +1,123 @@
+"""`incus-borg check`: borg check, and a restore test of the newest run.
+
+The restore test imports every instance of the newest run into a scratch project (never
+started, so it has no network), then compares each file of its root filesystem with the
+archive's own record of it (`borg list` with {sha256}, mode and owner): nothing extra is read
+at backup time. The scratch project is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from .. import layout
+from ..borg import Borg, check_argv, list_files_argv
+from ..config import Config, Repository
+from ..errors import UserError, Warnings
+from ..incus import Incus, api_path
+from ..manifest import Item
+from ..source import BorgSource
+
+MAX_REPORTED = 5  # mismatching files named per instance
+
+
+def run(
+    config: Config, borg: Borg, label: str | None, verify_data: bool, restore_test: bool
+) -> int:
+    """Check every selected repository; any problem is an error naming what is wrong."""
+    warnings = Warnings()
+    problems: list[str] = []
+    for repo in config.select_repositories(label):
+        try:
+            result = borg.run(check_argv(repo, verify_data), repo)
+            click.echo(f"repository {repo.name}: borg check passed")
+            for message in result.warnings:
+                warnings.add(f"repository {repo.name}: {message}")
+        except UserError as exc:
+            problems.append(str(exc))
+        if restore_test:
+            problems += test_restore(config, borg, repo)
+    if problems:
+        raise UserError("; ".join(problems))
+    return warnings.exit_code
+
+
+def test_restore(config: Config, borg: Borg, repo: Repository) -> list[str]:
+    """Import the newest run's instances into a scratch project and compare every file."""
+    incus = Incus(config.incus.dir)
+    source = BorgSource(borg, repo, "latest")
+    project = f"incus-borg-check-{time.strftime('%Y%m%d%H%M%S')}"
+    shared = ("images", "profiles", "networks", "storage.volumes")
+    incus.query(
+        "/1.0/projects",
+        "POST",
+        {"name": project, "config": {f"features.{f}": "false" for f in shared}},
+    )
+    problems: list[str] = []
+    try:
+        for item in source.manifest.instances:
+            problems += _check_instance(incus, borg, repo, source, item, project)
+    finally:
+        for url in incus.query(api_path("/1.0/instances", project)):
+            name = url.rsplit("/", 1)[-1].split("?")[0]
+            incus.query(api_path(f"/1.0/instances/{quote(name)}", project), "DELETE")
+        incus.query(api_path(f"/1.0/projects/{quote(project)}"), "DELETE")
+    if not problems:
+        count = len(source.manifest.instances)
+        click.echo(
+            f"repository {repo.name}: {source.archive} restores: {count} instance(s) identical"
+        )
+    return problems
+
+
+def _check_instance(
+    incus: Incus, borg: Borg, repo: Repository, source: BorgSource, item: Item, project: str
+) -> list[str]:
+    try:
+        with source.tar(item) as stream:
+            incus.feed(
+                ["import", "-", item.name, "--storage", item.pool, "--project", project], stream
+            )
+    except UserError as exc:
+        return [f"restore test: instance {item.ref} does not restore: {exc}"]
+    rootfs = f"{item.path}/backup/container/rootfs"
+    listing = borg.run(list_files_argv(repo, item.archive or source.archive, rootfs), repo).stdout
+    on_disk = layout.instance_data(Path(incus.dir), item.pool, project, item.name) / "rootfs"
+    wrong = [
+        relative
+        for entry in map(json.loads, listing.splitlines())
+        if (relative := entry["path"].removeprefix(rootfs).lstrip("/"))
+        and not _same(entry, on_disk / relative)
+    ]
+    if wrong:
+        shown = ", ".join(wrong[:MAX_REPORTED]) + (" ..." if len(wrong) > MAX_REPORTED else "")
+        return [
+            f"restore test: instance {item.ref}: {len(wrong)} file(s) differ from the archive: {shown}"
+        ]
+    click.echo(f"restore test: instance {item.ref}: every file identical")
+    return []
+
+
+def _same(entry: dict[str, Any], path: Path) -> bool:
+    """Whether a restored file has the archived content, mode and owner."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    if (stat.filemode(st.st_mode), st.st_uid, st.st_gid) != (
+        entry["mode"],
+        entry["uid"],
+        entry["gid"],
+    ):
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return bool(hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"])
+    return True
