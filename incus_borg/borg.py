@@ -12,12 +12,13 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .config import Config, Repository
 from .errors import UserError
@@ -283,7 +284,6 @@ class Borg:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
-        stdout: IO[bytes] | None = None,
         show_progress: bool = False,
         ok_codes: Sequence[int] = (),
     ) -> BorgResult:
@@ -294,7 +294,7 @@ class Borg:
         lines are shown on stderr as they come.
         """
         for attempt in range(CONNECTION_RETRIES + 1):
-            result = self._run_once(args, repo, env, cwd, stdout, show_progress)
+            result = self._run_once(args, repo, env, cwd, show_progress)
             if result.returncode not in CONNECTION_FAILURES or attempt == CONNECTION_RETRIES:
                 break
             delay = RETRY_DELAY * 2**attempt
@@ -314,29 +314,31 @@ class Borg:
         repo: Repository,
         env: Mapping[str, str] | None,
         cwd: Path | None,
-        stdout: IO[bytes] | None,
         show_progress: bool,
     ) -> BorgResult:
         with subprocess.Popen(
             self.argv(args, repo),
             stdin=subprocess.DEVNULL,
-            stdout=stdout if stdout is not None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=self.env(repo, env),
             cwd=cwd,
         ) as proc:
-            assert proc.stderr is not None
-            messages = []
+            assert proc.stdout is not None and proc.stderr is not None
+            out: list[bytes] = []
+            # Drain stdout meanwhile: a large listing would otherwise block borg (and us).
+            reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))  # type: ignore[union-attr]
+            reader.start()
+            messages: list[dict[str, Any]] = []
             for raw in proc.stderr:
-                line = raw.decode("utf-8", "replace")
-                messages += parse_log_json(line)
+                messages += parse_log_json(raw.decode("utf-8", "replace"))
                 if show_progress and messages and "progress" in messages[-1].get("type", ""):
                     print("\r" + progress_line(messages[-1]), end="", file=sys.stderr)
-            out = proc.stdout.read() if proc.stdout is not None else b""
+            reader.join()
             code = proc.wait()
         if show_progress:
             print(file=sys.stderr)
-        return BorgResult(code, out.decode("utf-8", "replace"), messages)
+        return BorgResult(code, b"".join(out).decode("utf-8", "replace"), messages)
 
 
 def progress_line(message: Mapping[str, Any]) -> str:

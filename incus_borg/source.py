@@ -140,15 +140,20 @@ class BorgSource:
         self.borg = borg
         self.repo = repo
         runs = run_archives(borg, repo)
-        if name == "latest":
-            if not runs:
-                raise UserError(f"repository {repo.name} holds no incus-borg archive yet")
-            name = runs[-1]
-        elif name not in runs:
+        if name != "latest" and name not in runs:
             raise UserError(f"no archive {name!r} in repository {repo.name}: see `incus-borg list`")
-        self.archive = name
-        self.description = f"{repo.name}::{name}"
-        self.manifest = Manifest.from_json(self.read(str(layout.MANIFEST)).decode())
+        # `latest`: the newest archive holding a manifest (a shared repository holds others).
+        text = ""
+        for candidate in reversed(runs) if name == "latest" else [name]:
+            self.archive = candidate
+            text = self.read(str(layout.MANIFEST)).decode()
+            if text.strip():
+                break
+        if not text.strip():
+            what = "no incus-borg run yet" if name == "latest" else f"no incus-borg run in {name!r}"
+            raise UserError(f"repository {repo.name} holds {what}")
+        self.description = f"{repo.name}::{self.archive}"
+        self.manifest = Manifest.from_json(text)
 
     def _archive_of(self, item: Item | None) -> str:
         return (item.archive if item else None) or self.archive

@@ -21,7 +21,7 @@ import click
 from .. import layout
 from ..borg import Borg, check_argv, list_files_argv
 from ..config import Config, Repository
-from ..errors import UserError, Warnings
+from ..errors import UserError
 from ..incus import Incus, api_path
 from ..manifest import Item
 from ..source import BorgSource
@@ -33,21 +33,22 @@ def run(
     config: Config, borg: Borg, label: str | None, verify_data: bool, restore_test: bool
 ) -> int:
     """Check every selected repository; any problem is an error naming what is wrong."""
-    warnings = Warnings()
     problems: list[str] = []
     for repo in config.select_repositories(label):
         try:
             result = borg.run(check_argv(repo, verify_data), repo)
-            click.echo(f"repository {repo.name}: borg check passed")
-            for message in result.warnings:
-                warnings.add(f"repository {repo.name}: {message}")
+            if result.returncode == 0:
+                click.echo(f"repository {repo.name}: borg check passed")
+            else:  # check reports damage as warnings: for a check, damage is the error
+                first = (result.problems or ["no details"])[0].splitlines()[0]
+                problems.append(f"borg check found damage in repository {repo.name}: {first}")
         except UserError as exc:
             problems.append(str(exc))
         if restore_test:
             problems += test_restore(config, borg, repo)
     if problems:
         raise UserError("; ".join(problems))
-    return warnings.exit_code
+    return 0
 
 
 def test_restore(config: Config, borg: Borg, repo: Repository) -> list[str]:
