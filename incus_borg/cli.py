@@ -193,6 +193,14 @@ def post(options: Options, failed: bool) -> int:
     return hook_actions.post(options.load().config, failed)
 
 
+as_option = click.option(
+    "--as", "new_name", metavar="NEW", help="Restore under this name, beside the original."
+)
+pool_option = click.option(
+    "--pool", metavar="POOL", help="Onto this storage pool (default: the original's)."
+)
+
+
 @cli.group()
 def restore() -> None:
     """Restore instances, volumes, definitions, files or the whole server from a run.
@@ -204,10 +212,8 @@ def restore() -> None:
 @restore.command(name="instance")
 @click.argument("archive")
 @click.argument("name", metavar="[P/]NAME")
-@click.option(
-    "--as", "new_name", metavar="NEW", help="Restore under this name, beside the original."
-)
-@click.option("--pool", metavar="POOL", help="Onto this storage pool (default: the original's).")
+@as_option
+@pool_option
 @click.option("--project", metavar="P", help="Into this project (default: the original's).")
 @click.option("--start", is_flag=True, help="Start the instance once restored.")
 @click.option("--with-volumes", is_flag=True, help="Also restore its missing custom volumes.")
@@ -233,10 +239,8 @@ def restore_instance(
 @restore.command(name="volume")
 @click.argument("archive")
 @click.argument("name", metavar="POOL/[P/]NAME")
-@click.option(
-    "--as", "new_name", metavar="NEW", help="Restore under this name, beside the original."
-)
-@click.option("--pool", metavar="POOL", help="Onto this storage pool (default: the original's).")
+@as_option
+@pool_option
 @repository_option
 @pass_options
 def restore_volume(

@@ -38,32 +38,37 @@ class Incus:
         self,
         args: Sequence[str],
         *,
-        input: str | None = None,
+        stdin: IO[bytes] | None = None,
         timeout: float | None = None,
     ) -> str:
-        """Run `incus ARGS...` and return its stdout; failures become one-line UserErrors."""
-        argv = ["incus", *args]
+        """Run `incus ARGS...` (reading `stdin` when given) and return its stdout; failures
+        become one-line UserErrors."""
+        limit = timeout or self.timeout
+        missing = "the incus client is not installed: install the incus package"
+        slow = f"`incus {' '.join(args[:3])}` did not finish within {limit:.0f} s"
+        done = self._execute(["incus", *args], stdin, limit, missing, slow)
+        if done.returncode != 0:
+            raise self._failure(args, done.stderr.decode("utf-8", "replace"))
+        return done.stdout.decode("utf-8", "replace")
+
+    def _execute(
+        self, argv: list[str], stdin: IO[bytes] | None, timeout: float, missing: str, slow: str
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a command with this server's environment; a missing program or a timeout
+        becomes a UserError with the given message."""
         try:
-            done = subprocess.run(
+            return subprocess.run(
                 argv,
-                input=input,
+                stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 capture_output=True,
-                text=True,
                 env=self.env(),
-                timeout=timeout or self.timeout,
+                timeout=timeout,
                 check=False,
             )
         except FileNotFoundError:
-            raise UserError(
-                "the incus client is not installed: install the incus package"
-            ) from None
+            raise UserError(missing) from None
         except subprocess.TimeoutExpired:
-            raise UserError(
-                f"`incus {' '.join(args[:3])}` did not finish within {timeout or self.timeout:.0f} s"
-            ) from None
-        if done.returncode != 0:
-            raise self._failure(args, done.stderr)
-        return done.stdout
+            raise UserError(slow) from None
 
     def _failure(self, args: Sequence[str], stderr: str) -> UserError:
         """Turn a failed call's stderr into one line naming the cause."""
@@ -88,39 +93,18 @@ class Incus:
         Returns how long it took.
         """
         started = time.monotonic()
-        try:
-            done = subprocess.run(
-                shlex.split(command),
-                capture_output=True,
-                text=True,
-                env=self.env(),
-                timeout=timeout,
-                check=False,
-            )
-        except FileNotFoundError:
-            raise UserError(
-                f"incus.{what} {command!r}: command not found; fix incus.{what}"
-            ) from None
-        except subprocess.TimeoutExpired:
-            raise UserError(
-                f"incus.{what} {command!r} did not finish within {timeout:.0f} s"
-            ) from None
+        missing = f"incus.{what} {command!r}: command not found; fix incus.{what}"
+        slow = f"incus.{what} {command!r} did not finish within {timeout:.0f} s"
+        done = self._execute(shlex.split(command), None, timeout, missing, slow)
         if done.returncode != 0:
-            detail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            detail = (lines or [f"exit {done.returncode}"])[-1]
             raise UserError(f"incus.{what} {command!r} failed: {detail}")
         return time.monotonic() - started
 
     def feed(self, args: Sequence[str], stdin: IO[bytes], timeout: float = 24 * 3600) -> None:
         """Run `incus ARGS...` reading a stream (such as a backup tarball) from `stdin`."""
-        argv = ["incus", "--quiet", *args]
-        try:
-            done = subprocess.run(
-                argv, stdin=stdin, capture_output=True, env=self.env(), timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise UserError(f"`incus {' '.join(args[:2])}` did not finish") from None
-        if done.returncode != 0:
-            raise self._failure(args, done.stderr.decode("utf-8", "replace"))
+        self.run(["--quiet", *args], stdin=stdin, timeout=timeout)
 
     def reachable(self) -> bool:
         """Whether the daemon answers on its socket."""

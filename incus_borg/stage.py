@@ -111,18 +111,9 @@ class Stage:
 
     def write_instance_index(self, target: Target) -> None:
         """backup/index.yaml for `incus import` (the config comes from backup.yaml)."""
-        index = {
-            "name": target.name,
-            "backend": target.driver,
-            "pool": target.pool,
-            "snapshots": target.snapshots,
-            "optimized": False,
-            "optimized_header": False,
-            "type": "container",
-        }
         self.write(
             layout.instance_stage(target.project, target.name) / "backup" / "index.yaml",
-            to_yaml(index),
+            to_yaml(import_index(target, "container")),
         )
 
     def write_volume_index(self, incus: Incus, target: Target) -> None:
@@ -137,16 +128,8 @@ class Stage:
             snap["content_type"] = snap.get("content_type") or target.type
             if snap["name"] in target.snapshots:
                 kept.append(snap)
-        index = {
-            "name": target.name,
-            "backend": target.driver,
-            "pool": target.pool,
-            "snapshots": target.snapshots,
-            "optimized": False,
-            "optimized_header": False,
-            "type": "custom",
-            "config": {"volume": volume, "volume_snapshots": kept},
-        }
+        index = import_index(target, "custom")
+        index["config"] = {"volume": volume, "volume_snapshots": kept}
         stage = layout.volume_stage(target.pool, target.project, target.name)
         self.write(stage / "backup" / "index.yaml", to_yaml(index))
 
@@ -156,6 +139,19 @@ class Stage:
             self.write_instance_index(target)
         for target in plan.volumes:
             self.write_volume_index(incus, target)
+
+
+def import_index(target: Target, kind: str) -> dict[str, Any]:
+    """The backup/index.yaml fields `incus import` needs for a non-optimized backup."""
+    return {
+        "name": target.name,
+        "backend": target.driver,
+        "pool": target.pool,
+        "snapshots": target.snapshots,
+        "optimized": False,
+        "optimized_header": False,
+        "type": kind,
+    }
 
 
 def to_yaml(data: Any) -> str:
