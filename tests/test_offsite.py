@@ -114,6 +114,7 @@ def test_offsite_down_is_a_warning(env: Env) -> None:
         env.sshd.start()
     assert done.returncode == 1, done.stderr
     assert "offsite" in done.stderr and "cannot reach repository offsite" in done.stderr
+    assert "connection failed, retrying" in done.stderr  # bounded retries before giving up
     assert len(env.runs("local")) == len(before) + 1
     env.assert_released()
 

@@ -76,6 +76,20 @@ def test_passphrase_from_environment_and_passcommand(tmp_path: Path) -> None:
     assert run_cli("list", config=config).returncode == 0
 
 
+def test_passphrase_per_repository(tmp_path: Path) -> None:
+    repos = [
+        {"path": str(tmp_path / "a"), "label": "a", "encryption_passphrase": "first secret"},
+        {"path": str(tmp_path / "b"), "label": "b", "encryption_passphrase": "second secret"},
+    ]
+    config = write_config(tmp_path / "c.yaml", {"repositories": repos})
+    assert run_cli("init", config=config).returncode == 0
+    assert run_cli("list", config=config).returncode == 0
+    repos[1]["encryption_passphrase"] = "first secret"
+    write_config(config, {"repositories": repos})
+    error = one_line_error(run_cli("list", config=config))
+    assert "wrong passphrase for repository b" in error
+
+
 def test_missing_repository_suggests_init(tmp_path: Path) -> None:
     error = one_line_error(run_cli("list", config=repo_config(tmp_path)))
     assert "does not exist: run `incus-borg init`" in error
