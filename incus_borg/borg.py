@@ -396,6 +396,7 @@ def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
         return f"cannot reach repository {name} ({repo.path}): {detail}"
     if result.returncode in known:
         return known[result.returncode]
-    errors = [m for m in result.problems if m]
+    # Borg logs a traceback as its last ERROR for some failures: name the cause instead.
+    errors = [m for m in result.problems if m and not m.startswith("Traceback")]
     detail = errors[-1].splitlines()[0] if errors else "no message"
     return f"borg {command} failed on repository {name} (exit {result.returncode}): {detail}"

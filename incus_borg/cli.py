@@ -314,8 +314,9 @@ def restore_files(
 @pass_options
 def restore_server(options: Options, archive: str, yes: bool, label: str | None) -> None:
     """Restore the whole server; the current Incus directory is moved aside, never deleted."""
+    restore_server_action.require_confirmation(yes)
     config, source = options.source(archive, label)
-    restore_server_action.run(config, source, yes)
+    restore_server_action.run(config, source)
 
 
 @cli.group(name="config")

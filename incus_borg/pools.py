@@ -11,16 +11,18 @@ from typing import Any
 from . import mounts
 from .errors import UserError
 
-VOLUME_DIRS = (
-    "containers",
-    "containers-snapshots",
-    "custom",
-    "custom-snapshots",
-    "images",
-    "virtual-machines",
-    "virtual-machines-snapshots",
-)
+# A pool's top directories, with the modes Incus gives them.
+VOLUME_DIRS = {
+    "containers": 0o711,
+    "containers-snapshots": 0o711,
+    "custom": 0o700,
+    "custom-snapshots": 0o700,
+    "images": 0o700,
+    "virtual-machines": 0o700,
+    "virtual-machines-snapshots": 0o700,
+}
 SUPPORTED = {"dir", "btrfs"}
+VOLUME_MODE = 0o711  # what Incus gives a volume's directory
 
 
 def _run(argv: list[str]) -> None:
@@ -70,16 +72,24 @@ class Pool:
                     str(self.root),
                 ]
             )
-        for name in VOLUME_DIRS:
-            (self.root / name).mkdir(parents=True, exist_ok=True, mode=0o711)
+        for name, mode in VOLUME_DIRS.items():
+            path = self.root / name
+            if not path.is_dir():
+                path.mkdir(parents=True, mode=mode)
+                os.chmod(path, mode)
 
     def volume_dir(self, path: Path) -> Path:
-        """Create the directory (a subvolume on btrfs) that one volume or snapshot fills."""
+        """Create the directory (a subvolume on btrfs) that one volume or snapshot fills.
+
+        It gets Incus's mode for a volume's directory (0711); a filesystem volume's then
+        takes its archived root's mode and owner (`lift`).
+        """
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.driver == "btrfs":
             _run(["btrfs", "subvolume", "create", str(path)])
         else:
             path.mkdir(mode=0o700)
+        os.chmod(path, VOLUME_MODE)
         return path
 
     def seal_snapshot(self, path: Path) -> None:

@@ -64,14 +64,21 @@ def require_pool(incus: Incus, pool: str) -> None:
         )
 
 
-def require_project(incus: Incus, source: Source, project: str) -> None:
-    """Make sure the target project exists, recreating it from the archive if it is missing."""
+def missing_project(incus: Incus, source: Source, project: str) -> list[dict[str, Any]]:
+    """The archived definition of the target project when it must be created first (empty
+    when it exists); refuses a project that exists neither here nor in the archive."""
     if project in entities.existing(incus, "projects", None):
-        return
+        return []
     archived = [p for p in definitions(source, "projects") if p["name"] == project]
     if not archived:
         raise UserError(f"no project {project!r} here nor in the archive: create it first")
-    entities.recreate(incus, {"projects": archived}, False, report)
+    return archived
+
+
+def volume_names(incus: Incus, pool: str, project: str) -> set[str]:
+    """Names of the custom volumes of a pool in a project (snapshots left out)."""
+    path = api_path(f"/1.0/storage-pools/{quote(pool)}/volumes/custom", project)
+    return {u.rsplit("/", 1)[-1].split("?")[0] for u in incus.query(path)}
 
 
 # --- instance ------------------------------------------------------------------------------
@@ -92,33 +99,34 @@ def instance(
     name = new_name or item.name
     target_project = project or item.project
     target_pool = pool or item.pool
+    # Every refusal comes before the first change.
     require_pool(incus, target_pool)
-    require_project(incus, source, target_project)
-    if name in entities.existing(incus, "instances", target_project):
+    new_project = missing_project(incus, source, target_project)
+    if not new_project and name in entities.existing(incus, "instances", target_project):
         raise UserError(
             f"instance {target_project}/{name} already exists: restore beside it with --as NEW, "
             "or delete it first"
         )
     definition = _definition(source, "instances", item)
     volumes = _attached_volumes(definition)
-    missing_volumes = _missing_volumes(incus, volumes, target_project)
+    missing_volumes = volumes if new_project else _missing_volumes(incus, volumes, target_project)
     if missing_volumes and not with_volumes:
         raise UserError(
             f"instance {item.ref} uses custom volumes that do not exist: "
             f"{', '.join(missing_volumes)}; add --with-volumes to restore them too"
         )
+    volume_items = [
+        find_item(source, "volume", f"{vol_pool}/{item.project}/{vol_name}")
+        for vol_pool, vol_name in (ref.split("/", 1) for ref in missing_volumes)
+    ]
+    entities.recreate(incus, {"projects": new_project}, False, report)
     _ensure_dependencies(incus, source, definition, target_project)
-    for vol_ref in missing_volumes:
-        vol_pool, vol_name = vol_ref.split("/", 1)
-        vol_item = find_item(source, "volume", f"{vol_pool}/{item.project}/{vol_name}")
-        volume(incus, source, vol_item, vol_name, vol_pool, target_project)
+    for vol_item in volume_items:
+        volume(incus, source, vol_item, None, None, target_project)
     args = ["import", "-", name, "--storage", target_pool, "--project", target_project]
     with source.tar(item) as stream:
         incus.feed(args, stream)
-    path = api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1")
-    restored = incus.query(path)
-    if (name, target_project) != (item.name, item.project):
-        _new_identity(incus, path, restored)
+    restored = incus.query(api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1"))
     snapshots = [s["name"] for s in restored.get("snapshots") or []]
     if sorted(snapshots) != sorted(item.snapshots):
         raise UserError(
@@ -139,24 +147,6 @@ def instance(
         report(f"instance {target_project}/{name} started")
     else:
         report(f"instance {target_project}/{name} left stopped (use --start to start it)")
-
-
-# What PUT /1.0/instances/NAME takes.
-INSTANCE_WRITABLE = ("architecture", "config", "devices", "ephemeral", "profiles", "stateful")
-
-
-def _new_identity(incus: Incus, path: str, restored: dict[str, Any]) -> None:
-    """Drop the MAC addresses a copy shares with its original (as `incus copy` does), so
-    that both can run side by side; Incus draws new ones at start."""
-    config = restored.get("config") or {}
-    kept = {
-        k: v for k, v in config.items() if not (k.startswith("volatile.") and k.endswith(".hwaddr"))
-    }
-    if kept != config:
-        body = {k: restored[k] for k in INSTANCE_WRITABLE if k in restored}
-        body["config"] = kept
-        body["description"] = restored.get("description", "")
-        incus.query(path, "PUT", body)
 
 
 IDENTITY_KEYS = ("volatile.uuid", "volatile.uuid.generation")
@@ -192,13 +182,11 @@ def _attached_volumes(definition: dict[str, Any]) -> list[str]:
 
 
 def _missing_volumes(incus: Incus, volumes: list[str], project: str) -> list[str]:
+    """The volumes (pool/name) that do not exist in `project`."""
     missing = []
     for ref in volumes:
         pool, name = ref.split("/", 1)
-        path = f"/1.0/storage-pools/{quote(pool)}/volumes/custom"
-        if name not in {
-            u.rsplit("/", 1)[-1].split("?")[0] for u in incus.query(api_path(path, project))
-        }:
+        if name not in volume_names(incus, pool, project):
             missing.append(ref)
     return missing
 
@@ -211,11 +199,11 @@ def _ensure_dependencies(
     network_project = owner_project(incus, "networks", project)
     profiles = set(definition.get("profiles") or [])
     have_profiles = entities.existing(incus, "profiles", profile_project)
+    archived_project = _archived_owner(source, "profiles", definition.get("project", "default"))
     wanted_profiles = [
         {**p, "project": profile_project}
         for p in definitions(source, "profiles")
-        if p["name"] in profiles - have_profiles
-        and p.get("project", "default") == definition.get("project", "default")
+        if p["name"] in profiles - have_profiles and p.get("project", "default") == archived_project
     ]
     devices = list((definition.get("expanded_devices") or {}).values())
     networks = {d["network"] for d in devices if d.get("type") == "nic" and d.get("network")}
@@ -235,6 +223,15 @@ def _ensure_dependencies(
     )
 
 
+def _archived_owner(source: Source, kind: str, project: str) -> str:
+    """The project whose `kind` a project used when it was backed up (its own or default's)."""
+    for archived in definitions(source, "projects"):
+        if archived["name"] == project:
+            config = archived.get("config") or {}
+            return project if config.get(entities.FEATURE[kind]) == "true" else "default"
+    return "default"
+
+
 # --- volume --------------------------------------------------------------------------------
 
 
@@ -251,16 +248,13 @@ def volume(
     target_pool = pool or item.pool
     target_project = project or item.project
     require_pool(incus, target_pool)
-    require_project(incus, source, target_project)
-    path = f"/1.0/storage-pools/{quote(target_pool)}/volumes/custom"
-    existing_names = {
-        u.rsplit("/", 1)[-1].split("?")[0] for u in incus.query(api_path(path, target_project))
-    }
-    if name in existing_names:
+    new_project = missing_project(incus, source, target_project)
+    if not new_project and name in volume_names(incus, target_pool, target_project):
         raise UserError(
             f"volume {target_pool}/{target_project}/{name} already exists: restore beside it "
             "with --as NEW, or delete it first"
         )
+    entities.recreate(incus, {"projects": new_project}, False, report)
     args = [
         "storage",
         "volume",
@@ -274,6 +268,11 @@ def volume(
     with source.tar(item) as stream:
         incus.feed(args, stream)
     snapshots = incus.volume_snapshots(target_pool, target_project, name)
+    if sorted(snapshots) != sorted(item.snapshots):
+        raise UserError(
+            f"volume {target_pool}/{target_project}/{name} was imported with snapshots "
+            f"{snapshots}, expected {item.snapshots}: check it before use"
+        )
     report(
         f"volume {item.pool}/{item.ref} restored as {target_pool}/{target_project}/{name} "
         f"({item.type}) with {len(snapshots)} snapshot(s) from {source.description}"
@@ -312,12 +311,20 @@ def files(source: Source, ref: str, paths: tuple[str, ...], dest: Path) -> None:
     if item.kind == "instance":
         base = f"{item.path}/backup/container/rootfs"
         idmap = _instance_idmap(source, item)
+    elif item.type == "block":
+        raise UserError(
+            f"volume {item.pool}/{item.ref} is a block volume: it holds no files; restore it "
+            "with `incus-borg restore volume`"
+        )
     else:
         base = f"{item.path}/backup/volume"
         idmap = _volume_idmap(source, item)
     dest.mkdir(parents=True, exist_ok=True)
     wanted = [f"{base}/{p.strip('/')}" for p in paths]
     source.extract(item, wanted, len(Path(base).parts), dest)
+    absent = [p for p in paths if not os.path.lexists(dest / p.strip("/"))]
+    if absent:
+        raise UserError(f"{', '.join(absent)}: not in {item.ref} in {source.description}")
     if idmap:
         for path in paths:
             _unshift(dest / path.strip("/"), idmap)

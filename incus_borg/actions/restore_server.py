@@ -17,7 +17,7 @@ from ..config import Config
 from ..errors import UserError
 from ..incus import Incus, api_path
 from ..manifest import Item
-from ..pools import SUPPORTED, Pool, lift
+from ..pools import SUPPORTED, Pool, lift, remove_tree
 from ..source import Source, definitions
 from .restore import report
 
@@ -38,18 +38,30 @@ class ServerRestore:
             Path(config.incus.subgid): "subgid",
         }
         self.stamp = stamp
-        self.moved = False
+        self.work = self.dir.with_name(f"{self.dir.name}.incus-borg-new-{stamp}")
+        self.was_running = False  # the daemon answered when the restore began
+        self.stopped: list[tuple[str, str]] = []  # (project, name) of instances it stopped
+        self.replacing = False  # the daemon is down and the directory is being replaced
+        self.moved = False  # the original directory is at self.old
+        self.extracted = False  # self.dir is the restored directory
         self.pools: list[Pool] = []
 
     def check(self) -> None:
         """Refuse a run that cannot give back a working server."""
         manifest = self.source.manifest
+        if mounts.is_mounted(self.dir):
+            raise UserError(
+                f"{self.dir} is a mount point: restore server moves the Incus directory aside, "
+                "which a mount point cannot be; mount that filesystem one level up (with the "
+                "directory inside it) first"
+            )
         if manifest.database != "exact":
             raise UserError(
                 f"{self.source.description} holds SQL dumps only (quiesce_daemon was false): "
                 "restore server needs a run with the database copied exactly"
             )
-        self.source.read(f"{layout.DATABASE}/local.db")
+        if not self.source.read(f"{layout.DATABASE}/local.db"):  # a run read absent as empty
+            raise UserError(f"{self.source.description} holds no database (database/local.db)")
         missing = [i.ref for i in manifest.instances + manifest.volumes if not self.source.has(i)]
         if missing:
             raise UserError(f"{self.source.description} lacks the data of {', '.join(missing)}")
@@ -64,9 +76,9 @@ class ServerRestore:
     def run(self) -> None:
         """Restore, or roll back and re-raise on any failure."""
         self.check()
-        self._stop()
         try:
             with signals.interruptible():
+                self._stop()
                 self._replace()
                 self._start_and_verify()
         except BaseException as exc:
@@ -81,34 +93,39 @@ class ServerRestore:
     # --- steps -----------------------------------------------------------------------------
 
     def _stop(self) -> None:
+        """Stop every instance, then the daemon (remembering what ran, for a rollback)."""
+        if not self.incus.reachable():
+            return
+        self.was_running = True
+        instances = self.incus.query(
+            api_path("/1.0/instances", None, recursion="1", **{"all-projects": "true"})
+        )
+        for instance in instances:
+            if instance["status"] != "Stopped":
+                self.incus.change_state(instance["project"], instance["name"], "stop")
+                self.stopped.append((instance["project"], instance["name"]))
+                report(f"instance {instance['project']}/{instance['name']}: stopped")
+        self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
         if self.incus.reachable():
-            instances = self.incus.query(
-                api_path("/1.0/instances", None, recursion="1", **{"all-projects": "true"})
+            raise UserError(
+                "incus.stop_command returned but the daemon still answers: fix incus.stop_command"
             )
-            for instance in instances:
-                if instance["status"] != "Stopped":
-                    self.incus.change_state(instance["project"], instance["name"], "stop")
-                    report(f"instance {instance['project']}/{instance['name']}: stopped")
-            self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
-            if self.incus.reachable():
-                raise UserError(
-                    "incus.stop_command returned but the daemon still answers: nothing was changed"
-                )
-            report("daemon stopped")
+        report("daemon stopped")
 
     def _replace(self) -> None:
+        self.replacing = True
         for point in mounts.mounts_below(self.dir):
             mounts.unmount(point)
         if self.dir.exists():
             os.rename(self.dir, self.old)
             self.moved = True
             report(f"moved {self.dir} aside to {self.old}")
-        work = self.dir.with_name(f"{self.dir.name}.incus-borg-new-{self.stamp}")
-        work.mkdir(mode=0o700)
-        self.source.extract(None, [str(layout.INCUS), str(layout.DATABASE)], 0, work)
-        os.rename(work / str(layout.INCUS), self.dir)
-        os.rename(work / str(layout.DATABASE), self.dir / "database")
-        work.rmdir()
+        self.work.mkdir(mode=0o700)
+        self.source.extract(None, [str(layout.INCUS), str(layout.DATABASE)], 0, self.work)
+        os.rename(self.work / str(layout.INCUS), self.dir)
+        self.extracted = True
+        os.rename(self.work / str(layout.DATABASE), self.dir / "database")
+        self.work.rmdir()
         report(f"extracted the Incus directory and its database into {self.dir}")
         manifest = self.source.manifest
         for pool in self.pools:
@@ -164,10 +181,13 @@ class ServerRestore:
         report(f"{item.kind} {item.ref}: data put back into pool {pool.name}")
 
     def _restore_host_files(self) -> None:
+        """subuid and subgid as backed up; one the run lacks (read as empty) is left alone."""
         for path, name in self.host_files.items():
             try:
                 content = self.source.read(f"{layout.HOST}/{name}")
             except UserError:
+                continue
+            if not content:
                 continue
             if path.exists():
                 os.rename(path, path.with_name(f"{path.name}.incus-borg-old-{self.stamp}"))
@@ -178,6 +198,7 @@ class ServerRestore:
         took = self.incus.run_daemon_command(self.config.incus.start_command, "start_command")
         self.incus.wait_ready()
         report(f"daemon started in {took:.1f} s")
+        self._forget_image_volumes()
         manifest = self.source.manifest
         for item in manifest.instances:
             self.incus.query(api_path(f"/1.0/instances/{quote(item.name)}", item.project))
@@ -197,35 +218,73 @@ class ServerRestore:
             f"{len(manifest.volumes)} volume(s), {len(self.pools)} pool(s) known to Incus"
         )
 
+    def _forget_image_volumes(self) -> None:
+        """Drop the records of image volumes (the unpacked images a btrfs pool clones
+        instances from): the run does not hold them, and Incus unpacks an image again into a
+        fresh one the next time it is used."""
+        for pool in self.pools:
+            if pool.driver not in SUPPORTED:
+                continue
+            base = f"/1.0/storage-pools/{quote(pool.name)}/volumes/image"
+            listed = api_path(base, None, recursion="1", **{"all-projects": "true"})
+            for volume in self.incus.query(listed):
+                path = api_path(f"{base}/{quote(volume['name'])}", volume.get("project"))
+                self.incus.query(path, "DELETE")
+                report(f"pool {pool.name}: image volume {volume['name'][:12]} will be rebuilt")
+
     def _roll_back(self, cause: BaseException) -> None:
+        """Put the original directory back and bring Incus and its instances up as they were."""
         report(f"restore failed ({cause}): rolling back")
-        try:
-            if self.incus.reachable():
-                self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
-        except UserError as exc:
-            report(f"could not stop the daemon for the rollback: {exc}")
-        for point in mounts.mounts_below(self.dir):
-            mounts.unmount(point)
-        if self.dir.exists():
-            os.rename(self.dir, self.failed)
-            report(f"the failed restore is kept at {self.failed}")
-        for path in self.host_files:
-            kept = path.with_name(f"{path.name}.incus-borg-old-{self.stamp}")
-            if kept.exists():
-                os.replace(kept, path)
-        if self.moved:
-            os.rename(self.old, self.dir)
-            report(f"{self.dir} is back as it was")
+        if self.replacing:
+            if self.extracted:
+                self._shut_down_restored()
+            for point in mounts.mounts_below(self.dir):
+                mounts.unmount(point)
+            remove_tree(self.work)
+            if self.extracted and self.dir.exists():
+                os.rename(self.dir, self.failed)
+                report(f"the failed restore is kept at {self.failed}")
+            for path in self.host_files:
+                kept = path.with_name(f"{path.name}.incus-borg-old-{self.stamp}")
+                if kept.exists():
+                    os.replace(kept, path)
+            if self.moved:
+                os.rename(self.old, self.dir)
+                report(f"{self.dir} is back as it was")
+        if self.was_running and not self.incus.reachable():
             self.incus.run_daemon_command(self.config.incus.start_command, "start_command")
             self.incus.wait_ready()
             report("daemon started again on the original directory")
+        for project, name in self.stopped:
+            try:
+                self.incus.change_state(project, name, "start")
+                report(f"instance {project}/{name}: started again")
+            except UserError as exc:
+                report(f"instance {project}/{name} could not be started again: {exc}")
+
+    def _shut_down_restored(self) -> None:
+        """Stop a daemon running on the restored directory, with the instances it started."""
+        if not self.incus.reachable():
+            return
+        try:
+            self.incus.run(["admin", "shutdown", "--timeout", "60"], timeout=120)
+        except UserError as exc:
+            report(f"could not shut down the restored daemon: {exc}")
+        try:
+            self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
+        except UserError as exc:
+            report(f"could not stop the daemon for the rollback: {exc}")
 
 
-def run(config: Config, source: Source, yes: bool) -> None:
-    """Restore the whole server from `source`."""
+def require_confirmation(yes: bool) -> None:
+    """Refuse to go on without --yes."""
     if not yes:
         raise UserError(
             "restore server replaces the whole Incus directory (the old one is moved aside): "
             "add --yes to go ahead"
         )
+
+
+def run(config: Config, source: Source) -> None:
+    """Restore the whole server from `source`."""
     ServerRestore(config, source).run()
