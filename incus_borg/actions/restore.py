@@ -128,11 +128,7 @@ def instance(
         incus.feed(args, stream)
     restored = incus.query(api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1"))
     snapshots = [s["name"] for s in restored.get("snapshots") or []]
-    if sorted(snapshots) != sorted(item.snapshots):
-        raise UserError(
-            f"instance {target_project}/{name} was imported with snapshots {snapshots}, "
-            f"expected {item.snapshots}: check it before use"
-        )
+    check_snapshots(f"instance {target_project}/{name}", snapshots, item.snapshots)
     report(
         f"instance {item.ref} restored as {target_project}/{name} on pool {target_pool} "
         f"with {len(snapshots)} snapshot(s) from {source.description}"
@@ -162,6 +158,14 @@ def forget_identity(incus: Incus, project: str, name: str, instance: dict[str, A
     }
     body = {k: instance[k] for k in UPDATABLE if k in instance} | {"config": config}
     incus.query(api_path(f"/1.0/instances/{quote(name)}", project), "PUT", body)
+
+
+def check_snapshots(what: str, found: list[str], expected: list[str]) -> None:
+    """Verify that an import brought back exactly the archived snapshots."""
+    if sorted(found) != sorted(expected):
+        raise UserError(
+            f"{what} was imported with snapshots {found}, expected {expected}: check it before use"
+        )
 
 
 def _definition(source: Source, kind: str, item: Item) -> dict[str, Any]:
@@ -268,11 +272,7 @@ def volume(
     with source.tar(item) as stream:
         incus.feed(args, stream)
     snapshots = incus.volume_snapshots(target_pool, target_project, name)
-    if sorted(snapshots) != sorted(item.snapshots):
-        raise UserError(
-            f"volume {target_pool}/{target_project}/{name} was imported with snapshots "
-            f"{snapshots}, expected {item.snapshots}: check it before use"
-        )
+    check_snapshots(f"volume {target_pool}/{target_project}/{name}", snapshots, item.snapshots)
     report(
         f"volume {item.pool}/{item.ref} restored as {target_pool}/{target_project}/{name} "
         f"({item.type}) with {len(snapshots)} snapshot(s) from {source.description}"
