@@ -6,6 +6,7 @@ import secrets
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,22 @@ class IncusServer:
         return wait_for(lambda: self.state(name, project) == status, timeout, interval=0.1)
 
 
+def _incus_retrying(daemon: PrivateIncus, argv: list[str], attempts: int = 3) -> None:
+    """Run an incus command, again when it lost a race with a vanishing host interface.
+
+    Creating a bridge lists every host interface: a veth of another daemon's container that
+    disappears meanwhile fails it with "Device ... does not exist".
+    """
+    for attempt in range(attempts):
+        try:
+            daemon.incus(*argv)
+            return
+        except IncusError as exc:
+            if "does not exist" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(1)
+
+
 def prepare_server(daemon: PrivateIncus, btrfs_size: str = "1GiB") -> IncusServer:
     """Set up pools, bridge, project and image on a started daemon."""
     bridge = unique_bridge_name()
@@ -177,6 +194,6 @@ def prepare_server(daemon: PrivateIncus, btrfs_size: str = "1GiB") -> IncusServe
         ["project", "create", SECOND_PROJECT, *shared],
     ]
     for argv in commands:
-        daemon.incus(*argv)
+        _incus_retrying(daemon, argv)
     fingerprint = import_image(daemon, daemon.root / "image-build")
     return IncusServer(daemon=daemon, bridge=bridge, fingerprint=fingerprint)
