@@ -123,6 +123,25 @@ def test_borgmatic_failure_runs_the_error_hook(env: Env) -> None:
     env.assert_released()
 
 
+def test_failing_pre_hook_fails_borgmatic_and_runs_post(env: Env, tmp_path: Path) -> None:
+    data = yaml.safe_load(env.config.read_text())
+    data["incus"]["dir"] = str(tmp_path / "no-incus-here")  # hook pre cannot reach Incus
+    broken_config = tmp_path / "broken-incus.yaml"
+    broken_config.write_text(yaml.safe_dump(data))
+    borgmatic_data = borgmatic_config(
+        EXAMPLES / "borgmatic/config.yaml", env.root, env.root / "repo", broken_config
+    )
+    path = tmp_path / "borgmatic.yaml"
+    path.write_text(yaml.safe_dump(borgmatic_data))
+    before = borg("list", "--short", str(env.root / "repo")).stdout
+    done = borgmatic(env, "create", "--verbosity", "1", config=path)
+    assert done.returncode != 0
+    assert "Incus is not reachable" in done.stderr
+    assert "after a failed backup" in done.stderr, done.stderr  # the error hook ran
+    assert borg("list", "--short", str(env.root / "repo")).stdout == before  # no archive made
+    env.assert_released()
+
+
 @pytest.mark.parametrize("example", ["config.yaml", "config-1.x.yaml"])
 def test_example_configs_validate(env: Env, example: str) -> None:
     path = EXAMPLES / "borgmatic" / example
