@@ -330,15 +330,35 @@ class Borg:
             reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))  # type: ignore[union-attr]
             reader.start()
             messages: list[dict[str, Any]] = []
-            for raw in proc.stderr:
-                messages += parse_log_json(raw.decode("utf-8", "replace"))
-                if show_progress and messages and "progress" in messages[-1].get("type", ""):
-                    print("\r" + progress_line(messages[-1]), end="", file=sys.stderr)
-            reader.join()
+            try:
+                for raw in proc.stderr:
+                    messages += parse_log_json(raw.decode("utf-8", "replace"))
+                    if show_progress and messages and "progress" in messages[-1].get("type", ""):
+                        print("\r" + progress_line(messages[-1]), end="", file=sys.stderr)
+            except BaseException:
+                stop(proc)
+                raise
+            finally:
+                reader.join()
             code = proc.wait()
         if show_progress:
             print(file=sys.stderr)
         return BorgResult(code, b"".join(out).decode("utf-8", "replace"), messages)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """End an interrupted borg: SIGTERM (it cleans up), drain its log meanwhile, then SIGKILL.
+
+    Without draining, borg blocks writing its log to a pipe nobody reads, and never exits.
+    """
+    proc.terminate()
+    assert proc.stderr is not None
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def progress_line(message: Mapping[str, Any]) -> str:

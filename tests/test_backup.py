@@ -266,6 +266,49 @@ def test_sigterm_undoes_everything(env: Env) -> None:
     assert_nothing_left(env)
 
 
+def test_sigterm_to_incus_borg_alone_during_first_run(env: Env, tmp_path: Path) -> None:
+    """SIGTERM to incus-borg only (not to borg, as `kill` or a timeout sends it), while borg
+    still has much to log: the run ends, borg is stopped, everything is released."""
+    env.server.launch("bk-many")
+    many = "mkdir /root/many && for i in $(seq 4000); do echo $i > /root/many/f$i; done"
+    env.server.exec("bk-many", "sh", "-c", many)
+    config = incus_config(env.server, tmp_path, instances=["bk-many"])
+    assert run_cli("init", config=config).returncode == 0
+    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup", "--mode", "freeze"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not borg_creating(proc.pid):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 2, stderr
+        assert not mounts.mounts_below(tmp_path / "staging")
+        assert not (tmp_path / "staging.journal").exists()
+        assert env.server.state("bk-many") == "Running"
+    finally:
+        proc.kill()
+        for child in Path("/proc").glob("[0-9]*/cmdline"):
+            if str(tmp_path / "repo").encode() in child.read_bytes():
+                os.kill(int(child.parent.name), signal.SIGKILL)
+        proc.wait()
+        subprocess.run([*argv[:5], "hook", "post"], capture_output=True, check=False)
+        env.server.delete("bk-many")
+
+
+def borg_creating(pid: int) -> bool:
+    """Whether process `pid` has a `borg create` child running."""
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+            cmdline = (status.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and b"create" in cmdline and any(b"borg" in a for a in cmdline):
+            return True
+    return False
+
+
 def test_hook_pre_create_post_matches_backup(env: Env, tmp_path: Path) -> None:
     pre = run_cli("hook", "pre", config=env.config)
     assert pre.returncode == 0, pre.stderr
