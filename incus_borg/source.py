@@ -6,10 +6,12 @@ and extraction of paths into a directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,9 +162,21 @@ class BorgSource:
 
     def read(self, path: str, item: Item | None = None) -> bytes:
         archive = self._archive_of(item)
+        if archive == self.archive and path.startswith(f"{layout.DEFINITIONS}/"):
+            return self._definitions.get(path, b"")
         return self.borg.run(
             extract_stdout_argv(self.repo, archive, path), self.repo
         ).stdout.encode()
+
+    @functools.cached_property
+    def _definitions(self) -> dict[str, bytes]:
+        """Every definition file of the run, read with one `borg extract` (they are small)."""
+        with tempfile.TemporaryDirectory(prefix="incus-borg-definitions-") as tmp:
+            argv = extract_argv(self.repo, self.archive, [str(layout.DEFINITIONS)], 0)
+            self.borg.run(argv, self.repo, cwd=Path(tmp))
+            return {
+                str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
+            }
 
     @contextmanager
     def tar(self, item: Item) -> Iterator[IO[bytes]]:
