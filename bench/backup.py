@@ -43,7 +43,6 @@ from benchlib import (
     DEFAULT_POOL,
     LARGE_MIB,
     SMALL_FILES,
-    BenchError,
     GiB,
     IncusServer,
     Measure,
@@ -54,20 +53,16 @@ from benchlib import (
     borg_binary,
     borg_env,
     change_files,
-    check_free_space,
     container_dir,
     fill_container,
     human,
     incus_borg_argv,
-    install_signal_handlers,
     log,
     make_config,
     measuring,
     parse_size,
-    private_server,
     rootfs,
-    save_json,
-    scratch,
+    run_bench,
     table,
     tree_size,
     verdict,
@@ -556,32 +551,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/backup.py: needs root (it runs a private incusd)", file=sys.stderr)
-        return 2
-    install_signal_handlers()
-    args.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     data = estimate(args)
-    btrfs_data = data / 2
     if args.btrfs_size is None:
-        args.btrfs_size = f"{max(6, math.ceil(3 * btrfs_data / GiB))}GiB"
+        args.btrfs_size = f"{max(6, math.ceil(3 * (data / 2) / GiB))}GiB"
     data_fs = 3 * data + parse_size(args.btrfs_size) + 4 * GiB  # sparse: only used space counts
-    try:
-        check_free_space(args.tmp, int(4.5 * data) + 2 * GiB)
-        with scratch(args.tmp, data_fs) as s, private_server(s, args.btrfs_size) as server:
-            bench = BackupBench(server, s, args)
-            bench.build()
-            bench.run()
-            print(bench.report(), flush=True)
-            if args.json:
-                save_json(args.json, bench.raw())
-    except BenchError as exc:
-        print(f"bench/backup.py: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench/backup.py: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    return 0
+
+    def measure(server: IncusServer, s: Scratch) -> tuple[str, Any]:
+        bench = BackupBench(server, s, args)
+        bench.build()
+        bench.run()
+        return bench.report(), bench.raw()
+
+    return run_bench(
+        "backup.py", args, int(4.5 * data) + 2 * GiB, data_fs, args.btrfs_size, measure
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the private-incusd harness and cli helpers
 
 from cli import PASSPHRASE, incus_config  # noqa: E402
-from harness.incusd import PrivateIncus  # noqa: E402
+from harness.incusd import PrivateIncus, children  # noqa: E402
 from harness.server import BTRFS_POOL, DEFAULT_POOL, IncusServer, prepare_server  # noqa: E402
 
 GB = 1e9
@@ -176,21 +176,11 @@ def _stamp(proc: subprocess.Popen[bytes], err: IO[bytes], started: float) -> Non
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
     tree, todo = [], [pid]
     while todo:
         current = todo.pop(0)
         tree.append(current)
-        todo += children.get(current, [])
+        todo += children(current)
     return tree
 
 
@@ -632,6 +622,38 @@ def verdict(ok: bool) -> str:
 def save_json(path: Path, data: Any) -> None:
     """Write raw results as JSON."""
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def run_bench(
+    name: str,
+    args: Any,
+    free_needed: int,
+    data_fs_size: int,
+    btrfs_size: str,
+    measure: Callable[[IncusServer, Scratch], tuple[str, Any]],
+) -> int:
+    """A benchmark's common frame: root check, scratch area and private Incus, cleanup on
+    every path; `measure` returns the report to print and the raw figures. Returns the exit
+    code."""
+    if os.geteuid() != 0:
+        print(f"bench/{name}: needs root (it runs a private incusd)", file=sys.stderr)
+        return 2
+    install_signal_handlers()
+    args.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        check_free_space(args.tmp, free_needed)
+        with scratch(args.tmp, data_fs_size) as s, private_server(s, btrfs_size) as server:
+            report, raw = measure(server, s)
+            print(report, flush=True)
+            if args.json:
+                save_json(args.json, raw)
+    except BenchError as exc:
+        print(f"bench/{name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench/{name}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    return 0
 
 
 def log(message: str) -> None:

@@ -35,7 +35,6 @@ from benchlib import (
     DEFAULT_POOL,
     LARGE_MIB,
     SMALL_FILES,
-    BenchError,
     GiB,
     IncusServer,
     Measure,
@@ -43,19 +42,15 @@ from benchlib import (
     Runner,
     Scratch,
     borg_env,
-    check_free_space,
     container_dir,
     fill_container,
     human,
     incus_borg_argv,
-    install_signal_handlers,
     log,
     make_config,
     measuring,
-    private_server,
     rootfs,
-    save_json,
-    scratch,
+    run_bench,
     table,
     tree_size,
     verdict,
@@ -351,30 +346,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/restore.py: needs root (it runs a private incusd)", file=sys.stderr)
-        return 2
-    install_signal_handlers()
-    args.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     data = estimate(args)
     btrfs_size = f"{max(4, math.ceil(4 * data / GiB))}GiB"  # the instance plus a restored copy
-    try:
-        check_free_space(args.tmp, 5 * data + 2 * GiB)
-        with scratch(args.tmp, 4 * data + 8 * GiB) as s, private_server(s, btrfs_size) as server:
-            bench = RestoreBench(server, s, args)
-            bench.build()
-            bench.run()
-            bench.pieces()
-            print(bench.report(), flush=True)
-            if args.json:
-                save_json(args.json, bench.raw())
-    except BenchError as exc:
-        print(f"bench/restore.py: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench/restore.py: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    return 0
+
+    def measure(server: IncusServer, s: Scratch) -> tuple[str, Any]:
+        bench = RestoreBench(server, s, args)
+        bench.build()
+        bench.run()
+        bench.pieces()
+        return bench.report(), bench.raw()
+
+    return run_bench(
+        "restore.py", args, 5 * data + 2 * GiB, 4 * data + 8 * GiB, btrfs_size, measure
+    )
 
 
 if __name__ == "__main__":

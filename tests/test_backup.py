@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from cli import borg, incus_config, one_line_error, run_cli
-from harness.incusd import IncusError
+from harness.incusd import IncusError, children, cmdline
 from harness.server import IncusServer
 
 from incus_borg import mounts
@@ -298,15 +298,9 @@ def test_sigterm_to_incus_borg_alone_during_first_run(env: Env, tmp_path: Path) 
 
 def borg_creating(pid: int) -> bool:
     """Whether process `pid` has a `borg create` child running."""
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = status.read_text().rsplit(")", 1)[1].split()
-            cmdline = (status.parent / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and b"create" in cmdline and any(b"borg" in a for a in cmdline):
-            return True
-    return False
+    return any(
+        "create" in argv and any("borg" in a for a in argv) for argv in map(cmdline, children(pid))
+    )
 
 
 def test_hook_pre_create_post_matches_backup(env: Env, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ class _Proc:
     state: str
 
 
-def _process_table() -> dict[int, _Proc]:
+def process_table() -> dict[int, _Proc]:
     """Every process visible in /proc, with its parent and state."""
     table: dict[int, _Proc] = {}
     for entry in Path("/proc").iterdir():
@@ -70,6 +70,11 @@ def _process_table() -> dict[int, _Proc]:
         fields = stat[stat.rindex(")") + 2 :].split()
         table[int(entry.name)] = _Proc(int(entry.name), int(fields[1]), fields[0])
     return table
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    return [p.pid for p in process_table().values() if p.ppid == pid]
 
 
 def cmdline(pid: int) -> list[str]:
@@ -108,7 +113,7 @@ def processes_below(root: Path) -> list[int]:
     and, as its children, the containers' own processes. Excludes this process's ancestry.
     """
     pattern = re.compile(re.escape(str(root).rstrip("/")) + r"(?=[/\s]|$)")
-    table = _process_table()
+    table = process_table()
     mine = _ancestors(os.getpid(), table)
     hits = {
         p.pid
