@@ -73,8 +73,7 @@ class Attempt:
     cpu_daemon: float
     extra_peak: int
     restored: int  # bytes of regular files in the new instance's directory
-    before_stream: float | None = None  # restore: seconds until `borg export-tar` started
-    borg_calls: int = 0  # restore: borg commands run before it
+    timeline: str = ""  # restore: when each borg command started (seconds)
 
 
 class RestoreBench:
@@ -158,7 +157,7 @@ class RestoreBench:
             name, pool, method, r + 1, m.seconds, m.cpu_client, m.cpu_daemon, m.extra_peak, restored
         )
         if method == "restore":
-            attempt.before_stream, attempt.borg_calls = before_stream(done.stderr)
+            attempt.timeline = timeline(done.stderr)
         self.attempts.append(attempt)
         self.daemon.incus("delete", "--force", new, timeout=600)
         os.sync()
@@ -251,17 +250,14 @@ class RestoreBench:
         sheaders = ["instance", "import s", "incus-borg restore s", "ratio", "target", ""]
         lines.append("median over rounds:")
         lines.append(table(sheaders, summary, {1, 2, 3}))
-        lines += ["", "where a restore's time goes (medians):"]
+        lines += ["", "where a restore's time goes (when each borg command started, seconds):"]
+        for a in self.attempts:
+            if a.method == "restore":
+                lines.append(f"  {a.name} round {a.round}: {a.timeline}; done at {a.seconds:.1f}")
         for name in self.instances:
-            ours = [a for a in self.attempts if a.name == name and a.method == "restore"]
-            before = statistics.median(a.before_stream or 0.0 for a in ours)
-            calls = max(a.borg_calls for a in ours)
             lines.append(
-                f"  {name}: {before:.1f} s before `borg export-tar` starts ({calls} borg "
-                f"commands), {self.median(name, 'restore') - before:.1f} s streaming into "
-                f"`incus import -`; borg export-tar alone to /dev/null "
-                f"{self.export_tar.get(name, 0.0):.1f} s; import of the file "
-                f"{self.median(name, 'import'):.1f} s"
+                f"  {name}: borg export-tar alone to /dev/null {self.export_tar.get(name, 0.0):.1f} s"
+                f"; import of the file {self.median(name, 'import'):.1f} s"
             )
         lines.append(
             f"  one `borg extract --stdout` of manifest.json (each metadata read): "
@@ -282,22 +278,17 @@ class RestoreBench:
         }
 
 
-def before_stream(stamped: str) -> tuple[float | None, int]:
-    """From `incus-borg --debug restore`'s timestamped stderr: when `borg export-tar`
-    started, and how many borg commands ran before it."""
-    calls = 0
+def timeline(stamped: str) -> str:
+    """From `incus-borg --debug restore`'s timestamped stderr: when each borg command started,
+    as `0.31 extract, 0.92 list, ...`."""
+    starts = []
     for line in stamped.splitlines():
         stamp, _, text = line.strip().partition(" ")
-        if not text.startswith("incus-borg: running"):
-            continue
-        if " export-tar " in text:
-            try:
-                return float(stamp), calls
-            except ValueError:
-                return None, calls
-        if "borg" in text.split()[2]:
-            calls += 1
-    return None, calls
+        words = text.split()
+        if text.startswith("incus-borg: running") and len(words) > 2 and "borg" in words[2]:
+            command = next((w for w in words[3:] if not w.startswith("-")), "?")
+            starts.append(f"{float(stamp):.2f} {command}")
+    return ", ".join(starts)
 
 
 def estimate(args: argparse.Namespace) -> int:

@@ -62,6 +62,29 @@ def checked_version(binary: str) -> str:
     return match.group(0)
 
 
+class _VersionCheck:
+    """`checked_version` run in a background thread, so that no borg command waits for it."""
+
+    def __init__(self, binary: str) -> None:
+        self._outcome: list[str | UserError] = []
+        self._thread = threading.Thread(target=self._check, args=(binary,), daemon=True)
+        self._thread.start()
+
+    def _check(self, binary: str) -> None:
+        try:
+            self._outcome.append(checked_version(binary))
+        except UserError as exc:
+            self._outcome.append(exc)
+
+    def result(self) -> str:
+        """The version, once known; raises the check's UserError."""
+        self._thread.join()
+        outcome = self._outcome[0]
+        if isinstance(outcome, UserError):
+            raise outcome
+        return outcome
+
+
 # --- argv builders -------------------------------------------------------------------------
 
 
@@ -145,11 +168,26 @@ def export_tar_argv(repo: Repository, archive: str, path: str, strip: int) -> li
     return ["export-tar", "--strip-components", str(strip), f"{repo.path}::{archive}", "-", path]
 
 
-def extract_argv(repo: Repository, archive: str, paths: Sequence[str], strip: int) -> list[str]:
-    """Extract paths of an archive into the working directory (numeric owners, holes kept)."""
+def extract_argv(
+    repo: Repository,
+    archive: str,
+    paths: Sequence[str],
+    strip: int,
+    excludes: Sequence[str] = (),
+) -> list[str]:
+    """Extract paths of an archive (less the `excludes` subtrees) into the working directory,
+    with numeric owners and holes kept."""
     location = f"{repo.path}::{archive}"
     argv = ["extract", "--numeric-ids", "--sparse", "--strip-components", str(strip)]
+    for path in excludes:
+        argv += ["--exclude", f"pp:{path}"]
     return [*argv, location, *paths]
+
+
+def list_tree_argv(repo: Repository, archive: str, path: str) -> list[str]:
+    """Type, size, link source, flags and path of every item below `path`, as JSON lines."""
+    fmt = "{type}{size}{source}{flags}{path}"
+    return ["list", "--json-lines", "--format", fmt, f"{repo.path}::{archive}", path]
 
 
 def list_paths_argv(repo: Repository, archive: str, paths: Sequence[str] = ()) -> list[str]:
@@ -238,9 +276,15 @@ class Borg:
 
     def __init__(self, secrets: Secrets, debug: bool = False, binary: str | None = None) -> None:
         self.binary = binary or find_borg()
-        checked_version(self.binary)
+        self._version = _VersionCheck(self.binary)
         self.secrets = secrets
         self.debug = debug
+
+    @property
+    def version(self) -> str:
+        """The borg version; refuses an unsupported borg (checked once, in the background,
+        while the first command runs)."""
+        return self._version.result()
 
     def env(self, repo: Repository, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The child environment: modern exit codes, secrets, repository-specific settings."""
@@ -269,6 +313,7 @@ class Borg:
 
     def popen(self, args: Sequence[str], repo: Repository) -> subprocess.Popen[bytes]:
         """Start borg with its stdout as a pipe, for streaming; check it with `raise_for`."""
+        _ = self.version
         return subprocess.Popen(
             self.argv(args, repo),
             stdin=subprocess.DEVNULL,
@@ -303,10 +348,64 @@ class Borg:
                 file=sys.stderr,
             )
             time.sleep(delay)
+        _ = self.version
         code = result.returncode
         if code == 0 or _is_warning(code) or code in ok_codes:
             return result
         raise UserError(explain_failure(args[0], repo, result))
+
+    def run_parallel(
+        self,
+        calls: Sequence[tuple[Sequence[str], Path | None]],
+        repo: Repository,
+        workers: int,
+        ok_codes: Sequence[int] = (),
+    ) -> list[BorgResult]:
+        """Run several borg commands (args, working directory), at most `workers` at once.
+
+        Every one that is still running is stopped on an interrupt; the first error exit
+        (not in `ok_codes`) becomes a UserError once all have ended.
+        """
+        pending = list(enumerate(calls))
+        running: dict[int, tuple[subprocess.Popen[bytes], list[threading.Thread]]] = {}
+        outputs: dict[int, tuple[list[bytes], list[bytes]]] = {}
+        results: dict[int, BorgResult] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < max(1, workers):
+                    index, (args, cwd) = pending.pop(0)
+                    proc = subprocess.Popen(
+                        self.argv(args, repo),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        env=self.env(repo),
+                        cwd=cwd,
+                    )
+                    outputs[index] = ([], [])
+                    running[index] = (proc, _drain(proc, *outputs[index]))
+                for index, (proc, readers) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    for reader in readers:
+                        reader.join()
+                    out, err = (
+                        b"".join(part).decode("utf-8", "replace") for part in outputs[index]
+                    )
+                    results[index] = BorgResult(proc.returncode, out, parse_log_json(err))
+                    del running[index]
+                time.sleep(0.02)
+        except BaseException:
+            for proc, _ in running.values():
+                _terminate(proc)
+            raise
+        _ = self.version
+        ordered = [results[i] for i in range(len(calls))]
+        for (args, _), result in zip(calls, ordered, strict=True):
+            code = result.returncode
+            if code != 0 and not _is_warning(code) and code not in ok_codes:
+                raise UserError(explain_failure(args[0], repo, result))
+        return ordered
 
     def _run_once(
         self,
@@ -346,14 +445,32 @@ class Borg:
         return BorgResult(code, b"".join(out).decode("utf-8", "replace"), messages)
 
 
+def _drain(
+    proc: subprocess.Popen[bytes], out: list[bytes], err: list[bytes]
+) -> list[threading.Thread]:
+    """Read a child's stdout and stderr in threads, so that it never blocks on a full pipe."""
+    readers = [
+        threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True),  # type: ignore[union-attr]
+        threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True),  # type: ignore[union-attr]
+    ]
+    for reader in readers:
+        reader.start()
+    return readers
+
+
 def stop(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
     """End an interrupted borg: SIGTERM (it cleans up), drain its log meanwhile, then SIGKILL.
 
     Without draining, borg blocks writing its log to a pipe nobody reads, and never exits.
     """
-    proc.terminate()
     assert proc.stderr is not None
     threading.Thread(target=proc.stderr.read, daemon=True).start()
+    _terminate(proc, grace)
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM a borg whose output is being read, then SIGKILL it after `grace` seconds."""
+    proc.terminate()
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:

@@ -40,11 +40,14 @@ class Options:
         """A borg runner holding the configuration's secrets."""
         return Borg(Secrets.from_config(loaded.config), debug=self.debug)
 
-    def source(self, spec: str, label: str | None) -> tuple[config_module.Config, Source]:
-        """The configuration and the run (archive, `latest` or directory) to restore from."""
+    def source(
+        self, spec: str, label: str | None, expect: tuple[str, str] | None = None
+    ) -> tuple[config_module.Config, Source]:
+        """The configuration and the run (archive, `latest` or directory) to restore from;
+        `expect` names the instance (project, name) the restore will read."""
         loaded = self.load()
         repo = loaded.config.select_repositories(label)[0]
-        return loaded.config, open_source(spec, self.borg(loaded), repo)
+        return loaded.config, open_source(spec, self.borg(loaded), repo, expect)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -217,6 +220,12 @@ def restore() -> None:
 @click.option("--project", metavar="P", help="Into this project (default: the original's).")
 @click.option("--start", is_flag=True, help="Start the instance once restored.")
 @click.option("--with-volumes", is_flag=True, help="Also restore its missing custom volumes.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Stream the data through `incus import` instead of extracting it into the pool "
+    "(always done for pools other than dir and btrfs).",
+)
 @repository_option
 @pass_options
 def restore_instance(
@@ -228,12 +237,20 @@ def restore_instance(
     project: str | None,
     start: bool,
     with_volumes: bool,
+    stream: bool,
     label: str | None,
 ) -> None:
-    """Restore one instance with its snapshots, streamed into `incus import`."""
-    config, source = options.source(archive, label)
+    """Restore one instance with its snapshots.
+
+    Incus imports the instance's definition; the data is extracted straight into the new
+    volumes on dir and btrfs pools, and streamed into `incus import` on other pools.
+    """
+    project_part, _, name_part = name.rpartition("/")
+    config, source = options.source(archive, label, (project_part or "default", name_part))
     incus = Incus(config.incus.dir)
-    restore_action.instance(incus, source, name, new_name, pool, project, start, with_volumes)
+    restore_action.instance(
+        incus, source, name, new_name, pool, project, start, with_volumes, stream
+    )
 
 
 @restore.command(name="volume")

@@ -45,6 +45,24 @@ INCUS_EXCLUDES = (
 SNAPSHOT_PREFIX = "incus-borg-"
 
 
+PART_MARK = "@"  # part archives are named <run>@<kind>@...
+
+
+def instance_archive(run: str, project: str, name: str) -> str:
+    """The archive holding one instance of run `run` (when it has its own)."""
+    return PART_MARK.join((run, "instance", project, name))
+
+
+def volume_archive(run: str, pool: str, project: str, name: str) -> str:
+    """The archive holding one custom volume of run `run` (when it has its own)."""
+    return PART_MARK.join((run, "volume", pool, project, name))
+
+
+def instance_import_files(stage: str) -> list[str]:
+    """What `incus import` needs of an instance besides its data: its index and config."""
+    return [f"{stage}/backup/index.yaml", f"{stage}/backup/container/backup.yaml"]
+
+
 def instance_volume_name(project: str, name: str) -> str:
     """The on-disk name of an instance's volume (project-prefixed outside `default`)."""
     return name if project == "default" else f"{project}_{name}"

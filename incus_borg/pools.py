@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,20 @@ class Pool:
         """Snapshots on btrfs are read-only subvolumes."""
         if self.driver == "btrfs":
             _run(["btrfs", "property", "set", "-ts", str(path), "ro", "true"])
+
+    @contextmanager
+    def writable_snapshots(self, paths: list[Path]) -> Iterator[None]:
+        """Let existing snapshots (read-only subvolumes on btrfs) be written for the duration."""
+        opened: list[Path] = []
+        try:
+            if self.driver == "btrfs":
+                for path in paths:
+                    _run(["btrfs", "property", "set", "-ts", str(path), "ro", "false"])
+                    opened.append(path)
+            yield
+        finally:
+            for path in opened:
+                self.seal_snapshot(path)
 
     def release(self) -> None:
         """Unmount a loop pool, so that Incus mounts it itself when it starts."""

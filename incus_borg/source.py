@@ -1,18 +1,16 @@
 """Where a restore reads from: a run in a Borg repository, or a directory holding a staging tree.
 
-Both give the manifest, single files, a tar stream of an item (as `incus import` takes it)
-and extraction of paths into a directory.
+Both give the manifest, single files, a tar stream of an item (as `incus import` takes it),
+an item's listing, and extraction of paths into a directory.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -27,13 +25,16 @@ from .borg import (
     extract_stdout_argv,
     list_argv,
     list_paths_argv,
+    list_tree_argv,
     raise_for,
 )
 from .config import Repository
 from .errors import UserError
 from .manifest import Item, Manifest
+from .unpack import Entry, Plan, parse_listing, walk_listing
 
-PART_MARK = "@"  # part archives are named <run>@<kind>@...
+PART_MARK = layout.PART_MARK
+ARCHIVE_MISSING = 31  # borg's exit code for an archive that does not exist
 
 
 class Source(Protocol):
@@ -48,9 +49,22 @@ class Source(Protocol):
     def tar(self, item: Item) -> Any:
         """A context manager yielding a readable tar stream of the item's `backup/` tree."""
 
-    def extract(self, item: Item | None, paths: list[str], strip: int, dest: Path) -> None:
-        """Extract `paths` of the item's archive (or the run's own) into `dest`, dropping
-        `strip` leading parts."""
+    def extract(
+        self,
+        item: Item | None,
+        paths: list[str],
+        strip: int,
+        dest: Path,
+        excludes: tuple[str, ...] = (),
+    ) -> None:
+        """Extract `paths` (less the `excludes` subtrees) of the item's archive (or the run's
+        own) into `dest`, dropping `strip` leading parts."""
+
+    def inspect(self, item: Item, files: list[str]) -> tuple[dict[str, bytes], list[Entry]]:
+        """Some small files of the item, and the listing of its `backup/` tree."""
+
+    def extract_plan(self, item: Item, plan: Plan) -> None:
+        """Run a plan's extractions of the item (in parallel where the source can)."""
 
     def has(self, item: Item) -> bool:
         """Whether the item's data is really there."""
@@ -62,8 +76,16 @@ def definitions(source: Source, kind: str) -> list[dict[str, Any]]:
     return list(data or [])
 
 
-def open_source(spec: str, borg: Borg | None, repo: Repository) -> Source:
-    """A directory (holding manifest.json), `latest`, or an archive name in `repo`."""
+def _files_below(root: Path) -> dict[str, bytes]:
+    """Every regular file below `root`, by its path relative to `root`."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def open_source(
+    spec: str, borg: Borg | None, repo: Repository, expect: tuple[str, str] | None = None
+) -> Source:
+    """A directory (holding manifest.json), `latest`, or an archive name in `repo`;
+    `expect` names an instance (project, name) that the restore will read."""
     path = Path(spec)
     if path.is_dir():
         if not (path / str(layout.MANIFEST)).is_file():
@@ -71,7 +93,7 @@ def open_source(spec: str, borg: Borg | None, repo: Repository) -> Source:
         return DirectorySource(path)
     if borg is None:
         raise UserError(f"{spec} is not a directory")
-    return BorgSource(borg, repo, spec)
+    return BorgSource(borg, repo, spec, expect)
 
 
 def run_archives(borg: Borg, repo: Repository) -> list[str]:
@@ -106,56 +128,110 @@ class DirectorySource:
                 stderr = proc.stderr.read().decode() if proc.stderr else ""
                 raise UserError(f"reading {item.path} from {self.root} failed: {stderr.strip()}")
 
-    def extract(self, item: Item | None, paths: list[str], strip: int, dest: Path) -> None:
+    def extract(
+        self,
+        item: Item | None,
+        paths: list[str],
+        strip: int,
+        dest: Path,
+        excludes: tuple[str, ...] = (),
+    ) -> None:
         for path in paths:
-            source = self.root / path
-            if not source.exists() and not source.is_symlink():
+            if not os.path.lexists(self.root / path):
                 raise UserError(f"{path} is not in {self.root}")
-            target = dest.joinpath(*Path(path).parts[strip:])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if source.is_dir() and not source.is_symlink():
-                shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
-                _copy_owner_tree(source, target)
-            else:
-                shutil.copy2(source, target, follow_symlinks=False)
-                _copy_owner(source, target)
+        keep = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+        skip = [f"--exclude={path}" for path in excludes]
+        pack = ["tar", "-C", str(self.root), *keep, "--anchored", "--no-wildcards", *skip]
+        unpack = ["tar", "-C", str(dest), *keep, f"--strip-components={strip}", "-xf", "-"]
+        with subprocess.Popen(
+            [*pack, "-cf", "-", "--", *paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as packer:
+            done = subprocess.run(unpack, stdin=packer.stdout, capture_output=True, check=False)
+            assert packer.stdout is not None and packer.stderr is not None
+            packer.stdout.close()
+            failed = packer.wait() != 0 or done.returncode != 0
+            errors = packer.stderr.read().decode() + done.stderr.decode()
+        if failed:
+            raise UserError(f"copying {', '.join(paths)} from {self.root} failed: {errors.strip()}")
+
+    def inspect(self, item: Item, files: list[str]) -> tuple[dict[str, bytes], list[Entry]]:
+        return {f: self.read(f) for f in files}, walk_listing(self.root, f"{item.path}/backup")
+
+    def extract_plan(self, item: Item, plan: Plan) -> None:
+        plan.prepare()
+        for job in plan.jobs:
+            self.extract(item, list(job.paths), job.strip, job.dest, job.excludes)
+        plan.finish()
 
     def has(self, item: Item) -> bool:
         return (self.root / item.path / "backup" / "index.yaml").is_file()
 
 
-def _copy_owner(source: Path, target: Path) -> None:
-    st = source.lstat()
-    os.lchown(target, st.st_uid, st.st_gid)
-
-
-def _copy_owner_tree(source: Path, target: Path) -> None:
-    _copy_owner(source, target)
-    for entry in source.rglob("*"):
-        _copy_owner(entry, target / entry.relative_to(source))
-
-
 class BorgSource:
     """One run in a Borg repository: its server archive and its part archives."""
 
-    def __init__(self, borg: Borg, repo: Repository, name: str) -> None:
+    def __init__(
+        self, borg: Borg, repo: Repository, name: str, expect: tuple[str, str] | None = None
+    ) -> None:
+        """`expect`: the (project, name) of an instance whose files and listing are read
+        along with the run, in parallel (an instance in another project is read later)."""
         self.borg = borg
         self.repo = repo
-        runs = run_archives(borg, repo)
-        if name != "latest" and name not in runs:
-            raise UserError(f"no archive {name!r} in repository {repo.name}: see `incus-borg list`")
+        self._inspected: dict[tuple[str, tuple[str, ...]], tuple[dict[str, bytes], str]] = {}
         # `latest`: the newest archive holding a manifest (a shared repository holds others).
-        text = ""
-        for candidate in reversed(runs) if name == "latest" else [name]:
+        # A named archive needs no listing of the repository: reading it tells.
+        candidates = reversed(run_archives(borg, repo)) if name == "latest" else [name]
+        self._run_files: dict[str, bytes] = {}
+        for candidate in candidates:
             self.archive = candidate
-            text = self.read(str(layout.MANIFEST)).decode()
-            if text.strip():
+            self._run_files = self._read_run(expect)
+            if self._run_files.get(str(layout.MANIFEST), b"").strip():
                 break
-        if not text.strip():
+        else:
+            self._run_files = {}
+        if not self._run_files.get(str(layout.MANIFEST), b"").strip():
             what = "no incus-borg run yet" if name == "latest" else f"no incus-borg run in {name!r}"
             raise UserError(f"repository {repo.name} holds {what}")
         self.description = f"{repo.name}::{self.archive}"
-        self.manifest = Manifest.from_json(text)
+        self.manifest = Manifest.from_json(self._run_files[str(layout.MANIFEST)].decode())
+
+    def _read_run(self, expect: tuple[str, str] | None) -> dict[str, bytes]:
+        """The run's manifest and definitions (all small), read with one `borg extract`;
+        meanwhile the expected instance's files and listing."""
+        with tempfile.TemporaryDirectory(prefix="incus-borg-run-") as tmp:
+            wanted = [str(layout.MANIFEST), str(layout.DEFINITIONS)]
+            calls: list[tuple[Sequence[str], Path | None]] = [
+                (extract_argv(self.repo, self.archive, wanted, 0), Path(tmp) / "run")
+            ]
+            if expect:
+                archive = layout.instance_archive(self.archive, *expect)
+                stage = str(layout.instance_stage(*expect))
+                files = layout.instance_import_files(stage)
+                calls += self._inspect_calls(archive, stage, files, Path(tmp) / "item")
+            for _, cwd in calls:
+                if cwd:
+                    cwd.mkdir()
+            results = self.borg.run_parallel(
+                calls, self.repo, len(calls), ok_codes=(ARCHIVE_MISSING,)
+            )
+            if results[0].returncode == ARCHIVE_MISSING:
+                raise UserError(
+                    f"no archive {self.archive!r} in repository {self.repo.name}: "
+                    "see `incus-borg list`"
+                )
+            if expect and all(r.returncode == 0 for r in results[1:]):
+                found = _files_below(Path(tmp) / "item")
+                self._inspected[(archive, tuple(files))] = (found, results[2].stdout)
+            return _files_below(Path(tmp) / "run")
+
+    def _inspect_calls(
+        self, archive: str, stage: str, files: list[str], cwd: Path
+    ) -> list[tuple[Sequence[str], Path | None]]:
+        """Reading some files of an item (into `cwd`) and listing its `backup/` tree."""
+        return [
+            (extract_argv(self.repo, archive, files, 0), cwd),
+            (list_tree_argv(self.repo, archive, f"{stage}/backup"), None),
+        ]
 
     def _archive_of(self, item: Item | None) -> str:
         return (item.archive if item else None) or self.archive
@@ -163,20 +239,31 @@ class BorgSource:
     def read(self, path: str, item: Item | None = None) -> bytes:
         archive = self._archive_of(item)
         if archive == self.archive and path.startswith(f"{layout.DEFINITIONS}/"):
-            return self._definitions.get(path, b"")
+            return self._run_files.get(path, b"")
         return self.borg.run(
             extract_stdout_argv(self.repo, archive, path), self.repo
         ).stdout.encode()
 
-    @functools.cached_property
-    def _definitions(self) -> dict[str, bytes]:
-        """Every definition file of the run, read with one `borg extract` (they are small)."""
-        with tempfile.TemporaryDirectory(prefix="incus-borg-definitions-") as tmp:
-            argv = extract_argv(self.repo, self.archive, [str(layout.DEFINITIONS)], 0)
-            self.borg.run(argv, self.repo, cwd=Path(tmp))
-            return {
-                str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()
-            }
+    def inspect(self, item: Item, files: list[str]) -> tuple[dict[str, bytes], list[Entry]]:
+        archive = self._archive_of(item)
+        known = self._inspected.get((archive, tuple(files)))
+        if known is None:
+            with tempfile.TemporaryDirectory(prefix="incus-borg-item-") as tmp:
+                calls = self._inspect_calls(archive, item.path, files, Path(tmp))
+                _, listing = self.borg.run_parallel(calls, self.repo, len(calls))
+                known = (_files_below(Path(tmp)), listing.stdout)
+        found, listing_text = known
+        return {f: found.get(f, b"") for f in files}, parse_listing(listing_text)
+
+    def extract_plan(self, item: Item, plan: Plan) -> None:
+        archive = self._archive_of(item)
+        calls: list[tuple[Sequence[str], Path | None]] = [
+            (extract_argv(self.repo, archive, job.paths, job.strip, job.excludes), job.dest)
+            for job in plan.jobs
+        ]
+        plan.prepare()
+        self.borg.run_parallel(calls, self.repo, os.cpu_count() or 1)
+        plan.finish()
 
     @contextmanager
     def tar(self, item: Item) -> Iterator[IO[bytes]]:
@@ -193,8 +280,15 @@ class BorgSource:
             proc.stderr.close()
         raise_for("export-tar", self.repo, code, stderr)
 
-    def extract(self, item: Item | None, paths: list[str], strip: int, dest: Path) -> None:
-        argv = extract_argv(self.repo, self._archive_of(item), paths, strip)
+    def extract(
+        self,
+        item: Item | None,
+        paths: list[str],
+        strip: int,
+        dest: Path,
+        excludes: tuple[str, ...] = (),
+    ) -> None:
+        argv = extract_argv(self.repo, self._archive_of(item), paths, strip, excludes)
         self.borg.run(argv, self.repo, cwd=dest)
 
     def has(self, item: Item) -> bool:

@@ -27,6 +27,13 @@ from harness.server import (
     unique_bridge_name,
 )
 
+from incus_borg.actions import restore as restore_action
+from incus_borg.borg import Borg, Secrets
+from incus_borg.config import load as load_config
+from incus_borg.errors import UserError
+from incus_borg.incus import Incus
+from incus_borg.source import Source, open_source
+
 pytestmark = pytest.mark.incus
 
 PREFIX = "rs-"
@@ -34,6 +41,7 @@ NETWORK_PREFIX = "rsn"  # bridges: at most 15 characters, unique on the host
 DATA = os.urandom(200_000)
 BLOCK = os.urandom(1 << 20)
 BLOCK_LATER = os.urandom(1 << 20)
+MANY_FILES = 3200  # enough for a restore to cut the extraction in two
 FILES = {
     "/root/data.bin": (DATA, 0, 0, 0o600),
     "/home/user/owned.txt": (b"owned by 1000\n", 1000, 1000, 0o640),
@@ -233,6 +241,10 @@ def fill_and_back_up(server: IncusServer, root: Path, shared: Path) -> Env:
     server.exec("rs-dir", "sh", "-c", "echo second > /mnt/vol/d/file && echo new > /mnt/vol/top")
     incus("storage", "volume", "detach", DEFAULT_POOL, "rs-vol", "rs-dir")
     incus("storage", "volume", "create", DEFAULT_POOL, "rs-blk", "--type=block", "size=4MiB")
+    # rs-many: stopped, with enough files that a restore cuts it into parallel extractions,
+    # hard links across its directories and directories with their own mtimes.
+    server.launch("rs-many", start=False)
+    fill_many(server.daemon.incus_dir / "storage-pools" / DEFAULT_POOL / "containers" / "rs-many")
     config = incus_config(server, root)
     env = Env(server, config, root, run="")
     with custom_dir(env, "rs-blk").joinpath("root.img").open("r+b") as f:
@@ -262,6 +274,24 @@ def fill_and_back_up(server: IncusServer, root: Path, shared: Path) -> Env:
     assert done.returncode == 0, done.stderr
     env.run = json.loads(done.stdout)["run"]
     return env
+
+
+def fill_many(container: Path) -> None:
+    """Files in four directories, a hard link across two of them, set directory mtimes."""
+    rootfs = container / "rootfs"
+    for d in range(4):
+        for i in range(MANY_FILES // 4):
+            path = rootfs / "srv" / f"d{d}" / f"s{i // 100}" / f"f{i}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(os.urandom(64 + i % 500))
+    os.link(rootfs / "srv" / "d0" / "s0" / "f1", rootfs / "srv" / "d3" / "linked")
+    for n, directory in enumerate(sorted(p for p in rootfs.rglob("*") if p.is_dir())):
+        os.utime(directory, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789 + n))
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """mtime (ns) of every directory below `root`."""
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in root.rglob("*") if p.is_dir()}
 
 
 def extract_run(env: Env, dest: Path) -> Path:
@@ -325,6 +355,67 @@ def test_instance_beside_the_original_on_another_pool(env: Env) -> None:
     assert ("default", "rs-dir", "Running") in after["instances"]
     assert shown(env, "rs-dir") == env.shown["rs-dir"]
     env.server.delete("rs-copy")
+
+
+def test_large_instance_is_extracted_in_parallel_exactly(env: Env) -> None:
+    containers = env.incus_dir / "storage-pools" / DEFAULT_POOL / "containers"
+    done = env.cli("restore", "instance", env.run, "rs-many", "--as", "rs-many2")
+    assert done.returncode == 0, done.stderr
+    assert "by 2 borg extraction(s) and checked" in done.stdout
+    original, copy = containers / "rs-many" / "rootfs", containers / "rs-many2" / "rootfs"
+    assert tree(copy) == tree(original)
+    assert mtimes(copy) == mtimes(original)
+    linked = copy / "srv" / "d3" / "linked"
+    assert linked.stat().st_ino == (copy / "srv" / "d0" / "s0" / "f1").stat().st_ino
+    assert not list(copy.rglob(".incus-borg-*"))
+    env.server.start("rs-many2")
+    env.server.delete("rs-many2")
+
+
+def test_instance_streamed_through_incus_import(env: Env) -> None:
+    done = env.cli("restore", "instance", env.run, "rs-fast", "--as", "rs-streamed", "--stream")
+    assert done.returncode == 0, done.stderr
+    assert "borg extraction" not in done.stdout
+    assert snapshots(env, "rs-streamed") == ["snap1"]
+    env.server.start("rs-streamed")
+    assert env.server.checksums("rs-streamed") == env.sums["rs-fast"]
+    env.server.delete("rs-streamed")
+
+
+def test_failed_extraction_leaves_nothing_behind(env: Env) -> None:
+    class FailingSource:
+        """The run, whose data extraction fails."""
+
+        def __init__(self, inner: Source) -> None:
+            self.inner = inner
+            self.manifest = inner.manifest
+            self.description = inner.description
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def extract_plan(self, item: Any, plan: Any) -> None:
+            raise UserError("extraction failed")
+
+    before = inventory(env)
+    loaded = load_config(str(env.config))
+    repo = loaded.config.repositories[0]
+    source = open_source(env.run, Borg(Secrets.from_config(loaded.config)), repo)
+    with pytest.raises(UserError, match="extraction failed"):
+        restore_action.instance(
+            Incus(env.incus_dir),
+            FailingSource(source),
+            "rs-dir",
+            "rs-failed",
+            None,
+            None,
+            False,
+            False,
+        )
+    assert inventory(env) == before
+    assert not (
+        env.incus_dir / "storage-pools" / DEFAULT_POOL / "containers" / "rs-failed"
+    ).exists()
 
 
 def test_btrfs_instance_with_its_snapshot(env: Env) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from .. import layout, plan, signals
-from ..borg import Borg, BorgResult, checked_version, create_argv, info_argv
+from ..borg import Borg, BorgResult, create_argv, info_argv
 from ..capture import Capture, archive_path, item_for
 from ..config import Config, Repository
 from ..errors import EXIT_ERROR, UserError, Warnings
@@ -57,8 +57,8 @@ class Outcome:
 def part_archive(run: str, target: Target) -> str:
     """The archive holding one instance or volume of run `run`."""
     if target.kind == "instance":
-        return PART_MARK.join((run, "instance", target.project, target.name))
-    return PART_MARK.join((run, "volume", target.pool, target.project, target.name))
+        return layout.instance_archive(run, target.project, target.name)
+    return layout.volume_archive(run, target.pool, target.project, target.name)
 
 
 def files_cache_suffix(name: str) -> str:
@@ -193,7 +193,7 @@ def read_all(capture: Capture, the_plan: Plan, writer: Writer) -> dict[str, Item
             f"{target.kind} {target.ref}: {target.mode}, window {item.window:.2f} s, "
             f"read {read / 1e6:.1f} MB, {changed} file(s) not in the files cache"
         )
-    borg_version = checked_version(writer.borg.binary)
+    borg_version = writer.borg.version
     manifest = capture.manifest(the_plan, database, items, borg_version, False)
     capture.stage.write(layout.MANIFEST, manifest.to_json())
     paths = [str(p) for p in layout.SERVER_PATHS if capture.stage.path(p).exists()]

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import click
 import yaml
 
-from .. import entities
+from .. import entities, layout, pools, unpack
 from ..entities import owner_project
 from ..errors import UserError
 from ..incus import Incus, api_path
 from ..manifest import Item
+from ..pools import Pool
+from ..signals import shielded
 from ..source import Source, definitions
 
 Report = Callable[[str], None]
@@ -55,13 +60,14 @@ def find_item(source: Source, kind: str, ref: str) -> Item:
     return found[0]
 
 
-def require_pool(incus: Incus, pool: str) -> None:
-    """Refuse a pool that does not exist on this server."""
-    names = {u.rsplit("/", 1)[-1] for u in incus.query("/1.0/storage-pools")}
-    if pool not in names:
+def require_pool(incus: Incus, pool: str) -> dict[str, Any]:
+    """The definition of a pool of this server; refuses one that does not exist."""
+    pools = {p["name"]: p for p in incus.query("/1.0/storage-pools?recursion=1")}
+    if pool not in pools:
         raise UserError(
-            f"no storage pool {pool!r} on this server (it has: {', '.join(sorted(names))})"
+            f"no storage pool {pool!r} on this server (it has: {', '.join(sorted(pools))})"
         )
+    return dict(pools[pool])
 
 
 def missing_project(incus: Incus, source: Source, project: str) -> list[dict[str, Any]]:
@@ -93,6 +99,7 @@ def instance(
     project: str | None,
     start: bool,
     with_volumes: bool,
+    stream: bool = False,
 ) -> None:
     """Import one instance from the run, with its snapshots, under its name or a new one."""
     item = find_item(source, "instance", ref)
@@ -100,7 +107,7 @@ def instance(
     target_project = project or item.project
     target_pool = pool or item.pool
     # Every refusal comes before the first change.
-    require_pool(incus, target_pool)
+    pool_definition = require_pool(incus, target_pool)
     new_project = missing_project(incus, source, target_project)
     if not new_project and name in entities.existing(incus, "instances", target_project):
         raise UserError(
@@ -124,8 +131,11 @@ def instance(
     for vol_item in volume_items:
         volume(incus, source, vol_item, None, None, target_project)
     args = ["import", "-", name, "--storage", target_pool, "--project", target_project]
-    with source.tar(item) as stream:
-        incus.feed(args, stream)
+    if stream or pool_definition["driver"] not in pools.SUPPORTED:
+        with source.tar(item) as tarball:
+            incus.feed(args, tarball)
+    else:
+        _unpack_into_pool(incus, source, item, args, Pool(incus.dir, pool_definition))
     restored = incus.query(api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1"))
     snapshots = [s["name"] for s in restored.get("snapshots") or []]
     check_snapshots(f"instance {target_project}/{name}", snapshots, item.snapshots)
@@ -143,6 +153,82 @@ def instance(
         report(f"instance {target_project}/{name} started")
     else:
         report(f"instance {target_project}/{name} left stopped (use --start to start it)")
+
+
+def _unpack_into_pool(
+    incus: Incus, source: Source, item: Item, import_args: list[str], pool: Pool
+) -> None:
+    """Have Incus import the instance without its data, then extract the data straight into
+    the volumes it made (in parallel), and check every archived item is in place.
+
+    The import alone builds the instance, its snapshots and their database records from the
+    archived backup.yaml; the data then never passes through a temporary file. On any
+    failure the new instance is deleted again.
+    """
+    backup = f"{item.path}/backup"
+    index, config = layout.instance_import_files(item.path)
+    files, entries = source.inspect(item, [index, config])
+    if not files[index] or not files[config]:
+        raise UserError(f"{item.ref} in {source.description} lacks its index.yaml or backup.yaml")
+    name, project = import_args[2], import_args[-1]
+    with tempfile.TemporaryFile() as stub:
+        _write_stub(stub, files[index], files[config], item.snapshots)
+        stub.seek(0)
+        incus.feed(import_args, stub)
+    try:
+        main = layout.instance_data(incus.dir, pool.name, project, name)
+        trees = [unpack.Tree(f"{backup}/container", main)]
+        trees += [
+            unpack.Tree(
+                f"{backup}/snapshots/{snap}",
+                layout.instance_snapshot_data(incus.dir, pool.name, project, name, snap),
+            )
+            for snap in item.snapshots
+        ]
+        missing = [str(t.dest) for t in trees if not t.dest.is_dir()]
+        if missing:
+            raise UserError(
+                f"Incus did not make {', '.join(missing)}: restore with --stream instead"
+            )
+        excludes = [f"{tree.path}/backup.yaml" for tree in trees]  # Incus wrote its own
+        the_plan = unpack.plan(trees, entries, os.cpu_count() or 1, excludes)
+        with pool.writable_snapshots([t.dest for t in trees[1:]]):
+            source.extract_plan(item, the_plan)
+        checked = unpack.verify(trees, entries, excludes)
+    except BaseException:
+        with shielded():
+            try:
+                incus.run(["delete", "--force", name, "--project", project])
+            except UserError as left:
+                click.echo(
+                    f"incus-borg: remove the partial {project}/{name} by hand: {left}", err=True
+                )
+        raise
+    report(
+        f"instance {project}/{name}: {checked} archived items extracted into pool {pool.name} "
+        f"by {len(the_plan.jobs)} borg extraction(s) and checked"
+    )
+
+
+def _write_stub(out: IO[bytes], index: bytes, config: bytes, snapshots: list[str]) -> None:
+    """An `incus import` tarball holding an instance's index and config but no data."""
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        members: list[tuple[str, bytes | None]] = [
+            ("backup", None),
+            ("backup/index.yaml", index),
+            ("backup/container", None),
+            ("backup/container/backup.yaml", config),
+            ("backup/snapshots", None),
+        ]
+        members += [(f"backup/snapshots/{snap}", None) for snap in snapshots]
+        for path, data in members:
+            info = tarfile.TarInfo(path)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o700
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o600
+                tar.addfile(info, io.BytesIO(data))
 
 
 IDENTITY_KEYS = ("volatile.uuid", "volatile.uuid.generation")
