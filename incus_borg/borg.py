@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ def find_borg() -> str:
     return found
 
 
-@cache
 def checked_version(binary: str) -> str:
     """The version of `binary`, refusing anything older than borg 1.4."""
     try:
@@ -63,26 +61,72 @@ def checked_version(binary: str) -> str:
 
 
 class _VersionCheck:
-    """`checked_version` run in a background thread, so that no borg command waits for it."""
+    """`checked_version`, remembered per borg binary in the user's cache directory, else run
+    in a background thread, so that no borg command waits for it."""
 
     def __init__(self, binary: str) -> None:
         self._outcome: list[str | UserError] = []
+        self._key = _binary_key(binary)
+        known = _version_cache().get(self._key) if self._key else None
+        if isinstance(known, str):
+            self._outcome.append(known)
         self._thread = threading.Thread(target=self._check, args=(binary,), daemon=True)
-        self._thread.start()
+        if not self._outcome:
+            self._thread.start()
 
     def _check(self, binary: str) -> None:
         try:
-            self._outcome.append(checked_version(binary))
+            version = checked_version(binary)
         except UserError as exc:
             self._outcome.append(exc)
+            return
+        self._outcome.append(version)
+        if self._key:
+            _remember_version(self._key, version)
 
     def result(self) -> str:
         """The version, once known; raises the check's UserError."""
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         outcome = self._outcome[0]
         if isinstance(outcome, UserError):
             raise outcome
         return outcome
+
+
+def _binary_key(binary: str) -> str | None:
+    """What identifies one installed borg: its real path, size and mtime."""
+    try:
+        real = os.path.realpath(binary)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _version_cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "incus-borg" / "borg-versions.json"
+
+
+def _version_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(_version_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_version(key: str, version: str) -> None:
+    """Store a checked version (best effort: a cache that cannot be written is skipped)."""
+    path = _version_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(json.dumps({**_version_cache(), key: version}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 # --- argv builders -------------------------------------------------------------------------
@@ -185,9 +229,10 @@ def extract_argv(
 
 
 def list_tree_argv(repo: Repository, archive: str, path: str) -> list[str]:
-    """Type, size, link source, flags and path of every item below `path`, as JSON lines."""
-    fmt = "{type}{size}{source}{flags}{path}"
-    return ["list", "--json-lines", "--format", fmt, f"{repo.path}::{archive}", path]
+    """`TYPE SIZE FLAGS`, link source and path of every item below `path`, each field ended
+    by a NUL byte (no path holds one)."""
+    fmt = "{type} {size} {flags}{NUL}{source}{NUL}{path}{NUL}"
+    return ["list", "--format", fmt, f"{repo.path}::{archive}", path]
 
 
 def list_paths_argv(repo: Repository, archive: str, paths: Sequence[str] = ()) -> list[str]:

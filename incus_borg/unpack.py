@@ -17,7 +17,6 @@ archive's listing, chosen so that the extractions never get in each other's way:
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
@@ -49,22 +48,13 @@ class Entry:
         return self.type == "-" and bool(self.source)
 
 
-def parse_listing(json_lines: str) -> list[Entry]:
-    """Entries from `borg list --json-lines --format {type}{size}{source}{flags}{path}`."""
+def parse_listing(text: str) -> list[Entry]:
+    """Entries from `borg list --format "{type} {size} {flags}{NUL}{source}{NUL}{path}{NUL}"`."""
+    fields = text.split("\0")
     entries = []
-    for line in json_lines.splitlines():
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        entries.append(
-            Entry(
-                path=item["path"],
-                type=item["type"],
-                size=int(item.get("size") or 0),
-                source=item.get("source") or "",
-                flags=int(item.get("flags") or 0),
-            )
-        )
+    for i in range(0, len(fields) - 2, 3):
+        kind, size, flags = fields[i].split(" ")
+        entries.append(Entry(fields[i + 2], kind, int(size or 0), fields[i + 1], int(flags or 0)))
     return entries
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -106,6 +107,26 @@ def test_old_borg_is_refused(tmp_path: Path) -> None:
     fake.chmod(0o755)
     with pytest.raises(UserError, match=r"borg 1\.2\.8; incus-borg needs borg 1\.4"):
         borg.checked_version(str(fake))
+
+
+def test_borg_version_is_checked_once_per_installed_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake = tmp_path / "borg"
+    fake.write_text("#!/bin/sh\necho 'borg 1.4.5'\n")
+    fake.chmod(0o755)
+    assert borg.Borg(borg.Secrets(), binary=str(fake)).version == "1.4.5"
+    assert (tmp_path / "cache" / "incus-borg" / "borg-versions.json").is_file()
+    # The same file (size and mtime) is not run again ...
+    stamp = fake.stat().st_mtime_ns
+    fake.write_text("#!/bin/sh\nexit 9 # same size as before\n"[: len(fake.read_text())])
+    os.utime(fake, ns=(stamp, stamp))
+    assert borg.Borg(borg.Secrets(), binary=str(fake)).version == "1.4.5"
+    # ... but another one is.
+    fake.write_text("#!/bin/sh\necho 'borg 1.2.8'\n")
+    with pytest.raises(UserError, match=r"borg 1\.2\.8; incus-borg needs borg 1\.4"):
+        _ = borg.Borg(borg.Secrets(), binary=str(fake)).version
 
 
 def test_every_command_says_what_it_does() -> None:
