@@ -279,16 +279,18 @@ class RestoreBench:
 
 
 def timeline(stamped: str) -> str:
-    """From `incus-borg --debug restore`'s timestamped stderr: when each borg command started,
-    as `0.31 extract, 0.92 list, ...`."""
-    starts = []
+    """From `incus-borg --debug restore`'s timestamped stderr: when each borg command started
+    and ended, as `0.31 extract, 0.92 list, ... 5.1 extract #3 ended`."""
+    events = []
     for line in stamped.splitlines():
         stamp, _, text = line.strip().partition(" ")
         words = text.split()
         if text.startswith("incus-borg: running") and len(words) > 2 and "borg" in words[2]:
             command = next((w for w in words[3:] if not w.startswith("-")), "?")
-            starts.append(f"{float(stamp):.2f} {command}")
-    return ", ".join(starts)
+            events.append(f"{float(stamp):.2f} {command}")
+        elif text.startswith("incus-borg: borg ") and " took " in text:
+            events.append(f"{float(stamp):.2f} {words[2]} {words[3]} ended")
+    return ", ".join(events)
 
 
 def estimate(args: argparse.Namespace) -> int:

@@ -415,6 +415,7 @@ class Borg:
         running: dict[int, tuple[subprocess.Popen[bytes], list[threading.Thread]]] = {}
         outputs: dict[int, tuple[list[bytes], list[bytes]]] = {}
         results: dict[int, BorgResult] = {}
+        started: dict[int, float] = {}
         try:
             while pending or running:
                 while pending and len(running) < max(1, workers):
@@ -429,6 +430,7 @@ class Borg:
                     )
                     outputs[index] = ([], [])
                     running[index] = (proc, _drain(proc, *outputs[index]))
+                    started[index] = time.monotonic()
                 for index, (proc, readers) in list(running.items()):
                     if proc.poll() is None:
                         continue
@@ -439,6 +441,13 @@ class Borg:
                     )
                     results[index] = BorgResult(proc.returncode, out, parse_log_json(err))
                     del running[index]
+                    if self.debug:
+                        took = time.monotonic() - started[index]
+                        command = calls[index][0][0]
+                        print(
+                            f"incus-borg: borg {command} #{index} took {took:.2f} s",
+                            file=sys.stderr,
+                        )
                 time.sleep(0.02)
         except BaseException:
             for proc, _ in running.values():
