@@ -10,6 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from cli import borg, incus_config, one_line_error, run_cli
+from harness.incusd import children, cmdline
 from harness.server import (
     BTRFS_POOL,
     DEFAULT_POOL,
@@ -416,6 +421,32 @@ def test_failed_extraction_leaves_nothing_behind(env: Env) -> None:
     assert not (
         env.incus_dir / "storage-pools" / DEFAULT_POOL / "containers" / "rs-failed"
     ).exists()
+
+
+def test_sigterm_during_extraction_leaves_nothing_behind(env: Env) -> None:
+    """SIGTERM to incus-borg alone while its borgs extract: they are stopped, the new
+    instance is deleted, and the server is as before."""
+    before = inventory(env)
+    argv = [sys.executable, "-m", "incus_borg", "-c", str(env.config), "restore", "instance"]
+    argv += [env.run, "rs-many", "--as", "rs-term"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not extracting(proc.pid):
+        time.sleep(0.005)
+    assert proc.poll() is None, "the restore ended before its extraction could be seen"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert "interrupted" in stderr
+    assert inventory(env) == before
+    assert not (env.incus_dir / "storage-pools" / DEFAULT_POOL / "containers" / "rs-term").exists()
+    repo = str(env.root / "repo")
+    assert not [p for p in Path("/proc").glob("[0-9]*") if repo in " ".join(cmdline(int(p.name)))]
+
+
+def extracting(pid: int) -> bool:
+    """Whether process `pid` runs a `borg extract` of instance data (with excludes)."""
+    return any("extract" in (args := cmdline(c)) and "--exclude" in args for c in children(pid))
 
 
 def test_btrfs_instance_with_its_snapshot(env: Env) -> None:

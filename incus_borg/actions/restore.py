@@ -15,13 +15,12 @@ from urllib.parse import quote
 import click
 import yaml
 
-from .. import entities, layout, pools, unpack
+from .. import entities, layout, pools, signals, unpack
 from ..entities import owner_project
 from ..errors import UserError
 from ..incus import Incus, api_path
 from ..manifest import Item
 from ..pools import Pool
-from ..signals import shielded
 from ..source import Source, definitions
 
 Report = Callable[[str], None]
@@ -165,49 +164,60 @@ def _unpack_into_pool(
     archived backup.yaml; the data then never passes through a temporary file. On any
     failure the new instance is deleted again.
     """
-    backup = f"{item.path}/backup"
     index, config = layout.instance_import_files(item.path)
     files, entries = source.inspect(item, [index, config])
     if not files[index] or not files[config]:
         raise UserError(f"{item.ref} in {source.description} lacks its index.yaml or backup.yaml")
     name, project = import_args[2], import_args[-1]
-    with tempfile.TemporaryFile() as stub:
-        _write_stub(stub, files[index], files[config], item.snapshots)
-        stub.seek(0)
-        incus.feed(import_args, stub)
-    try:
-        main = layout.instance_data(incus.dir, pool.name, project, name)
-        trees = [unpack.Tree(f"{backup}/container", main)]
-        trees += [
-            unpack.Tree(
-                f"{backup}/snapshots/{snap}",
-                layout.instance_snapshot_data(incus.dir, pool.name, project, name, snap),
-            )
-            for snap in item.snapshots
-        ]
-        missing = [str(t.dest) for t in trees if not t.dest.is_dir()]
-        if missing:
-            raise UserError(
-                f"Incus did not make {', '.join(missing)}: restore with --stream instead"
-            )
-        excludes = [f"{tree.path}/backup.yaml" for tree in trees]  # Incus wrote its own
-        the_plan = unpack.plan(trees, entries, os.cpu_count() or 1, excludes)
-        with pool.writable_snapshots([t.dest for t in trees[1:]]):
-            source.extract_plan(item, the_plan)
-        checked = unpack.verify(trees, entries, excludes)
-    except BaseException:
-        with shielded():
-            try:
-                incus.run(["delete", "--force", name, "--project", project])
-            except UserError as left:
-                click.echo(
-                    f"incus-borg: remove the partial {project}/{name} by hand: {left}", err=True
-                )
-        raise
+    with signals.interruptible():
+        try:
+            with tempfile.TemporaryFile() as stub:
+                _write_stub(stub, files[index], files[config], item.snapshots)
+                stub.seek(0)
+                incus.feed(import_args, stub)
+            the_plan, checked = _extract_into(source, item, entries, pool, project, name)
+        except BaseException:
+            with signals.shielded():
+                _remove_partial(incus, project, name)
+            raise
     report(
         f"instance {project}/{name}: {checked} archived items extracted into pool {pool.name} "
         f"by {len(the_plan.jobs)} borg extraction(s) and checked"
     )
+
+
+def _extract_into(
+    source: Source, item: Item, entries: list[unpack.Entry], pool: Pool, project: str, name: str
+) -> tuple[unpack.Plan, int]:
+    """Extract the instance's data into the volumes of the imported `project/name`; returns
+    the plan it followed and how many archived items were checked in place."""
+    backup = f"{item.path}/backup"
+    main = layout.instance_data(pool.incus_dir, pool.name, project, name)
+    trees = [unpack.Tree(f"{backup}/container", main)]
+    trees += [
+        unpack.Tree(
+            f"{backup}/snapshots/{snap}",
+            layout.instance_snapshot_data(pool.incus_dir, pool.name, project, name, snap),
+        )
+        for snap in item.snapshots
+    ]
+    missing = [str(t.dest) for t in trees if not t.dest.is_dir()]
+    if missing:
+        raise UserError(f"Incus did not make {', '.join(missing)}: restore with --stream instead")
+    excludes = [f"{tree.path}/backup.yaml" for tree in trees]  # Incus wrote its own
+    the_plan = unpack.plan(trees, entries, os.cpu_count() or 1, excludes)
+    with pool.writable_snapshots([t.dest for t in trees[1:]]):
+        source.extract_plan(item, the_plan)
+    return the_plan, unpack.verify(trees, entries, excludes)
+
+
+def _remove_partial(incus: Incus, project: str, name: str) -> None:
+    """Delete an instance that a failed restore created (if it got that far)."""
+    try:
+        if name in entities.existing(incus, "instances", project):
+            incus.run(["delete", "--force", name, "--project", project])
+    except UserError as left:
+        click.echo(f"incus-borg: remove the partial {project}/{name} by hand: {left}", err=True)
 
 
 def _write_stub(out: IO[bytes], index: bytes, config: bytes, snapshots: list[str]) -> None:
