@@ -143,14 +143,19 @@ class DirectorySource:
         skip = [f"--exclude={path}" for path in excludes]
         pack = ["tar", "-C", str(self.root), *keep, "--anchored", "--no-wildcards", *skip]
         unpack = ["tar", "-C", str(dest), *keep, f"--strip-components={strip}", "-xf", "-"]
-        with subprocess.Popen(
-            [*pack, "-cf", "-", "--", *paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        ) as packer:
+        # The packer's messages go to a file: a full pipe nobody reads would stall it.
+        with (
+            tempfile.TemporaryFile() as messages,
+            subprocess.Popen(
+                [*pack, "-cf", "-", "--", *paths], stdout=subprocess.PIPE, stderr=messages
+            ) as packer,
+        ):
             done = subprocess.run(unpack, stdin=packer.stdout, capture_output=True, check=False)
-            assert packer.stdout is not None and packer.stderr is not None
+            assert packer.stdout is not None
             packer.stdout.close()
             failed = packer.wait() != 0 or done.returncode != 0
-            errors = packer.stderr.read().decode() + done.stderr.decode()
+            messages.seek(0)
+            errors = messages.read().decode() + done.stderr.decode()
         if failed:
             raise UserError(f"copying {', '.join(paths)} from {self.root} failed: {errors.strip()}")
 

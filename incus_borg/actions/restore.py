@@ -61,12 +61,12 @@ def find_item(source: Source, kind: str, ref: str) -> Item:
 
 def require_pool(incus: Incus, pool: str) -> dict[str, Any]:
     """The definition of a pool of this server; refuses one that does not exist."""
-    pools = {p["name"]: p for p in incus.query("/1.0/storage-pools?recursion=1")}
-    if pool not in pools:
+    known = {p["name"]: p for p in incus.query("/1.0/storage-pools?recursion=1")}
+    if pool not in known:
         raise UserError(
-            f"no storage pool {pool!r} on this server (it has: {', '.join(sorted(pools))})"
+            f"no storage pool {pool!r} on this server (it has: {', '.join(sorted(known))})"
         )
-    return dict(pools[pool])
+    return dict(known[pool])
 
 
 def missing_project(incus: Incus, source: Source, project: str) -> list[dict[str, Any]]:
@@ -134,7 +134,8 @@ def instance(
         with source.tar(item) as tarball:
             incus.feed(args, tarball)
     else:
-        _unpack_into_pool(incus, source, item, args, Pool(incus.dir, pool_definition))
+        target = Pool(incus.dir, pool_definition)
+        _unpack_into_pool(incus, source, item, args, target, target_project, name)
     restored = incus.query(api_path(f"/1.0/instances/{quote(name)}", target_project, recursion="1"))
     snapshots = [s["name"] for s in restored.get("snapshots") or []]
     check_snapshots(f"instance {target_project}/{name}", snapshots, item.snapshots)
@@ -155,7 +156,13 @@ def instance(
 
 
 def _unpack_into_pool(
-    incus: Incus, source: Source, item: Item, import_args: list[str], pool: Pool
+    incus: Incus,
+    source: Source,
+    item: Item,
+    import_args: list[str],
+    pool: Pool,
+    project: str,
+    name: str,
 ) -> None:
     """Have Incus import the instance without its data, then extract the data straight into
     the volumes it made (in parallel), and check every archived item is in place.
@@ -168,7 +175,6 @@ def _unpack_into_pool(
     files, entries = source.inspect(item, [index, config])
     if not files[index] or not files[config]:
         raise UserError(f"{item.ref} in {source.description} lacks its index.yaml or backup.yaml")
-    name, project = import_args[2], import_args[-1]
     with signals.interruptible():
         try:
             with tempfile.TemporaryFile() as stub:
