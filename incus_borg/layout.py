@@ -108,17 +108,25 @@ def volume_stage(pool: str, project: str, name: str) -> PurePosixPath:
     return VOLUMES / pool / project / name
 
 
+def instance_places(
+    incus_dir: Path, pool: str, project: str, name: str, snapshots: list[str]
+) -> dict[str, Path]:
+    """An instance's members below its `backup/` (`container`, `snapshots/<snap>`) -> the
+    directories holding them in the pool."""
+    places = {"container": instance_data(incus_dir, pool, project, name)}
+    for snap in snapshots:
+        places[f"snapshots/{snap}"] = instance_snapshot_data(incus_dir, pool, project, name, snap)
+    return places
+
+
 def instance_mounts(
     incus_dir: Path, pool: str, project: str, name: str, snapshots: list[str], source: Path
 ) -> dict[PurePosixPath, Path]:
-    """Stable staging path -> on-disk source, for an instance and its snapshots."""
+    """Stable staging path -> on-disk source, for an instance (read from `source`) and its
+    snapshots."""
     backup = instance_stage(project, name) / "backup"
-    mounts = {backup / "container": source}
-    for snap in snapshots:
-        mounts[backup / "snapshots" / snap] = instance_snapshot_data(
-            incus_dir, pool, project, name, snap
-        )
-    return mounts
+    places = instance_places(incus_dir, pool, project, name, snapshots) | {"container": source}
+    return {backup / member: path for member, path in places.items()}
 
 
 def volume_mounts(

@@ -33,6 +33,10 @@ def _run(argv: list[str]) -> None:
         raise UserError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
 
 
+def _set_read_only(subvolume: Path, read_only: bool) -> None:
+    _run(["btrfs", "property", "set", "-ts", str(subvolume), "ro", str(read_only).lower()])
+
+
 class Pool:
     """One storage pool of the restored server, as its definition describes it."""
 
@@ -97,7 +101,7 @@ class Pool:
     def seal_snapshot(self, path: Path) -> None:
         """Snapshots on btrfs are read-only subvolumes."""
         if self.driver == "btrfs":
-            _run(["btrfs", "property", "set", "-ts", str(path), "ro", "true"])
+            _set_read_only(path, True)
 
     @contextmanager
     def writable_snapshots(self, paths: list[Path]) -> Iterator[None]:
@@ -106,7 +110,7 @@ class Pool:
         try:
             if self.driver == "btrfs":
                 for path in paths:
-                    _run(["btrfs", "property", "set", "-ts", str(path), "ro", "false"])
+                    _set_read_only(path, False)
                     opened.append(path)
             yield
         finally:

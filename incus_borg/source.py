@@ -33,7 +33,6 @@ from .errors import UserError
 from .manifest import Item, Manifest
 from .unpack import Entry, Plan, parse_listing, walk_listing
 
-PART_MARK = layout.PART_MARK
 ARCHIVE_MISSING = 31  # borg's exit code for an archive that does not exist
 
 
@@ -99,7 +98,7 @@ def open_source(
 def run_archives(borg: Borg, repo: Repository) -> list[str]:
     """Names of the archives that start a run (not the per-instance parts), oldest first."""
     archives = borg.run(list_argv(repo), repo).json()["archives"]
-    return [a["name"] for a in archives if PART_MARK not in a["name"]]
+    return [a["name"] for a in archives if layout.PART_MARK not in a["name"]]
 
 
 class DirectorySource:

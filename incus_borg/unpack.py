@@ -145,8 +145,8 @@ def _parent(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-def _build(tree: Tree, entries: Sequence[Entry]) -> tuple[_Node, dict[str, _Node]]:
-    """The directory nodes of one tree, with subtree costs and hard-link blocks."""
+def _build(tree: Tree, entries: Sequence[Entry]) -> _Node:
+    """The root of one tree's directory nodes, with subtree costs and hard-link blocks."""
     root = _Node(tree.path, None, 0)
     nodes = {tree.path: root}
     below = [e for e in entries if e.path.startswith(tree.path + "/")]
@@ -166,7 +166,7 @@ def _build(tree: Tree, entries: Sequence[Entry]) -> tuple[_Node, dict[str, _Node
     for entry in below:
         if entry.hard_link:
             _block_between(nodes, entry.path, entry.source)
-    return root, nodes
+    return root
 
 
 def _block_between(nodes: dict[str, _Node], one: str, other: str) -> None:
@@ -205,8 +205,8 @@ def plan(
 ) -> Plan:
     """Extractions of `trees` for `workers` parallel borgs: one per tree, plus cuts from the
     largest tree while it holds more than its share."""
-    built = [(tree, *_build(tree, entries)) for tree in trees]
-    total = sum(root.cost for _, root, _ in built)
+    built = [(tree, _build(tree, entries)) for tree in trees]
+    total = sum(root.cost for _, root in built)
     share = total // max(1, workers)
     the_plan = Plan([])
     names = {e.path.rpartition("/")[2] for e in entries}
@@ -215,7 +215,7 @@ def plan(
         placeholder += "_"
     cut_paths: dict[str, list[str]] = {tree.path: [] for tree in trees}
     cuts_left = max(0, workers - 1)
-    for tree, root, _nodes in sorted(built, key=lambda b: -b[1].cost):
+    for tree, root in sorted(built, key=lambda b: -b[1].cost):
         remaining = root.cost
         while cuts_left and remaining > share * 1.2 and share >= MIN_CUT:
             chosen = _carve(root, min(share, remaining // 2))
@@ -230,7 +230,7 @@ def plan(
             cut_paths[tree.path] += paths
             the_plan.jobs.append(Job(paths, tuple(excludes), tree.strip, tree.dest, cost))
             _mark_above(the_plan, tree, chosen, placeholder)
-    for tree, root, _nodes in built:
+    for tree, root in built:
         rest = tuple(excludes) + tuple(cut_paths[tree.path])
         the_plan.jobs.append(Job((tree.path,), rest, tree.strip, tree.dest, root.cost))
     the_plan.jobs.sort(key=lambda j: -j.cost)

@@ -17,7 +17,6 @@ from ..errors import EXIT_ERROR, UserError, Warnings
 from ..incus import Incus
 from ..manifest import Item
 from ..plan import Plan, Target
-from ..source import PART_MARK
 
 INSTANCE_FILES_CACHE = "mtime,size"
 RUN_COMMENT = "incus-borg"  # marks the archives `prune` may delete  # snapshot copies change inodes and ctimes, not content
@@ -141,7 +140,7 @@ class Writer:
     ) -> tuple[int, int]:
         """`borg create`; returns bytes read and files missing the files cache."""
         read = changed = 0
-        suffix = files_cache_suffix(archive.partition(PART_MARK)[2] or "server")
+        suffix = files_cache_suffix(archive.partition(layout.PART_MARK)[2] or "server")
         for repo in list(self.repos):
             argv = create_argv(
                 repo,

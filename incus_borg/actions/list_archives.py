@@ -10,7 +10,8 @@ import click
 
 from ..borg import Borg, list_argv
 from ..config import Config
-from ..source import PART_MARK, Source, definitions
+from ..layout import PART_MARK
+from ..source import Source, definitions
 
 ENTITY_KINDS = ("projects", "profiles", "networks", "storage-pools", "images")
 

@@ -14,7 +14,7 @@ import click
 from ..borg import Borg, compact_argv, delete_argv, list_argv, list_comments_argv
 from ..config import Config, Repository, Retention
 from ..errors import Warnings
-from ..source import PART_MARK
+from ..layout import PART_MARK
 from .backup import RUN_COMMENT
 
 PERIODS: dict[str, Callable[[datetime], str]] = {

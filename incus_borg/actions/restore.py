@@ -197,16 +197,8 @@ def _extract_into(
 ) -> tuple[unpack.Plan, int]:
     """Extract the instance's data into the volumes of the imported `project/name`; returns
     the plan it followed and how many archived items were checked in place."""
-    backup = f"{item.path}/backup"
-    main = layout.instance_data(pool.incus_dir, pool.name, project, name)
-    trees = [unpack.Tree(f"{backup}/container", main)]
-    trees += [
-        unpack.Tree(
-            f"{backup}/snapshots/{snap}",
-            layout.instance_snapshot_data(pool.incus_dir, pool.name, project, name, snap),
-        )
-        for snap in item.snapshots
-    ]
+    places = layout.instance_places(pool.incus_dir, pool.name, project, name, item.snapshots)
+    trees = [unpack.Tree(f"{item.path}/backup/{member}", dest) for member, dest in places.items()]
     missing = [str(t.dest) for t in trees if not t.dest.is_dir()]
     if missing:
         raise UserError(f"Incus did not make {', '.join(missing)}: restore with --stream instead")

@@ -144,15 +144,12 @@ class ServerRestore:
         strip = len(Path(backup).parts)
         places: list[tuple[Path, str, str | None]]
         if item.kind == "instance":
-            volume = layout.instance_data(self.dir, pool.name, item.project, item.name)
-            places = [(volume, "container", None)]
-            places += [
-                (
-                    layout.instance_snapshot_data(self.dir, pool.name, item.project, item.name, s),
-                    f"snapshots/{s}",
-                    s,
-                )
-                for s in item.snapshots
+            members = layout.instance_places(
+                self.dir, pool.name, item.project, item.name, item.snapshots
+            )
+            places = [
+                (target, member, member.partition("/")[2] or None)
+                for member, target in members.items()
             ]
         else:
             block = item.type == "block"
