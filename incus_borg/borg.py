@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import signals
 from .config import Config, Repository
 from .errors import UserError
 
@@ -420,16 +421,17 @@ class Borg:
             while pending or running:
                 while pending and len(running) < max(1, workers):
                     index, (args, cwd) = pending.pop(0)
-                    proc = subprocess.Popen(
-                        self.argv(args, repo),
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        env=self.env(repo),
-                        cwd=cwd,
-                    )
-                    outputs[index] = ([], [])
-                    running[index] = (proc, _drain(proc, *outputs[index]))
+                    with signals.deferred():  # every borg started is in `running`
+                        proc = subprocess.Popen(
+                            self.argv(args, repo),
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env=self.env(repo),
+                            cwd=cwd,
+                        )
+                        outputs[index] = ([], [])
+                        running[index] = (proc, _drain(proc, *outputs[index]))
                     started[index] = time.monotonic()
                 for index, (proc, readers) in list(running.items()):
                     if proc.poll() is None:

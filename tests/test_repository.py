@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 from pathlib import Path
 
 import pytest
 from cli import PASSPHRASE, one_line_error, run_cli, write_config
 
-from incus_borg import borg
+from incus_borg import borg, signals
 from incus_borg.errors import UserError
 
 
@@ -137,3 +138,13 @@ def test_every_command_says_what_it_does() -> None:
         assert command in done.stdout
         help_text = run_cli(command, "--help")
         assert help_text.returncode == 0, help_text.stderr
+
+
+def test_a_deferred_signal_arrives_when_the_step_is_done() -> None:
+    steps = []
+    with pytest.raises(KeyboardInterrupt), signals.interruptible():
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("finished")  # not cut in half by the signal
+        steps.append("after")  # never reached: the signal was delivered on leaving
+    assert steps == ["finished"]

@@ -441,7 +441,12 @@ def test_sigterm_during_extraction_leaves_nothing_behind(env: Env) -> None:
     assert inventory(env) == before
     assert not (env.incus_dir / "storage-pools" / DEFAULT_POOL / "containers" / "rs-term").exists()
     repo = str(env.root / "repo")
-    assert not [p for p in Path("/proc").glob("[0-9]*") if repo in " ".join(cmdline(int(p.name)))]
+    left = [
+        cmdline(int(p.name))
+        for p in Path("/proc").glob("[0-9]*")
+        if repo in " ".join(cmdline(int(p.name)))
+    ]
+    assert not left, left
 
 
 def extracting(pid: int) -> bool:
