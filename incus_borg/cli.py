@@ -9,20 +9,20 @@ from pathlib import Path
 
 import click
 
-from . import borgmatic
 from . import config as config_module
 from .actions import backup as backup_action
 from .actions import check as check_action
-from .actions import hooks as hook_actions
+from .actions import configuration, list_runs
+from .actions import hook as hook_action
 from .actions import init as init_action
-from .actions import list_archives
 from .actions import prune as prune_action
-from .actions import restore as restore_action
-from .actions import restore_server as restore_server_action
-from .borg import Borg, Secrets
+from .context import Context
 from .errors import EXIT_ERROR, UserError
-from .incus import Incus
-from .source import Source, open_source
+from .restore import config as config_kind
+from .restore import files as files_kind
+from .restore import instance as instance_kind
+from .restore import server as server_kind
+from .restore import volume as volume_kind
 
 
 @dataclass
@@ -32,22 +32,10 @@ class Options:
     config_file: str | None
     debug: bool
 
-    def load(self) -> config_module.LoadedConfig:
-        """The validated configuration these options point at."""
-        return config_module.load(self.config_file)
-
-    def borg(self, loaded: config_module.LoadedConfig) -> Borg:
-        """A borg runner holding the configuration's secrets."""
-        return Borg(Secrets.from_config(loaded.config), debug=self.debug)
-
-    def source(
-        self, spec: str, label: str | None, expect: tuple[str, str] | None = None
-    ) -> tuple[config_module.Config, Source]:
-        """The configuration and the run (archive, `latest` or directory) to restore from;
-        `expect` names the instance (project, name) the restore will read."""
-        loaded = self.load()
-        repo = loaded.config.select_repositories(label)[0]
-        return loaded.config, open_source(spec, self.borg(loaded), repo, expect)
+    def context(self) -> Context:
+        """The validated configuration these options point at, ready for an action."""
+        config, path = config_module.load(self.config_file)
+        return Context(config, path, self.debug)
 
 
 pass_options = click.make_pass_decorator(Options)
@@ -79,8 +67,7 @@ def cli(ctx: click.Context, config_file: str | None, debug: bool) -> None:
 @pass_options
 def init(options: Options, label: str | None) -> None:
     """Create every configured Borg repository and export its key."""
-    loaded = options.load()
-    init_action.run(loaded, options.borg(loaded), label)
+    init_action.run(options.context(), label)
 
 
 @cli.command(name="list")
@@ -90,11 +77,7 @@ def init(options: Options, label: str | None) -> None:
 @pass_options
 def list_command(options: Options, archive: str | None, label: str | None, as_json: bool) -> None:
     """List the runs in the repositories, or what one run (ARCHIVE) holds."""
-    if archive:
-        list_archives.show(options.source(archive, label)[1], as_json)
-        return
-    loaded = options.load()
-    list_archives.run(loaded.config, options.borg(loaded), label, as_json)
+    list_runs.run(options.context(), archive, label, as_json)
 
 
 @cli.command()
@@ -103,8 +86,7 @@ def list_command(options: Options, archive: str | None, label: str | None, as_js
 @pass_options
 def prune(options: Options, label: str | None, dry_run: bool) -> int:
     """Delete incus-borg's runs beyond the retention (never other archives), then compact."""
-    loaded = options.load()
-    return prune_action.run(loaded.config, options.borg(loaded), label, dry_run)
+    return prune_action.run(options.context(), label, dry_run)
 
 
 @cli.command()
@@ -118,8 +100,8 @@ def prune(options: Options, label: str | None, dry_run: bool) -> int:
 @pass_options
 def check(options: Options, label: str | None, verify_data: bool, restore_test: bool) -> int:
     """Check the repositories, and optionally that the newest run really restores."""
-    loaded = options.load()
-    return check_action.run(loaded.config, options.borg(loaded), label, verify_data, restore_test)
+    wanted = check_action.CheckOptions(label, verify_data, restore_test)
+    return check_action.run(options.context(), wanted)
 
 
 @cli.group()
@@ -133,8 +115,7 @@ def key() -> None:
 @pass_options
 def key_export(options: Options, paper: bool, label: str | None) -> None:
     """Print the key export of each repository on stdout."""
-    loaded = options.load()
-    init_action.export_keys(loaded, options.borg(loaded), label, paper)
+    init_action.export_keys(options.context(), label, paper)
 
 
 mode_option = click.option(
@@ -169,9 +150,8 @@ def backup(
     progress: bool,
 ) -> int:
     """Back up the whole Incus server into every repository."""
-    loaded = options.load()
     wanted = backup_action.BackupOptions(mode, instances, label, dry_run, as_json, progress)
-    return backup_action.run(loaded.config, options.borg(loaded), wanted)
+    return backup_action.run(options.context(), wanted)
 
 
 @cli.group()
@@ -185,7 +165,7 @@ def hook() -> None:
 @pass_options
 def pre(options: Options, mode: str | None, instances: tuple[str, ...]) -> int:
     """Quiesce Incus and lay out the staging tree for another program to back up."""
-    return hook_actions.pre(options.load().config, mode, instances)
+    return hook_action.pre(options.context(), hook_action.PreOptions(mode, instances))
 
 
 @hook.command()
@@ -193,7 +173,7 @@ def pre(options: Options, mode: str | None, instances: tuple[str, ...]) -> int:
 @pass_options
 def post(options: Options, failed: bool) -> int:
     """Release every quiesce left by `hook pre` and empty the staging tree."""
-    return hook_actions.post(options.load().config, failed)
+    return hook_action.post(options.context(), failed)
 
 
 as_option = click.option(
@@ -245,12 +225,10 @@ def restore_instance(
     Incus imports the instance's definition; the data is extracted straight into the new
     volumes on dir and btrfs pools, and streamed into `incus import` on other pools.
     """
-    project_part, _, name_part = name.rpartition("/")
-    config, source = options.source(archive, label, (project_part or "default", name_part))
-    incus = Incus(config.incus.dir)
-    restore_action.instance(
-        incus, source, name, new_name, pool, project, start, with_volumes, stream
+    wanted = instance_kind.InstanceOptions(
+        name, new_name, pool, project, start, with_volumes, stream
     )
+    instance_kind.run(options.context(), archive, label, wanted)
 
 
 @restore.command(name="volume")
@@ -269,9 +247,8 @@ def restore_volume(
     label: str | None,
 ) -> None:
     """Restore one custom volume (filesystem or block) with its snapshots."""
-    config, source = options.source(archive, label)
-    item = restore_action.find_item(source, "volume", name)
-    restore_action.volume(Incus(config.incus.dir), source, item, new_name, pool, None)
+    wanted = volume_kind.VolumeOptions(archive, name, new_name, pool, label)
+    volume_kind.run(options.context(), wanted)
 
 
 @restore.command(name="config")
@@ -299,14 +276,8 @@ def restore_config(
         for k, on in (("projects", projects), ("networks", networks), ("profiles", profiles))
         if on
     ]
-    config, source = options.source(archive, label)
-    restore_action.config(
-        Incus(config.incus.dir),
-        source,
-        kinds or ["projects", "networks", "profiles"],
-        names,
-        replace,
-    )
+    wanted = config_kind.ConfigOptions(archive, kinds, names, replace, label)
+    config_kind.run(options.context(), wanted)
 
 
 @restore.command(name="files")
@@ -320,8 +291,8 @@ def restore_files(
     options: Options, archive: str, name: str, paths: tuple[str, ...], dest: str, label: str | None
 ) -> None:
     """Copy files or directories out of an instance (or POOL/[P/]NAME volume) into DIR."""
-    _, source = options.source(archive, label)
-    restore_action.files(source, name, paths, Path(dest))
+    wanted = files_kind.FilesOptions(archive, name, paths, Path(dest), label)
+    files_kind.run(options.context(), wanted)
 
 
 @restore.command(name="server")
@@ -331,9 +302,7 @@ def restore_files(
 @pass_options
 def restore_server(options: Options, archive: str, yes: bool, label: str | None) -> None:
     """Restore the whole server; the current Incus directory is moved aside, never deleted."""
-    restore_server_action.require_confirmation(yes)
-    config, source = options.source(archive, label)
-    restore_server_action.run(config, source)
+    server_kind.run(options.context(), server_kind.ServerOptions(archive, yes, label))
 
 
 @cli.group(name="config")
@@ -351,10 +320,7 @@ def config_group() -> None:
 @pass_options
 def generate(options: Options, for_borgmatic: bool) -> None:
     """Print a commented sample configuration, or a borgmatic fragment for this host."""
-    if for_borgmatic:
-        click.echo(borgmatic.fragment(options.load()), nl=False)
-        return
-    click.echo(config_module.sample(), nl=False)
+    click.echo(configuration.generate(options.context(), for_borgmatic), nl=False)
 
 
 @config_group.command()
@@ -362,9 +328,7 @@ def generate(options: Options, for_borgmatic: bool) -> None:
 @pass_options
 def validate(options: Options, file: str | None) -> None:
     """Check a configuration file (default: the one -c or the environment names)."""
-    loaded = config_module.load(file or options.config_file)
-    source = loaded.path or "built-in defaults"
-    click.echo(f"{source}: valid")
+    click.echo(configuration.validate(file or options.config_file))
 
 
 def main() -> None:

@@ -151,14 +151,6 @@ class Config:
         raise UserError(f"no repository labelled {label!r}: use one of {known}")
 
 
-@dataclass(frozen=True)
-class LoadedConfig:
-    """A validated configuration and the file it came from (None for built-in defaults)."""
-
-    config: Config
-    path: Path | None
-
-
 def resolve_path(option: str | None) -> tuple[Path | None, bool]:
     """Which file to read: -c, then $INCUS_BORG_CONFIG, then the default path if it exists.
 
@@ -173,12 +165,13 @@ def resolve_path(option: str | None) -> tuple[Path | None, bool]:
     return None, False
 
 
-def load(option: str | None) -> LoadedConfig:
-    """Read and validate the configuration chosen by `resolve_path`."""
+def load(option: str | None) -> tuple[Config, Path | None]:
+    """Read and validate the configuration chosen by `resolve_path`; returns it and the file
+    it came from (None for the built-in defaults)."""
     path, _ = resolve_path(option)
     if path is None:
-        return LoadedConfig(Config(), None)
-    return LoadedConfig(parse(read_text(path), str(path)), path)
+        return Config(), None
+    return parse(read_text(path), str(path)), path
 
 
 def read_text(path: Path) -> str:

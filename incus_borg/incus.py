@@ -1,25 +1,91 @@
-"""The only code that runs `incus`: API queries and client commands against one Incus directory."""
+"""The only code that speaks to Incus: its REST API over the daemon's unix socket, as named
+methods, and the few `incus` client commands that have no plain API call (import, SQL dumps,
+exec, waitready).
+
+Every API path is built here; callers pass names, never URLs. Names are quoted the same way
+everywhere, and the `used_by` URLs the API returns are parsed in one helper.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shlex
+import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from .errors import UserError
 
 DEFAULT_TIMEOUT = 120.0
+OPERATION_TIMEOUT = 600  # seconds an asynchronous operation (snapshot, state change) may take
 UNREACHABLE_SIGNS = ("connect: no such file", "connection refused", "unix.socket: connect")
+# Entity kinds whose lists are per project; the others are server-wide.
+PROJECT_KINDS = {"instances", "profiles", "networks", "network-acls", "network-zones", "images"}
+
+
+def _segment(name: str) -> str:
+    """One path segment, quoted (a name may hold characters a URL path may not)."""
+    return quote(name, safe="")
+
+
+def api_path(*segments: str, project: str | None = None, **params: str) -> str:
+    """`/1.0/<segments...>?project=...&<params>`, every segment quoted."""
+    path = "/".join(["/1.0", *(_segment(s) for s in segments)])
+    if project is not None:
+        params = {"project": project, **params}
+    return f"{path}?{urlencode(params)}" if params else path
+
+
+def parse_url(url: str) -> tuple[list[str], str]:
+    """An API URL (as in `used_by` or a collection listing) -> its segments after `/1.0/`
+    (unquoted) and its project (`default` when none is named)."""
+    parts = urlsplit(url)
+    segments = [unquote(s) for s in parts.path.removeprefix("/1.0/").split("/") if s]
+    project = parse_qs(parts.query).get("project", ["default"])[0]
+    return segments, project
+
+
+def names_of(urls: Iterable[str]) -> list[str]:
+    """The last segment of each URL of a collection listing."""
+    return [parse_url(url)[0][-1] for url in urls]
+
+
+def instances_using(used_by: Iterable[str]) -> list[tuple[str, str]]:
+    """(project, name) of the instances among a `used_by` list."""
+    found = []
+    for url in used_by:
+        segments, project = parse_url(url)
+        if len(segments) == 2 and segments[0] == "instances":
+            found.append((project, segments[1]))
+    return found
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("incus", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class Incus:
-    """Runs the `incus` client with INCUS_DIR set to one server's directory."""
+    """One Incus server, reached through the unix socket in its directory."""
 
     def __init__(self, directory: str | Path, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.dir = Path(directory)
@@ -30,8 +96,249 @@ class Incus:
         """The daemon's unix socket."""
         return self.dir / "unix.socket"
 
+    # --- the transport ---------------------------------------------------------------------
+
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
+        """One API call; an asynchronous operation is waited for. Returns the metadata."""
+        answer = self._exchange(method, path, body, timeout or self.timeout)
+        if answer.get("type") == "error":
+            raise self._api_error(method, path, str(answer.get("error", "")))
+        if answer.get("type") == "async":
+            return self._wait(method, path, str(answer["operation"]))
+        return answer.get("metadata")
+
+    def _exchange(self, method: str, path: str, body: Any, timeout: float) -> dict[str, Any]:
+        conn = _UnixConnection(self.socket, timeout)
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            raw = conn.getresponse().read()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise self.unreachable() from None
+        except TimeoutError:
+            raise UserError(
+                f"Incus at {self.socket} did not answer {method} {path.split('?')[0]} within "
+                f"{timeout:.0f} s"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise UserError(f"Incus at {self.socket}: {method} {path}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            answer: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            raise UserError(f"Incus answered {method} {path} with something not JSON") from None
+        return answer
+
+    def _wait(self, method: str, path: str, operation: str) -> Any:
+        segments, _ = parse_url(operation)
+        waiting = api_path(*segments, "wait", timeout=str(OPERATION_TIMEOUT))
+        done = self._exchange("GET", waiting, None, OPERATION_TIMEOUT + 30)
+        if done.get("type") == "error":
+            raise self._api_error(method, path, str(done.get("error", "")))
+        meta = done.get("metadata") or {}
+        if meta.get("status_code") != 200:
+            raise self._api_error(method, path, str(meta.get("err") or meta.get("status")))
+        return meta.get("metadata")
+
+    def unreachable(self) -> UserError:
+        """The error for a daemon that does not answer."""
+        return UserError(f"Incus is not reachable at {self.socket}: is incusd running?")
+
+    @staticmethod
+    def _api_error(method: str, path: str, message: str) -> UserError:
+        what = path.split("?")[0].removeprefix("/1.0/")
+        return UserError(f"Incus refused {method} {what}: {message}")
+
+    def _get(self, *segments: str, project: str | None = None, **params: str) -> Any:
+        return self.request("GET", api_path(*segments, project=project, **params))
+
+    def _list(self, kind: str, project: str | None = None, recursion: str = "1") -> Any:
+        """A collection, of one project or (kinds that have projects, `project` None) of all."""
+        if kind in PROJECT_KINDS and project is None:
+            return self._get(kind, recursion=recursion, **{"all-projects": "true"})
+        return self._get(kind, project=project, recursion=recursion)
+
+    # --- the server ------------------------------------------------------------------------
+
+    def server(self) -> dict[str, Any]:
+        """GET /1.0: the server's configuration and environment."""
+        return dict(self._get())
+
+    def version(self) -> str:
+        """The daemon's version."""
+        return str(self.server()["environment"].get("server_version", ""))
+
+    def reachable(self) -> bool:
+        """Whether the daemon answers on its socket."""
+        try:
+            self.request("GET", api_path(), timeout=10)
+        except UserError:
+            return False
+        return True
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until the daemon has started and answers."""
+        self.run(["admin", "waitready", "--timeout", str(int(timeout))], timeout=timeout + 10)
+
+    def shutdown(self, timeout: int = 60) -> None:
+        """`incus admin shutdown`: stop the instances, then the daemon."""
+        self.run(["admin", "shutdown", "--timeout", str(timeout)], timeout=timeout * 2)
+
+    def sql_dump(self, scope: str) -> str:
+        """`incus admin sql local|global .dump`: the database as SQL text."""
+        return self.run(["admin", "sql", scope, ".dump"])
+
+    # --- entities --------------------------------------------------------------------------
+
+    def entities(self, kind: str, project: str | None = None) -> list[dict[str, Any]]:
+        """Every entity of a kind (projects, profiles, networks, network-acls, network-zones,
+        storage-pools, instances, images), in one project or in all."""
+        return list(self._list(kind, project))
+
+    def entity_names(self, kind: str, project: str | None) -> set[str]:
+        """Names of the entities of a kind in a project (kinds without projects: None)."""
+        return set(names_of(self._get(kind, project=project)))
+
+    def create_entity(self, kind: str, project: str | None, body: dict[str, Any]) -> None:
+        """Create a project, network or profile."""
+        self.request("POST", api_path(kind, project=project), body)
+
+    def update_entity(
+        self, kind: str, project: str | None, name: str, body: dict[str, Any]
+    ) -> None:
+        """Replace a project's, network's or profile's writable fields."""
+        self.request("PUT", api_path(kind, name, project=project), body)
+
+    def project(self, name: str) -> dict[str, Any]:
+        """One project."""
+        return dict(self._get("projects", name))
+
+    def delete_project(self, name: str) -> None:
+        """Delete an (empty) project."""
+        self.request("DELETE", api_path("projects", name))
+
+    def instances(self, project: str | None = None, recursion: str = "2") -> list[dict[str, Any]]:
+        """Instances with their state and snapshots (recursion 2), in a project or all."""
+        return list(self._list("instances", project, recursion))
+
+    # --- storage ---------------------------------------------------------------------------
+
+    def pools(self) -> list[dict[str, Any]]:
+        """Every storage pool."""
+        return list(self._get("storage-pools", recursion="1"))
+
+    def pool(self, name: str) -> dict[str, Any]:
+        """One storage pool."""
+        return dict(self._get("storage-pools", name))
+
+    def custom_volumes(self, pool: str, project: str | None = None) -> list[dict[str, Any]]:
+        """A pool's custom volumes (and their snapshots, named `vol/snap`), in a project or
+        all."""
+        segments = ("storage-pools", pool, "volumes", "custom")
+        if project is None:
+            return list(self._get(*segments, recursion="1", **{"all-projects": "true"}))
+        return list(self._get(*segments, project=project, recursion="1"))
+
+    def custom_volume_names(self, pool: str, project: str) -> set[str]:
+        """Names of a pool's custom volumes in a project (snapshots left out)."""
+        segments = ("storage-pools", pool, "volumes", "custom")
+        return {n for n in names_of(self._get(*segments, project=project)) if "/" not in n}
+
+    def custom_volume(self, pool: str, project: str, name: str) -> dict[str, Any]:
+        """One custom volume."""
+        return dict(self._get("storage-pools", pool, "volumes", "custom", name, project=project))
+
+    def volume_snapshot_records(self, pool: str, project: str, name: str) -> list[dict[str, Any]]:
+        """A custom volume's snapshots, in full."""
+        segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots")
+        return list(self._get(*segments, project=project, recursion="1"))
+
+    def volume_snapshots(self, pool: str, project: str, name: str) -> list[str]:
+        """Names of a custom volume's snapshots, oldest first."""
+        segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots")
+        return names_of(self._get(*segments, project=project))
+
+    def create_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
+        """Take a snapshot of a custom volume."""
+        path = api_path(
+            "storage-pools", pool, "volumes", "custom", name, "snapshots", project=project
+        )
+        self.request("POST", path, {"name": snap})
+
+    def delete_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
+        """Delete one snapshot of a custom volume."""
+        segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots", snap)
+        self.request("DELETE", api_path(*segments, project=project))
+
+    def image_volumes(self, pool: str) -> list[dict[str, Any]]:
+        """A pool's image volumes (unpacked images that instances are cloned from)."""
+        segments = ("storage-pools", pool, "volumes", "image")
+        return list(self._get(*segments, recursion="1", **{"all-projects": "true"}))
+
+    def delete_image_volume(self, pool: str, project: str | None, name: str) -> None:
+        """Forget an image volume (Incus unpacks the image again when it is next used)."""
+        path = api_path("storage-pools", pool, "volumes", "image", name, project=project)
+        self.request("DELETE", path)
+
+    # --- instances -------------------------------------------------------------------------
+
+    def instance(self, project: str, name: str, recursion: str = "0") -> dict[str, Any]:
+        """One instance (with its state and snapshots at recursion 1)."""
+        return dict(self._get("instances", name, project=project, recursion=recursion))
+
+    def instance_status(self, project: str, name: str) -> str:
+        """Running, Stopped or Frozen."""
+        return str(self._get("instances", name, "state", project=project)["status"])
+
+    def change_state(self, project: str, name: str, action: str, timeout: int = 60) -> None:
+        """freeze, unfreeze, stop or start an instance (stop waits `timeout` s, then forces)."""
+        data: dict[str, Any] = {"action": action}
+        if action == "stop":
+            data |= {"timeout": timeout, "force": False}
+        self.request("PUT", api_path("instances", name, "state", project=project), data)
+
+    def update_instance(self, project: str, name: str, body: dict[str, Any]) -> None:
+        """Replace an instance's writable fields."""
+        self.request("PUT", api_path("instances", name, project=project), body)
+
+    def delete_instance(self, project: str, name: str) -> None:
+        """Delete an instance, stopping it first (forcibly) when it runs."""
+        if self.instance_status(project, name) != "Stopped":
+            path = api_path("instances", name, "state", project=project)
+            self.request("PUT", path, {"action": "stop", "force": True})
+        self.request("DELETE", api_path("instances", name, project=project))
+
+    def instance_snapshots(self, project: str, name: str) -> list[str]:
+        """Names of an instance's snapshots, oldest first."""
+        return names_of(self._get("instances", name, "snapshots", project=project))
+
+    def create_instance_snapshot(self, project: str, name: str, snap: str) -> None:
+        """Take a (stateless) snapshot of an instance."""
+        path = api_path("instances", name, "snapshots", project=project)
+        self.request("POST", path, {"name": snap, "stateful": False})
+
+    def delete_instance_snapshot(self, project: str, name: str, snap: str) -> None:
+        """Delete one snapshot of an instance."""
+        self.request("DELETE", api_path("instances", name, "snapshots", snap, project=project))
+
+    def import_instance(self, stream: IO[bytes], name: str, pool: str, project: str) -> None:
+        """`incus import`: an instance from a backup tarball read from `stream`."""
+        args = ["import", "-", name, "--storage", pool, "--project", project]
+        self.feed(args, stream)
+
+    def import_volume(self, stream: IO[bytes], pool: str, name: str, project: str) -> None:
+        """`incus storage volume import`: a custom volume from a backup tarball."""
+        args = ["storage", "volume", "import", pool, "/dev/stdin", name, "--project", project]
+        self.feed(args, stream)
+
+    # --- the client and the daemon's service ------------------------------------------------
+
     def env(self) -> dict[str, str]:
-        """The environment for every incus call."""
+        """The environment for every incus client call."""
         return {**os.environ, "INCUS_DIR": str(self.dir)}
 
     def run(
@@ -50,6 +357,10 @@ class Incus:
         if done.returncode != 0:
             raise self._failure(args, done.stderr.decode("utf-8", "replace"))
         return done.stdout.decode("utf-8", "replace")
+
+    def feed(self, args: Sequence[str], stdin: IO[bytes], timeout: float = 24 * 3600) -> None:
+        """Run `incus ARGS...` reading a stream (such as a backup tarball) from `stdin`."""
+        self.run(["--quiet", *args], stdin=stdin, timeout=timeout)
 
     def _execute(
         self, argv: list[str], stdin: IO[bytes] | None, timeout: float, missing: str, slow: str
@@ -74,18 +385,10 @@ class Incus:
         """Turn a failed call's stderr into one line naming the cause."""
         text = stderr.strip()
         if any(sign in text.lower() for sign in UNREACHABLE_SIGNS) or not self.socket.exists():
-            return UserError(f"Incus is not reachable at {self.socket}: is incusd running?")
+            return self.unreachable()
         last = text.splitlines()[-1] if text else "no message"
         what = " ".join([a for a in args if not a.startswith("-")][:3])
         return UserError(f"`incus {what}` failed: {last.removeprefix('Error: ')}")
-
-    def query(self, path: str, method: str = "GET", data: Any = None) -> Any:
-        """Call the REST API through `incus query` and return the decoded JSON."""
-        args = ["query", "--wait", "-X", method, path]
-        if data is not None:
-            args += ["--data", json.dumps(data)]
-        out = self.run(args)
-        return json.loads(out) if out.strip() else None
 
     def run_daemon_command(self, command: str, what: str, timeout: float = 120) -> float:
         """Run incus.stop_command or incus.start_command (split like a shell, run without one).
@@ -101,75 +404,3 @@ class Incus:
             detail = (lines or [f"exit {done.returncode}"])[-1]
             raise UserError(f"incus.{what} {command!r} failed: {detail}")
         return time.monotonic() - started
-
-    def feed(self, args: Sequence[str], stdin: IO[bytes], timeout: float = 24 * 3600) -> None:
-        """Run `incus ARGS...` reading a stream (such as a backup tarball) from `stdin`."""
-        self.run(["--quiet", *args], stdin=stdin, timeout=timeout)
-
-    def reachable(self) -> bool:
-        """Whether the daemon answers on its socket."""
-        try:
-            self.run(["query", "/1.0"], timeout=10)
-        except UserError:
-            return False
-        return True
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Wait until the daemon has started and answers."""
-        self.run(["admin", "waitready", "--timeout", str(int(timeout))], timeout=timeout + 10)
-
-    def sql_dump(self, scope: str) -> str:
-        """`incus admin sql local|global .dump`: the database as SQL text."""
-        return self.run(["admin", "sql", scope, ".dump"])
-
-    # --- instances and volumes -----------------------------------------------------------
-
-    def instance_status(self, project: str, name: str) -> str:
-        """Running, Stopped or Frozen."""
-        return str(self.query(api_path(f"/1.0/instances/{quote(name)}/state", project))["status"])
-
-    def change_state(self, project: str, name: str, action: str) -> None:
-        """freeze, unfreeze, stop or start an instance (stop waits up to 60 s, then forces)."""
-        data: dict[str, Any] = {"action": action}
-        if action == "stop":
-            data |= {"timeout": 60, "force": False}
-        self.query(api_path(f"/1.0/instances/{quote(name)}/state", project), "PUT", data)
-
-    def instance_snapshots(self, project: str, name: str) -> list[str]:
-        """Names of an instance's snapshots, oldest first."""
-        urls = self.query(api_path(f"/1.0/instances/{quote(name)}/snapshots", project))
-        return [u.rsplit("/", 1)[-1].split("?")[0] for u in urls]
-
-    def create_instance_snapshot(self, project: str, name: str, snap: str) -> None:
-        """Take a (stateless) snapshot of an instance."""
-        path = api_path(f"/1.0/instances/{quote(name)}/snapshots", project)
-        self.query(path, "POST", {"name": snap, "stateful": False})
-
-    def delete_instance_snapshot(self, project: str, name: str, snap: str) -> None:
-        """Delete one snapshot of an instance."""
-        path = f"/1.0/instances/{quote(name)}/snapshots/{quote(snap)}"
-        self.query(api_path(path, project), "DELETE")
-
-    def volume_snapshots(self, pool: str, project: str, name: str) -> list[str]:
-        """Names of a custom volume's snapshots, oldest first."""
-        path = f"/1.0/storage-pools/{quote(pool)}/volumes/custom/{quote(name)}/snapshots"
-        return [u.rsplit("/", 1)[-1].split("?")[0] for u in self.query(api_path(path, project))]
-
-    def create_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
-        """Take a snapshot of a custom volume."""
-        path = f"/1.0/storage-pools/{quote(pool)}/volumes/custom/{quote(name)}/snapshots"
-        self.query(api_path(path, project), "POST", {"name": snap})
-
-    def delete_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
-        """Delete one snapshot of a custom volume."""
-        path = (
-            f"/1.0/storage-pools/{quote(pool)}/volumes/custom/{quote(name)}/snapshots/{quote(snap)}"
-        )
-        self.query(api_path(path, project), "DELETE")
-
-
-def api_path(path: str, project: str | None = None, **params: str) -> str:
-    """An API path with its query string (project and other parameters)."""
-    if project is not None:
-        params = {"project": project, **params}
-    return f"{path}?{urlencode(params)}" if params else path

@@ -42,8 +42,12 @@ INCUS_EXCLUDES = (
     "storage-pools/*/*/*",
 )
 
-SNAPSHOT_PREFIX = "incus-borg-"
-
+SNAPSHOT_PREFIX = "incus-borg-"  # temporary snapshots a run takes
+RUN_COMMENT = (
+    "incus-borg"  # the Borg comment on every archive a run makes: `prune` may delete those
+)
+# Pools whose volumes are plain files under the Incus directory: read and restored in place.
+READABLE_DRIVERS = frozenset({"dir", "btrfs"})
 
 PART_MARK = "@"  # part archives are named <run>@<kind>@...
 
@@ -56,6 +60,16 @@ def instance_archive(run: str, project: str, name: str) -> str:
 def volume_archive(run: str, pool: str, project: str, name: str) -> str:
     """The archive holding one custom volume of run `run` (when it has its own)."""
     return PART_MARK.join((run, "volume", pool, project, name))
+
+
+def run_of(archive: str) -> str:
+    """The run an archive belongs to: itself, or the run a part archive was made for."""
+    return archive.split(PART_MARK, 1)[0]
+
+
+def is_part(archive: str) -> bool:
+    """Whether an archive is a part of a run (one instance or volume), not a run's own."""
+    return PART_MARK in archive
 
 
 def instance_import_files(stage: str) -> list[str]:
@@ -129,6 +143,20 @@ def instance_mounts(
     return {backup / member: path for member, path in places.items()}
 
 
+def volume_places(
+    incus_dir: Path, pool: str, project: str, name: str, snapshots: list[str], block: bool
+) -> dict[str, Path]:
+    """A custom volume's members below its `backup/` (`volume`, `volume-snapshots/<snap>`,
+    with `.img` for block volumes) -> its directory or image file in the pool."""
+    suffix = ".img" if block else ""
+    places = {"volume" + suffix: volume_data(incus_dir, pool, project, name, block)}
+    for snap in snapshots:
+        places[f"volume-snapshots/{snap}{suffix}"] = volume_snapshot_data(
+            incus_dir, pool, project, name, snap, block
+        )
+    return places
+
+
 def volume_mounts(
     incus_dir: Path,
     pool: str,
@@ -138,12 +166,9 @@ def volume_mounts(
     block: bool,
     source: Path,
 ) -> dict[PurePosixPath, Path]:
-    """Stable staging path -> on-disk source, for a custom volume and its snapshots."""
+    """Stable staging path -> on-disk source, for a custom volume (read from `source`) and
+    its snapshots."""
     backup = volume_stage(pool, project, name) / "backup"
-    suffix = ".img" if block else ""
-    mounts = {backup / ("volume" + suffix): source}
-    for snap in snapshots:
-        mounts[backup / "volume-snapshots" / (snap + suffix)] = volume_snapshot_data(
-            incus_dir, pool, project, name, snap, block
-        )
-    return mounts
+    places = volume_places(incus_dir, pool, project, name, snapshots, block)
+    places["volume.img" if block else "volume"] = source
+    return {backup / member: path for member, path in places.items()}

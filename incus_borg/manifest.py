@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Item:
-    """One instance or custom volume, as backed up."""
+    """One instance or custom volume: planned, read, recorded and restored as this record."""
 
     kind: str  # "instance" or "volume"
     project: str
@@ -30,6 +30,7 @@ class Item:
     window: float | None = None  # seconds it was quiesced; None in hook mode
     bytes_read: int | None = None
     changed_files: int | None = None  # files that missed Borg's files cache
+    users: list[str] = field(default_factory=list)  # running instances (P/NAME) using a volume
 
     @property
     def ref(self) -> str:

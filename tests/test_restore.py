@@ -32,12 +32,12 @@ from harness.server import (
     unique_bridge_name,
 )
 
-from incus_borg.actions import restore as restore_action
 from incus_borg.borg import Borg, Secrets
 from incus_borg.config import load as load_config
 from incus_borg.errors import UserError
 from incus_borg.incus import Incus
-from incus_borg.source import Source, open_source
+from incus_borg.restore import instance as instance_kind
+from incus_borg.restore.source import Source, open_source
 
 pytestmark = pytest.mark.incus
 
@@ -399,23 +399,18 @@ def test_failed_extraction_leaves_nothing_behind(env: Env) -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(self.inner, name)
 
-        def extract_plan(self, item: Any, plan: Any) -> None:
+        def extract_all(self, item: Any, extractions: Any) -> None:
             raise UserError("extraction failed")
 
     before = inventory(env)
-    loaded = load_config(str(env.config))
-    repo = loaded.config.repositories[0]
-    source = open_source(env.run, Borg(Secrets.from_config(loaded.config)), repo)
+    config, _ = load_config(str(env.config))
+    repo = config.repositories[0]
+    source = open_source(env.run, Borg(Secrets.from_config(config)), repo)
     with pytest.raises(UserError, match="extraction failed"):
-        restore_action.instance(
+        instance_kind.restore(
             Incus(env.incus_dir),
             FailingSource(source),
-            "rs-dir",
-            "rs-failed",
-            None,
-            None,
-            False,
-            False,
+            instance_kind.InstanceOptions("rs-dir", new_name="rs-failed"),
         )
     assert inventory(env) == before
     assert not (

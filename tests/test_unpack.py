@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from incus_borg import unpack
 from incus_borg.errors import UserError
-from incus_borg.unpack import Entry, Tree
+from incus_borg.restore import unpack
+from incus_borg.restore.unpack import Entry, Tree
 
 MB = 1_000_000
 ROOT = "instances/default/c1/backup/container"
@@ -35,16 +35,16 @@ def listing(files: dict[str, int], links: dict[str, str] | None = None) -> list[
 
 def test_one_worker_or_a_small_tree_is_one_job(tmp_path: Path) -> None:
     entries = listing({"rootfs/usr/a": 300 * MB, "rootfs/srv/b": 300 * MB})
-    assert len(unpack.plan([Tree(ROOT, tmp_path)], entries, 1).jobs) == 1
+    assert len(unpack.split([Tree(ROOT, tmp_path)], entries, 1).jobs) == 1
     small = listing({"rootfs/usr/a": 10 * MB, "rootfs/srv/b": 10 * MB})
-    assert len(unpack.plan([Tree(ROOT, tmp_path)], small, 2).jobs) == 1
+    assert len(unpack.split([Tree(ROOT, tmp_path)], small, 2).jobs) == 1
 
 
 def test_a_large_tree_is_cut_about_in_half(tmp_path: Path) -> None:
     files = {f"rootfs/usr/lib/d{i}/f": 40 * MB for i in range(10)}
     files |= {f"rootfs/srv/f{i}": 50 * MB for i in range(4)}
-    the_plan = unpack.plan([Tree(ROOT, tmp_path)], listing(files), 2)
-    cut, rest = the_plan.jobs if the_plan.jobs[0].paths != (ROOT,) else the_plan.jobs[::-1]
+    extractions = unpack.split([Tree(ROOT, tmp_path)], listing(files), 2)
+    cut, rest = extractions.jobs if extractions.jobs[0].paths != (ROOT,) else extractions.jobs[::-1]
     assert rest.paths == (ROOT,)
     assert set(cut.paths) <= set(rest.excludes)
     assert 0.8 < cut.cost / rest.cost < 1.25
@@ -55,12 +55,12 @@ def test_hard_links_never_cross_a_cut(tmp_path: Path) -> None:
     files = {f"rootfs/a/f{i}": 100 * MB for i in range(3)}
     files |= {f"rootfs/b/f{i}": 100 * MB for i in range(3)}
     entries = listing(files, links={"rootfs/b/link": "rootfs/a/f0"})
-    the_plan = unpack.plan([Tree(ROOT, tmp_path)], entries, 2)
-    for job in the_plan.jobs:
+    extractions = unpack.split([Tree(ROOT, tmp_path)], entries, 2)
+    for job in extractions.jobs:
         for path in job.paths:
             assert path not in (f"{ROOT}/rootfs/a", f"{ROOT}/rootfs/b")
     linked = {f"{ROOT}/rootfs/b/link", f"{ROOT}/rootfs/a/f0"}
-    cut_paths = [p for j in the_plan.jobs if j.paths != (ROOT,) for p in j.paths]
+    cut_paths = [p for j in extractions.jobs if j.paths != (ROOT,) for p in j.paths]
     assert not any(any(x.startswith(p + "/") or x == p for x in linked) for p in cut_paths)
 
 
@@ -70,8 +70,8 @@ def test_no_cut_inside_a_directory_with_flags(tmp_path: Path) -> None:
         Entry(e.path, e.type, e.size, flags=0x10) if e.path.endswith("/locked") else e
         for e in listing(files)
     ]
-    the_plan = unpack.plan([Tree(ROOT, tmp_path)], entries, 2)
-    assert [j.paths for j in the_plan.jobs] == [(ROOT,)]
+    extractions = unpack.split([Tree(ROOT, tmp_path)], entries, 2)
+    assert [j.paths for j in extractions.jobs] == [(ROOT,)]
 
 
 def test_snapshots_are_jobs_of_their_own(tmp_path: Path) -> None:
@@ -82,22 +82,22 @@ def test_snapshots_are_jobs_of_their_own(tmp_path: Path) -> None:
         Entry(f"{snap}/rootfs/a", "-", 100 * MB),
     ]
     trees = [Tree(ROOT, tmp_path / "main"), Tree(snap, tmp_path / "snap")]
-    the_plan = unpack.plan(trees, entries, 2)
-    assert sorted(j.dest.name for j in the_plan.jobs) == ["main", "snap"]
-    assert {j.strip for j in the_plan.jobs} == {5, 6}
+    extractions = unpack.split(trees, entries, 2)
+    assert sorted(j.dest.name for j in extractions.jobs) == ["main", "snap"]
+    assert {j.strip for j in extractions.jobs} == {5, 6}
 
 
 def test_placeholders_keep_directories_and_their_times(tmp_path: Path) -> None:
     files = {f"rootfs/usr/lib/d{i}/f": 40 * MB for i in range(10)}
     files |= {f"rootfs/srv/f{i}": 50 * MB for i in range(4)}
-    the_plan = unpack.plan([Tree(ROOT, tmp_path)], listing(files), 2)
-    assert the_plan.placeholders
-    the_plan.prepare()
-    for placeholder in the_plan.placeholders:
+    extractions = unpack.split([Tree(ROOT, tmp_path)], listing(files), 2)
+    assert extractions.placeholders
+    extractions.prepare()
+    for placeholder in extractions.placeholders:
         assert placeholder.is_file()
         os.utime(placeholder.parent, ns=(1, 7_000_000_123))  # as an extraction sets it
-    the_plan.finish()
-    for placeholder in the_plan.placeholders:
+    extractions.finish()
+    for placeholder in extractions.placeholders:
         assert not placeholder.exists()
         assert placeholder.parent.stat().st_mtime_ns == 7_000_000_123
 

@@ -1,1 +1,2 @@
-"""One module per command: each takes parsed options and does the work."""
+"""One module per command (restore's kinds are in `restore/`); each takes a `Context` and
+the command's options."""

@@ -9,17 +9,18 @@ from typing import Any
 
 import click
 
-from .. import layout, plan, signals
+from .. import layout
+from ..backup import plan
+from ..backup.capture import Capture
+from ..backup.plan import Plan
+from ..backup.session import Session
 from ..borg import Borg, BorgResult, create_argv, info_argv
-from ..capture import Capture, archive_path, item_for
 from ..config import Config, Repository
+from ..context import Context
 from ..errors import EXIT_ERROR, UserError, Warnings
-from ..incus import Incus
 from ..manifest import Item
-from ..plan import Plan, Target
 
-INSTANCE_FILES_CACHE = "mtime,size"
-RUN_COMMENT = "incus-borg"  # marks the archives `prune` may delete  # snapshot copies change inodes and ctimes, not content
+INSTANCE_FILES_CACHE = "mtime,size"  # snapshot copies change inodes and ctimes, not content
 
 
 @dataclass
@@ -53,11 +54,11 @@ class Outcome:
         self.changed_files[repo] = self.changed_files.get(repo, 0) + result.changed_files
 
 
-def part_archive(run: str, target: Target) -> str:
+def part_archive(run: str, item: Item) -> str:
     """The archive holding one instance or volume of run `run`."""
-    if target.kind == "instance":
-        return layout.instance_archive(run, target.project, target.name)
-    return layout.volume_archive(run, target.pool, target.project, target.name)
+    if item.kind == "instance":
+        return layout.instance_archive(run, item.project, item.name)
+    return layout.volume_archive(run, item.pool, item.project, item.name)
 
 
 def files_cache_suffix(name: str) -> str:
@@ -70,33 +71,29 @@ def reporter(as_json: bool) -> Any:
     return lambda line: click.echo(line, err=as_json)
 
 
-def run(config: Config, borg: Borg, options: BackupOptions) -> int:
+def run(ctx: Context, options: BackupOptions) -> int:
     """Back up the whole server (or the named instances); returns the exit code."""
-    mode = options.mode or config.mode
-    incus = Incus(config.incus.dir)
+    config = ctx.config
+    borg = ctx.borg()
     warnings = Warnings()
-    report = reporter(options.as_json)
-    capture = Capture(config, mode, incus, warnings, report)
+    session = Session(
+        config, options.mode or config.mode, ctx.incus(), warnings, reporter(options.as_json)
+    )
     repos = config.select_repositories(options.label)
     selection = list(options.instances) or config.instances
-    with capture.journal.locked():
-        capture.recover("backup")
-        the_plan = plan.build(incus, mode, selection)
+    with session.locked("backup"):
+        the_plan = plan.build(session.incus, session.mode, selection)
         if options.dry_run:
-            print_plan(the_plan, config, repos, report)
+            print_plan(the_plan, config, repos, session.report)
             return 0
         outcome = Outcome()
         live = check_repositories(borg, repos, outcome, warnings)
-        capture.journal.begin("backup", capture.run)
-        try:
-            with signals.interruptible():
-                writer = Writer(borg, live, outcome, warnings, capture.stage.root, options.progress)
-                items = read_all(capture, the_plan, writer)
-        finally:
-            with signals.shielded():
-                capture.finish()
+        capture = Capture(session)
+        with session.holding("backup"):
+            writer = Writer(borg, live, outcome, warnings, session.stage.root, options.progress)
+            read_all(capture, the_plan, writer)
     if options.as_json:
-        click.echo(json.dumps(summary(capture, items, outcome, warnings), indent=2))
+        click.echo(json.dumps(summary(capture, the_plan, outcome, warnings), indent=2))
     if not outcome.archives:
         raise UserError("no repository holds this run: " + "; ".join(outcome.failed.values()))
     return warnings.exit_code
@@ -149,7 +146,7 @@ class Writer:
                 excludes=excludes or (),
                 files_cache=files_cache,
                 progress=self.progress,
-                comment=RUN_COMMENT,
+                comment=layout.RUN_COMMENT,
             )
             try:
                 result = self.borg.run(
@@ -176,52 +173,48 @@ class Writer:
         return read, changed
 
 
-def read_all(capture: Capture, the_plan: Plan, writer: Writer) -> dict[str, Item]:
-    """Capture the server, read each target into its own archive, then the server archive."""
+def read_all(capture: Capture, the_plan: Plan, writer: Writer) -> None:
+    """Capture the server, read each item into its own archive, then the server archive."""
+    session = capture.session
     database = capture.capture_server(the_plan)
-    items: dict[str, Item] = {}
-    for target in the_plan.instances + the_plan.volumes:
-        item = item_for(target)
-        item.archive = part_archive(capture.run, target)
-        held = capture.hold(target)
+    for item in the_plan.items:
+        item.archive = part_archive(session.run, item)
+        held = capture.hold(item)
         read, changed = writer.create(item.archive, [item.path], INSTANCE_FILES_CACHE)
         item.window = capture.release(held)
         item.bytes_read, item.changed_files = read, changed
-        items[archive_path(target)] = item
-        capture.report(
-            f"{target.kind} {target.ref}: {target.mode}, window {item.window:.2f} s, "
+        session.report(
+            f"{item.kind} {item.ref}: {item.mode}, window {item.window:.2f} s, "
             f"read {read / 1e6:.1f} MB, {changed} file(s) not in the files cache"
         )
-    borg_version = writer.borg.version
-    manifest = capture.manifest(the_plan, database, items, borg_version, False)
-    capture.stage.write(layout.MANIFEST, manifest.to_json())
-    paths = [str(p) for p in layout.SERVER_PATHS if capture.stage.path(p).exists()]
+    manifest = capture.manifest(the_plan, database, writer.borg.version, False)
+    session.stage.write(layout.MANIFEST, manifest.to_json())
+    paths = [str(p) for p in layout.SERVER_PATHS if session.stage.path(p).exists()]
     excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
-    read, changed = writer.create(capture.run, paths, excludes=excludes)
-    capture.report(
-        f"server: read {read / 1e6:.1f} MB into {capture.run}, "
+    read, changed = writer.create(session.run, paths, excludes=excludes)
+    session.report(
+        f"server: read {read / 1e6:.1f} MB into {session.run}, "
         f"{changed} file(s) not in the files cache"
     )
-    return items
 
 
 def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: Any) -> None:
     """What a run would do, changing nothing."""
     report(f"staging: {config.staging_dir}")
     report("repositories: " + ", ".join(f"{r.name} ({r.path})" for r in repos))
-    for target in the_plan.instances + the_plan.volumes:
+    for item in the_plan.items:
         report(
-            f"{target.kind} {target.ref} on {target.pool} ({target.driver}): {target.mode}, "
-            f"snapshots {target.snapshots or 'none'} -> {archive_path(target)}"
+            f"{item.kind} {item.ref} on {item.pool} ({item.driver}): {item.mode}, "
+            f"snapshots {item.snapshots or 'none'} -> {item.path}"
         )
 
 
 def summary(
-    capture: Capture, items: dict[str, Item], outcome: Outcome, warnings: Warnings
+    capture: Capture, the_plan: Plan, outcome: Outcome, warnings: Warnings
 ) -> dict[str, Any]:
     """The machine-readable summary printed by --json."""
     return {
-        "run": capture.run,
+        "run": capture.session.run,
         "archives": outcome.archives,
         "deduplicated_bytes_added": outcome.added,
         "files": outcome.files,
@@ -237,7 +230,7 @@ def summary(
                 "bytes_read": i.bytes_read,
                 "changed_files": i.changed_files,
             }
-            for i in items.values()
+            for i in the_plan.items
         ],
         "warnings": warnings.messages,
         "exit_code": warnings.exit_code if outcome.archives else EXIT_ERROR,

@@ -12,31 +12,40 @@ import hashlib
 import json
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import click
 
 from .. import layout
 from ..borg import Borg, check_argv, list_files_argv
 from ..config import Config, Repository
+from ..context import Context
 from ..errors import UserError
-from ..incus import Incus, api_path
+from ..incus import Incus
 from ..manifest import Item
-from ..source import BorgSource
+from ..restore.source import BorgSource
 
 MAX_REPORTED = 5  # mismatching files named per instance
 
 
-def run(
-    config: Config, borg: Borg, label: str | None, verify_data: bool, restore_test: bool
-) -> int:
+@dataclass
+class CheckOptions:
+    """What `check` was asked for."""
+
+    label: str | None = None
+    verify_data: bool = False
+    restore_test: bool = False
+
+
+def run(ctx: Context, options: CheckOptions) -> int:
     """Check every selected repository; any problem is an error naming what is wrong."""
+    config, borg = ctx.config, ctx.borg()
     problems: list[str] = []
-    for repo in config.select_repositories(label):
+    for repo in config.select_repositories(options.label):
         try:
-            result = borg.run(check_argv(repo, verify_data), repo)
+            result = borg.run(check_argv(repo, options.verify_data), repo)
             if result.returncode == 0:
                 click.echo(f"repository {repo.name}: borg check passed")
             else:  # check reports damage as warnings: for a check, damage is the error
@@ -44,7 +53,7 @@ def run(
                 problems.append(f"borg check found damage in repository {repo.name}: {first}")
         except UserError as exc:
             problems.append(str(exc))
-        if restore_test:
+        if options.restore_test:
             problems += test_restore(config, borg, repo)
     if problems:
         raise UserError("; ".join(problems))
@@ -57,20 +66,17 @@ def test_restore(config: Config, borg: Borg, repo: Repository) -> list[str]:
     source = BorgSource(borg, repo, "latest")
     project = f"incus-borg-check-{time.strftime('%Y%m%d%H%M%S')}"
     shared = ("images", "profiles", "networks", "storage.volumes")
-    incus.query(
-        "/1.0/projects",
-        "POST",
-        {"name": project, "config": {f"features.{f}": "false" for f in shared}},
+    incus.create_entity(
+        "projects", None, {"name": project, "config": {f"features.{f}": "false" for f in shared}}
     )
     problems: list[str] = []
     try:
         for item in source.manifest.instances:
             problems += _check_instance(incus, borg, repo, source, item, project)
     finally:
-        for url in incus.query(api_path("/1.0/instances", project)):
-            name = url.rsplit("/", 1)[-1].split("?")[0]
-            incus.query(api_path(f"/1.0/instances/{quote(name)}", project), "DELETE")
-        incus.query(api_path(f"/1.0/projects/{quote(project)}"), "DELETE")
+        for name in incus.entity_names("instances", project):
+            incus.delete_instance(project, name)
+        incus.delete_project(project)
     if not problems:
         count = len(source.manifest.instances)
         click.echo(
@@ -84,9 +90,7 @@ def _check_instance(
 ) -> list[str]:
     try:
         with source.tar(item) as stream:
-            incus.feed(
-                ["import", "-", item.name, "--storage", item.pool, "--project", project], stream
-            )
+            incus.import_instance(stream, item.name, item.pool, project)
     except UserError as exc:
         return [f"restore test: instance {item.ref} does not restore: {exc}"]
     rootfs = f"{item.path}/backup/container/rootfs"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..borg import Borg, Secrets, init_argv, key_export_argv
-from ..config import DEFAULT_CONFIG_PATH, LoadedConfig, Repository
+from ..borg import Secrets, init_argv, key_export_argv
+from ..config import DEFAULT_CONFIG_PATH, Repository
+from ..context import Context
 from ..errors import UserError
 
 ALREADY_EXISTS = 10
@@ -32,9 +33,9 @@ def encryption_for(repo: Repository, secrets: Secrets) -> str:
     )
 
 
-def key_export_path(loaded: LoadedConfig, repo: Repository) -> Path:
+def key_export_path(ctx: Context, repo: Repository) -> Path:
     """Where the key export of `repo` is written: next to the configuration file."""
-    directory = (loaded.path or DEFAULT_CONFIG_PATH).resolve().parent
+    directory = (ctx.path or DEFAULT_CONFIG_PATH).resolve().parent
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", repo.name).strip("_") or "repository"
     return directory / f"{safe}.borg-key"
 
@@ -50,16 +51,18 @@ def write_private(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
-def export_keys(loaded: LoadedConfig, borg: Borg, label: str | None, paper: bool) -> None:
+def export_keys(ctx: Context, label: str | None, paper: bool) -> None:
     """Print the key export of every selected (encrypted) repository."""
-    for repo in loaded.config.select_repositories(label):
+    borg = ctx.borg()
+    for repo in ctx.config.select_repositories(label):
         click.echo(f"# repository {repo.name} ({repo.path})")
         click.echo(borg.run(key_export_argv(repo, paper), repo).stdout, nl=False)
 
 
-def run(loaded: LoadedConfig, borg: Borg, label: str | None) -> None:
+def run(ctx: Context, label: str | None) -> None:
     """Create the repositories (all, or the one labelled `label`)."""
-    repos = loaded.config.select_repositories(label)
+    borg = ctx.borg()
+    repos = ctx.config.select_repositories(label)
     modes = {repo.name: encryption_for(repo, borg.secrets.for_repository(repo)) for repo in repos}
     for repo in repos:
         mode = modes[repo.name]
@@ -71,7 +74,7 @@ def run(loaded: LoadedConfig, borg: Borg, label: str | None) -> None:
         if mode == "none":
             continue
         exported = borg.run(key_export_argv(repo), repo).stdout
-        path = key_export_path(loaded, repo)
+        path = key_export_path(ctx, repo)
         write_private(path, exported)
         click.echo(f"repository {repo.name}: key exported to {path} (mode 0600)")
         click.echo(

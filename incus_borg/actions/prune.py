@@ -11,11 +11,11 @@ from datetime import datetime
 
 import click
 
+from .. import layout
 from ..borg import Borg, compact_argv, delete_argv, list_argv, list_comments_argv
-from ..config import Config, Repository, Retention
+from ..config import Repository, Retention
+from ..context import Context
 from ..errors import Warnings
-from ..layout import PART_MARK
-from .backup import RUN_COMMENT
 
 PERIODS: dict[str, Callable[[datetime], str]] = {
     "keep_daily": lambda t: t.strftime("%Y-%m-%d"),
@@ -52,24 +52,24 @@ def runs_of(borg: Borg, repo: Repository) -> tuple[dict[str, datetime], dict[str
             line.partition("\t")
             for line in borg.run(list_comments_argv(repo), repo).stdout.splitlines()
         )
-        if comment == RUN_COMMENT
+        if comment == layout.RUN_COMMENT
     }
     archives = borg.run(list_argv(repo), repo).json()["archives"]
     runs = {
         a["name"]: datetime.fromisoformat(a["start"])
         for a in archives
-        if a["name"] in ours and PART_MARK not in a["name"]
+        if a["name"] in ours and not layout.is_part(a["name"])
     }
     parts: dict[str, list[str]] = {name: [] for name in runs}
     for name in ours:
-        run = name.split(PART_MARK, 1)[0]
-        if PART_MARK in name and run in parts:
-            parts[run].append(name)
+        if layout.is_part(name) and layout.run_of(name) in parts:
+            parts[layout.run_of(name)].append(name)
     return runs, parts
 
 
-def run(config: Config, borg: Borg, label: str | None, dry_run: bool) -> int:
+def run(ctx: Context, label: str | None, dry_run: bool) -> int:
     """Prune every selected repository; returns the exit code."""
+    config, borg = ctx.config, ctx.borg()
     warnings = Warnings()
     for repo in config.select_repositories(label):
         retention = repo.retention or config.retention

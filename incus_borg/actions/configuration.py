@@ -1,4 +1,5 @@
-"""A borgmatic configuration fragment that runs incus-borg's hooks around `borgmatic create`."""
+"""`incus-borg config generate|validate`: a sample configuration, a check of one, and a
+borgmatic fragment that runs incus-borg's hooks around `borgmatic create`."""
 
 from __future__ import annotations
 
@@ -9,25 +10,26 @@ from pathlib import Path
 
 import yaml
 
-from .config import LoadedConfig
+from .. import config
+from ..context import Context
 
 
-def command_prefix(loaded: LoadedConfig) -> str:
+def command_prefix(ctx: Context) -> str:
     """How borgmatic's shell should call this incus-borg, with this configuration."""
     found = shutil.which("incus-borg")
     program = shlex.quote(found) if found else f"{shlex.quote(sys.executable)} -m incus_borg"
-    if loaded.path is None:
+    if ctx.path is None:
         return program
-    return f"{program} -c {shlex.quote(str(loaded.path.resolve()))}"
+    return f"{program} -c {shlex.quote(str(ctx.path.resolve()))}"
 
 
-def fragment(loaded: LoadedConfig) -> str:
+def fragment(ctx: Context) -> str:
     """The fragment to merge into a borgmatic configuration file (YAML with a header)."""
-    prefix = command_prefix(loaded)
+    prefix = command_prefix(ctx)
     # A warning (exit 1) leaves a complete staging tree: do not fail borgmatic's run for it.
     tolerate = " || test $? -eq 1"
     data = {
-        "source_directories": [f"{Path(loaded.config.staging_dir)}/./"],
+        "source_directories": [f"{Path(ctx.config.staging_dir)}/./"],
         "files_cache": "mtime,size",
         "numeric_ids": True,
         "commands": [
@@ -41,3 +43,14 @@ def fragment(loaded: LoadedConfig) -> str:
         "# Merge it into a borgmatic configuration that names your repositories.\n"
     )
     return header + yaml.safe_dump(data, sort_keys=False, width=1000)
+
+
+def generate(ctx: Context, for_borgmatic: bool) -> str:
+    """A commented sample configuration, or a borgmatic fragment for this host."""
+    return fragment(ctx) if for_borgmatic else config.sample()
+
+
+def validate(file: str | None) -> str:
+    """Check a configuration file; says which one was valid."""
+    _, path = config.load(file)
+    return f"{path or 'built-in defaults'}: valid"

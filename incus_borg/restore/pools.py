@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import mounts
-from .errors import UserError
+from .. import mounts
+from ..errors import UserError
 
 # A pool's top directories, with the modes Incus gives them.
 VOLUME_DIRS = {
@@ -23,7 +23,6 @@ VOLUME_DIRS = {
     "virtual-machines": 0o700,
     "virtual-machines-snapshots": 0o700,
 }
-SUPPORTED = {"dir", "btrfs"}
 VOLUME_MODE = 0o711  # what Incus gives a volume's directory
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from .. import layout, mounts, signals
 from ..config import Config
+from ..context import Context
 from ..errors import UserError
-from ..incus import Incus, api_path
+from ..incus import Incus
 from ..manifest import Item
-from ..pools import SUPPORTED, Pool, lift, remove_tree
-from ..source import Source, definitions
-from .restore import report
+from .pools import Pool, lift, remove_tree
+from .source import Source, definitions, open_run
+from .target import report
 
 
 class ServerRestore:
@@ -66,7 +67,7 @@ class ServerRestore:
         if missing:
             raise UserError(f"{self.source.description} lacks the data of {', '.join(missing)}")
         self.pools = [Pool(self.dir, d) for d in definitions(self.source, "storage-pools")]
-        unsupported = [p.name for p in self.pools if p.driver not in SUPPORTED]
+        unsupported = [p.name for p in self.pools if p.driver not in layout.READABLE_DRIVERS]
         if unsupported:
             report(
                 f"pools {', '.join(unsupported)} are not dir or btrfs: their volumes are not put "
@@ -97,9 +98,7 @@ class ServerRestore:
         if not self.incus.reachable():
             return
         self.was_running = True
-        instances = self.incus.query(
-            api_path("/1.0/instances", None, recursion="1", **{"all-projects": "true"})
-        )
+        instances = self.incus.instances(recursion="1")
         for instance in instances:
             if instance["status"] != "Stopped":
                 self.incus.change_state(instance["project"], instance["name"], "stop")
@@ -129,7 +128,7 @@ class ServerRestore:
         report(f"extracted the Incus directory and its database into {self.dir}")
         manifest = self.source.manifest
         for pool in self.pools:
-            if pool.driver not in SUPPORTED:
+            if pool.driver not in layout.READABLE_DRIVERS:
                 continue
             pool.prepare()
             for item in manifest.instances + manifest.volumes:
@@ -142,30 +141,15 @@ class ServerRestore:
         """Extract one instance or volume (and its snapshots) into its pool."""
         backup = f"{item.path}/backup"
         strip = len(Path(backup).parts)
-        places: list[tuple[Path, str, str | None]]
+        args = (self.dir, pool.name, item.project, item.name, item.snapshots)
         if item.kind == "instance":
-            members = layout.instance_places(
-                self.dir, pool.name, item.project, item.name, item.snapshots
-            )
-            places = [
-                (target, member, member.partition("/")[2] or None)
-                for member, target in members.items()
-            ]
+            members = layout.instance_places(*args)
         else:
-            block = item.type == "block"
-            volume = layout.volume_data(self.dir, pool.name, item.project, item.name, False)
-            places = [(volume, "volume.img" if block else "volume", None)]
-            places += [
-                (
-                    layout.volume_snapshot_data(
-                        self.dir, pool.name, item.project, item.name, s, False
-                    ),
-                    f"volume-snapshots/{s}.img" if block else f"volume-snapshots/{s}",
-                    s,
-                )
-                for s in item.snapshots
-            ]
-        for target, member, snap in places:
+            members = layout.volume_places(*args, item.type == "block")
+        for member, place in members.items():
+            # A block volume's image file lies in the volume's directory.
+            target = place.parent if place.name == "root.img" else place
+            snap = member.partition("/")[2] or None
             pool.volume_dir(target)
             self.source.extract(item, [f"{backup}/{member}"], strip + member.count("/"), target)
             leaf = Path(member).name
@@ -198,16 +182,11 @@ class ServerRestore:
         self._forget_image_volumes()
         manifest = self.source.manifest
         for item in manifest.instances:
-            self.incus.query(api_path(f"/1.0/instances/{quote(item.name)}", item.project))
+            self.incus.instance(item.project, item.name)
         for item in manifest.volumes:
-            self.incus.query(
-                api_path(
-                    f"/1.0/storage-pools/{quote(item.pool)}/volumes/custom/{quote(item.name)}",
-                    item.project,
-                )
-            )
+            self.incus.custom_volume(item.pool, item.project, item.name)
         for pool in self.pools:
-            status = self.incus.query(api_path(f"/1.0/storage-pools/{quote(pool.name)}"))["status"]
+            status = self.incus.pool(pool.name)["status"]
             if status != "Created":
                 raise UserError(f"pool {pool.name} is {status} after the restore")
         report(
@@ -220,13 +199,10 @@ class ServerRestore:
         instances from): the run does not hold them, and Incus unpacks an image again into a
         fresh one the next time it is used."""
         for pool in self.pools:
-            if pool.driver not in SUPPORTED:
+            if pool.driver not in layout.READABLE_DRIVERS:
                 continue
-            base = f"/1.0/storage-pools/{quote(pool.name)}/volumes/image"
-            listed = api_path(base, None, recursion="1", **{"all-projects": "true"})
-            for volume in self.incus.query(listed):
-                path = api_path(f"{base}/{quote(volume['name'])}", volume.get("project"))
-                self.incus.query(path, "DELETE")
+            for volume in self.incus.image_volumes(pool.name):
+                self.incus.delete_image_volume(pool.name, volume.get("project"), volume["name"])
                 report(f"pool {pool.name}: image volume {volume['name'][:12]} will be rebuilt")
 
     def _roll_back(self, cause: BaseException) -> None:
@@ -264,7 +240,7 @@ class ServerRestore:
         if not self.incus.reachable():
             return
         try:
-            self.incus.run(["admin", "shutdown", "--timeout", "60"], timeout=120)
+            self.incus.shutdown(60)
         except UserError as exc:
             report(f"could not shut down the restored daemon: {exc}")
         try:
@@ -282,6 +258,16 @@ def require_confirmation(yes: bool) -> None:
         )
 
 
-def run(config: Config, source: Source) -> None:
-    """Restore the whole server from `source`."""
-    ServerRestore(config, source).run()
+@dataclass
+class ServerOptions:
+    """What `restore server` was asked for."""
+
+    archive: str
+    yes: bool = False
+    label: str | None = None
+
+
+def run(ctx: Context, options: ServerOptions) -> None:
+    """Restore the whole server from the run the options name."""
+    require_confirmation(options.yes)
+    ServerRestore(ctx.config, open_run(ctx, options.archive, options.label)).run()

@@ -1,13 +1,17 @@
-"""Recreating projects, networks and profiles from their archived definitions."""
+"""`incus-borg restore config`: projects, networks and profiles recreated from their archived
+definitions, in dependency order (also used by the other restores for what they need)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
-from .incus import Incus, api_path
+from ..context import Context
+from ..errors import UserError
+from ..incus import Incus
+from .source import Source, definitions, open_run
+from .target import report
 
 KINDS = ("projects", "networks", "profiles")  # dependency order
 # What each kind's create (POST) and update (PUT) take from a definition.
@@ -32,14 +36,8 @@ def owner_project(incus: Incus, kind: str, project: str) -> str | None:
     """The project whose `kind` a project uses (its own, or default's); None for projects."""
     if kind == "projects":
         return None
-    config = incus.query(api_path(f"/1.0/projects/{quote(project)}"))["config"]
+    config = incus.project(project)["config"]
     return project if config.get(FEATURE[kind]) == "true" else "default"
-
-
-def existing(incus: Incus, kind: str, project: str | None) -> set[str]:
-    """Names of the entities of `kind` that exist now."""
-    urls = incus.query(api_path(f"/1.0/{kind}", project))
-    return {u.rsplit("/", 1)[-1].split("?")[0] for u in urls}
 
 
 def label(kind: str, definition: dict[str, Any]) -> str:
@@ -67,18 +65,55 @@ def recreate(
             what = label(kind, definition)
             if kind == "networks" and not definition.get("managed", True):
                 continue
-            if name in existing(incus, kind, project):
+            if name in incus.entity_names(kind, project):
                 if not replace:
                     outcome.kept.append(what)
                     continue
-                incus.query(api_path(f"/1.0/{kind}/{quote(name)}", project), "PUT", body)
+                incus.update_entity(kind, project, name, body)
                 outcome.replaced.append(what)
             else:
                 if kind == "networks":
                     body["type"] = definition.get("type", "bridge")
-                incus.query(api_path(f"/1.0/{kind}", project), "POST", {"name": name, **body})
+                incus.create_entity(kind, project, {"name": name, **body})
                 outcome.created.append(what)
             report(
                 f"{what}: {'replaced' if what in outcome.replaced else 'created'} from the archive"
             )
     return outcome
+
+
+@dataclass
+class ConfigOptions:
+    """What `restore config` was asked for."""
+
+    archive: str
+    kinds: list[str]  # of KINDS; empty means all
+    names: tuple[str, ...] = ()
+    replace: bool = False
+    label: str | None = None
+
+
+def run(ctx: Context, options: ConfigOptions) -> None:
+    """Restore the definitions the options name."""
+    source = open_run(ctx, options.archive, options.label)
+    restore(ctx.incus(), source, options.kinds or list(KINDS), options.names, options.replace)
+
+
+def restore(
+    incus: Incus, source: Source, kinds: list[str], names: tuple[str, ...], replace: bool
+) -> None:
+    """Recreate projects, networks and profiles from the run's definitions."""
+    wanted = {
+        kind: [d for d in definitions(source, kind) if not names or d["name"] in names]
+        for kind in kinds
+    }
+    if kinds and names:
+        found = {d["name"] for defs in wanted.values() for d in defs}
+        unknown = sorted(set(names) - found)
+        if unknown:
+            raise UserError(f"{', '.join(unknown)} not among the archive's {', '.join(kinds)}")
+    outcome = recreate(incus, wanted, replace, report)
+    for what in outcome.kept:
+        report(f"{what}: exists, left alone (use --replace to overwrite it)")
+    if not outcome.created and not outcome.replaced:
+        report("nothing to recreate")

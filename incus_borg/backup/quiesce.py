@@ -10,10 +10,10 @@ import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
-from . import mounts
-from .config import IncusSettings
-from .errors import UserError, Warnings
-from .incus import Incus
+from .. import mounts
+from ..config import IncusSettings
+from ..errors import UserError, Warnings
+from ..incus import Incus
 from .journal import Journal, Step
 
 

@@ -14,23 +14,23 @@ from typing import Any
 
 import yaml
 
-from . import layout, mounts
-from .errors import UserError
-from .incus import Incus, api_path
-from .plan import Plan, Target
+from .. import layout, mounts
+from ..errors import UserError
+from ..incus import Incus
+from ..manifest import Item
+from .plan import Plan
 
-ALL = {"recursion": "1", "all-projects": "true"}
-DEFINITIONS = {
-    "server": ("/1.0", {}),
-    "projects": ("/1.0/projects", {"recursion": "1"}),
-    "profiles": ("/1.0/profiles", ALL),
-    "networks": ("/1.0/networks", ALL),
-    "network-acls": ("/1.0/network-acls", ALL),
-    "network-zones": ("/1.0/network-zones", ALL),
-    "storage-pools": ("/1.0/storage-pools", {"recursion": "1"}),
-    "instances": ("/1.0/instances", ALL),
-    "images": ("/1.0/images", ALL),
-}
+# The kinds of entity whose definitions a run stores (besides the server and volumes).
+DEFINITIONS = (
+    "projects",
+    "profiles",
+    "networks",
+    "network-acls",
+    "network-zones",
+    "storage-pools",
+    "instances",
+    "images",
+)
 # A zero time: Incus crashes importing a volume snapshot whose expiry is null.
 NO_EXPIRY = "0001-01-01T00:00:00Z"
 
@@ -74,19 +74,15 @@ class Stage:
 
     def write_definitions(self, incus: Incus) -> None:
         """Every entity's definition, as YAML, one file per kind."""
-        for kind, (path, params) in DEFINITIONS.items():
-            data = incus.query(api_path(path, None, **params))
+        self.write(layout.DEFINITIONS / "server.yaml", to_yaml(incus.server()))
+        for kind in DEFINITIONS:
+            data = incus.entities(kind)
             if kind == "networks":
                 data = [n for n in data if n.get("managed")]
             self.write(layout.DEFINITIONS / f"{kind}.yaml", to_yaml(data))
         volumes = []
-        for pool in incus.query(api_path("/1.0/storage-pools")):
-            name = pool.rsplit("/", 1)[-1]
-            volumes += incus.query(
-                api_path(f"/1.0/storage-pools/{name}/volumes/custom", None, **ALL)
-            )
-            for vol in volumes:
-                vol.setdefault("pool", name)
+        for pool in incus.pools():
+            volumes += [{"pool": pool["name"], **v} for v in incus.custom_volumes(pool["name"])]
         self.write(layout.DEFINITIONS / "storage-volumes.yaml", to_yaml(volumes))
 
     def write_dumps(self, incus: Incus) -> None:
@@ -109,45 +105,42 @@ class Stage:
             for name in filenames:
                 os.chmod(os.path.join(dirpath, name), 0o600)
 
-    def write_instance_index(self, target: Target) -> None:
+    def write_instance_index(self, item: Item) -> None:
         """backup/index.yaml for `incus import` (the config comes from backup.yaml)."""
         self.write(
-            layout.instance_stage(target.project, target.name) / "backup" / "index.yaml",
-            to_yaml(import_index(target, "container")),
+            PurePosixPath(item.path) / "backup" / "index.yaml",
+            to_yaml(import_index(item, "container")),
         )
 
-    def write_volume_index(self, incus: Incus, target: Target) -> None:
+    def write_volume_index(self, incus: Incus, item: Item) -> None:
         """backup/index.yaml for `incus storage volume import`, with the volume's config."""
-        base = f"/1.0/storage-pools/{target.pool}/volumes/custom/{target.name}"
-        volume = incus.query(api_path(base, target.project))
-        snapshots = incus.query(api_path(base + "/snapshots", target.project, recursion="1"))
+        volume = incus.custom_volume(item.pool, item.project, item.name)
         kept = []
-        for snap in snapshots:
+        for snap in incus.volume_snapshot_records(item.pool, item.project, item.name):
             snap["name"] = snap["name"].rsplit("/", 1)[-1]
             snap["expires_at"] = snap.get("expires_at") or NO_EXPIRY
-            snap["content_type"] = snap.get("content_type") or target.type
-            if snap["name"] in target.snapshots:
+            snap["content_type"] = snap.get("content_type") or item.type
+            if snap["name"] in item.snapshots:
                 kept.append(snap)
-        index = import_index(target, "custom")
+        index = import_index(item, "custom")
         index["config"] = {"volume": volume, "volume_snapshots": kept}
-        stage = layout.volume_stage(target.pool, target.project, target.name)
-        self.write(stage / "backup" / "index.yaml", to_yaml(index))
+        self.write(PurePosixPath(item.path) / "backup" / "index.yaml", to_yaml(index))
 
     def write_plan_indexes(self, incus: Incus, plan: Plan) -> None:
         """Import indexes for every planned instance and volume."""
-        for target in plan.instances:
-            self.write_instance_index(target)
-        for target in plan.volumes:
-            self.write_volume_index(incus, target)
+        for item in plan.instances:
+            self.write_instance_index(item)
+        for item in plan.volumes:
+            self.write_volume_index(incus, item)
 
 
-def import_index(target: Target, kind: str) -> dict[str, Any]:
+def import_index(item: Item, kind: str) -> dict[str, Any]:
     """The backup/index.yaml fields `incus import` needs for a non-optimized backup."""
     return {
-        "name": target.name,
-        "backend": target.driver,
-        "pool": target.pool,
-        "snapshots": target.snapshots,
+        "name": item.name,
+        "backend": item.driver,
+        "pool": item.pool,
+        "snapshots": item.snapshots,
         "optimized": False,
         "optimized_header": False,
         "type": kind,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import UserError
+from ..errors import UserError
 
 ITEM_COST = 50_000  # what extracting one item costs beyond its data, in bytes' worth
 MIN_CUT = 64_000_000  # a cut smaller than this is not worth starting another borg
@@ -103,7 +103,7 @@ class Job:
 
 
 @dataclass
-class Plan:
+class Extractions:
     """The extractions of some trees, and what has to happen around them."""
 
     jobs: list[Job]
@@ -200,15 +200,15 @@ def _carve(root: _Node, target: int) -> list[_Node]:
     return chosen
 
 
-def plan(
+def split(
     trees: Sequence[Tree], entries: Sequence[Entry], workers: int, excludes: Sequence[str] = ()
-) -> Plan:
+) -> Extractions:
     """Extractions of `trees` for `workers` parallel borgs: one per tree, plus cuts from the
     largest tree while it holds more than its share."""
     built = [(tree, _build(tree, entries)) for tree in trees]
     total = sum(root.cost for _, root in built)
     share = total // max(1, workers)
-    the_plan = Plan([])
+    extractions = Extractions([])
     names = {e.path.rpartition("/")[2] for e in entries}
     placeholder = PLACEHOLDER
     while placeholder in names:
@@ -228,13 +228,13 @@ def plan(
             cuts_left -= 1
             paths = tuple(n.path for n in chosen)
             cut_paths[tree.path] += paths
-            the_plan.jobs.append(Job(paths, tuple(excludes), tree.strip, tree.dest, cost))
-            _mark_above(the_plan, tree, chosen, placeholder)
+            extractions.jobs.append(Job(paths, tuple(excludes), tree.strip, tree.dest, cost))
+            _mark_above(extractions, tree, chosen, placeholder)
     for tree, root in built:
         rest = tuple(excludes) + tuple(cut_paths[tree.path])
-        the_plan.jobs.append(Job((tree.path,), rest, tree.strip, tree.dest, root.cost))
-    the_plan.jobs.sort(key=lambda j: -j.cost)
-    return the_plan
+        extractions.jobs.append(Job((tree.path,), rest, tree.strip, tree.dest, root.cost))
+    extractions.jobs.sort(key=lambda j: -j.cost)
+    return extractions
 
 
 def _detach(node: _Node) -> None:
@@ -247,14 +247,16 @@ def _detach(node: _Node) -> None:
         parent = parent.parent
 
 
-def _mark_above(the_plan: Plan, tree: Tree, chosen: Iterable[_Node], placeholder: str) -> None:
+def _mark_above(
+    extractions: Extractions, tree: Tree, chosen: Iterable[_Node], placeholder: str
+) -> None:
     """Put a placeholder into each cut's directory and each directory above it."""
     for node in chosen:
         above: _Node | None = node
         while above is not None and above.path != tree.path:
             target = tree.dest / PurePosixPath(above.path).relative_to(tree.path) / placeholder
-            if target not in the_plan.placeholders:
-                the_plan.placeholders.append(target)
+            if target not in extractions.placeholders:
+                extractions.placeholders.append(target)
             above = above.parent
 
 

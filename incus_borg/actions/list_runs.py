@@ -8,21 +8,25 @@ from typing import Any
 
 import click
 
-from ..borg import Borg, list_argv
-from ..config import Config
-from ..layout import PART_MARK
-from ..source import Source, definitions
+from .. import layout
+from ..borg import list_argv
+from ..context import Context
+from ..restore.source import Source, definitions, open_run
 
 ENTITY_KINDS = ("projects", "profiles", "networks", "storage-pools", "images")
 
 
-def run(config: Config, borg: Borg, label: str | None, as_json: bool) -> None:
-    """Print the runs of every selected repository (parts folded into their run)."""
+def run(ctx: Context, archive: str | None, label: str | None, as_json: bool) -> None:
+    """Print the runs of every selected repository, or what one run (ARCHIVE) holds."""
+    if archive:
+        show(open_run(ctx, archive, label), as_json)
+        return
+    borg = ctx.borg()
     listing: dict[str, list[dict[str, Any]]] = {}
-    for repo in config.select_repositories(label):
+    for repo in ctx.config.select_repositories(label):
         archives = borg.run(list_argv(repo), repo).json()["archives"]
-        runs = [a for a in archives if PART_MARK not in a["name"]]
-        parts = [a["name"].split(PART_MARK, 1)[0] for a in archives if PART_MARK in a["name"]]
+        runs = [a for a in archives if not layout.is_part(a["name"])]
+        parts = [layout.run_of(a["name"]) for a in archives if layout.is_part(a["name"])]
         listing[repo.name] = [
             {"name": a["name"], "time": a["time"], "parts": parts.count(a["name"])} for a in runs
         ]

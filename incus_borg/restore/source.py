@@ -17,8 +17,8 @@ from typing import IO, Any, Protocol
 
 import yaml
 
-from . import layout
-from .borg import (
+from .. import layout
+from ..borg import (
     Borg,
     export_tar_argv,
     extract_argv,
@@ -28,10 +28,11 @@ from .borg import (
     list_tree_argv,
     raise_for,
 )
-from .config import Repository
-from .errors import UserError
-from .manifest import Item, Manifest
-from .unpack import Entry, Plan, parse_listing, walk_listing
+from ..config import Repository
+from ..context import Context
+from ..errors import UserError
+from ..manifest import Item, Manifest
+from .unpack import Entry, Extractions, parse_listing, walk_listing
 
 ARCHIVE_MISSING = 31  # borg's exit code for an archive that does not exist
 
@@ -62,8 +63,8 @@ class Source(Protocol):
     def inspect(self, item: Item, files: list[str]) -> tuple[dict[str, bytes], list[Entry]]:
         """Some small files of the item, and the listing of its `backup/` tree."""
 
-    def extract_plan(self, item: Item, plan: Plan) -> None:
-        """Run a plan's extractions of the item (in parallel where the source can)."""
+    def extract_all(self, item: Item, extractions: Extractions) -> None:
+        """Run the extractions of the item (in parallel where the source can)."""
 
     def has(self, item: Item) -> bool:
         """Whether the item's data is really there."""
@@ -95,10 +96,21 @@ def open_source(
     return BorgSource(borg, repo, spec, expect)
 
 
+def open_run(
+    ctx: Context, spec: str, label: str | None, expect: tuple[str, str] | None = None
+) -> Source:
+    """The run to restore from: a directory, `latest` or an archive, in the repository
+    labelled `label` (default: the first); `expect` names an instance (project, name) the
+    restore will read."""
+    repo = ctx.config.select_repositories(label)[0]
+    borg = None if Path(spec).is_dir() else ctx.borg()
+    return open_source(spec, borg, repo, expect)
+
+
 def run_archives(borg: Borg, repo: Repository) -> list[str]:
     """Names of the archives that start a run (not the per-instance parts), oldest first."""
     archives = borg.run(list_argv(repo), repo).json()["archives"]
-    return [a["name"] for a in archives if layout.PART_MARK not in a["name"]]
+    return [a["name"] for a in archives if not layout.is_part(a["name"])]
 
 
 class DirectorySource:
@@ -161,11 +173,11 @@ class DirectorySource:
     def inspect(self, item: Item, files: list[str]) -> tuple[dict[str, bytes], list[Entry]]:
         return {f: self.read(f) for f in files}, walk_listing(self.root, f"{item.path}/backup")
 
-    def extract_plan(self, item: Item, plan: Plan) -> None:
-        plan.prepare()
-        for job in plan.jobs:
+    def extract_all(self, item: Item, extractions: Extractions) -> None:
+        extractions.prepare()
+        for job in extractions.jobs:
             self.extract(item, list(job.paths), job.strip, job.dest, job.excludes)
-        plan.finish()
+        extractions.finish()
 
     def has(self, item: Item) -> bool:
         return (self.root / item.path / "backup" / "index.yaml").is_file()
@@ -259,15 +271,15 @@ class BorgSource:
         found, listing_text = known
         return {f: found.get(f, b"") for f in files}, parse_listing(listing_text)
 
-    def extract_plan(self, item: Item, plan: Plan) -> None:
+    def extract_all(self, item: Item, extractions: Extractions) -> None:
         archive = self._archive_of(item)
         calls: list[tuple[Sequence[str], Path | None]] = [
             (extract_argv(self.repo, archive, job.paths, job.strip, job.excludes), job.dest)
-            for job in plan.jobs
+            for job in extractions.jobs
         ]
-        plan.prepare()
+        extractions.prepare()
         self.borg.run_parallel(calls, self.repo, os.cpu_count() or 1)
-        plan.finish()
+        extractions.finish()
 
     @contextmanager
     def tar(self, item: Item) -> Iterator[IO[bytes]]:

@@ -1,0 +1,1 @@
+"""What only backup uses: the plan, the session, quiesce, staging, mounts and the journal."""
