@@ -54,6 +54,8 @@ class Manifest:
     instances: list[Item] = field(default_factory=list)
     volumes: list[Item] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # Not the whole server: instances were named (--instance, `instances:`) or left out.
+    partial: bool = False
     format: int = FORMAT_VERSION
 
     def to_json(self) -> str:

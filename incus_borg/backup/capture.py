@@ -150,4 +150,5 @@ class Capture:
             instances=plan.instances,
             volumes=plan.volumes,
             timings=self.timings,
+            partial=plan.partial,
         )

@@ -21,6 +21,7 @@ class Plan:
     instances: list[Item]
     volumes: list[Item]
     pools: dict[str, str]  # name -> driver
+    partial: bool = False  # only the named instances, not the whole server
 
     @property
     def items(self) -> list[Item]:
@@ -60,7 +61,8 @@ def build(incus: Incus, requested_mode: str, selection: list[str]) -> Plan:
         )
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
-    return Plan(instances, _volumes(incus, pools, requested_mode, running, wanted), pools)
+    volumes = _volumes(incus, pools, requested_mode, running, wanted)
+    return Plan(instances, volumes, pools, partial=bool(selection))
 
 
 def _select(raw: list[dict[str, Any]], selection: list[str]) -> list[dict[str, Any]]:
