@@ -59,7 +59,6 @@ from benchlib import (
     positive,
     rootfs,
     secs,
-    targets,
     tree_size,
 )
 
@@ -143,8 +142,8 @@ class BackupBench(Bench):
     )
     options = (
         SCALE,
-        ("--per-pool", {"type": positive(int), "default": 2, "help": "containers per pool (2)"}),
-        ("--btrfs-size", {"help": "size of the btrfs loop pool (default 6GiB, more at scale)"}),
+        ("--per-pool", positive(int), 2, "containers per pool"),
+        ("--btrfs-size", str, None, "size of the btrfs loop pool (default 6GiB, more at scale)"),
     )
 
     @classmethod
@@ -285,30 +284,22 @@ class BackupBench(Bench):
 
     # -- the report --
 
-    def report(self) -> str:
-        """The printed tables."""
+    def sections(self) -> list[str]:
+        """Headline, steps, notes, windows."""
         a = self.args
-        sizes = ", ".join(f"{i.name} {human(i.data)}" for i in self.instances)
-        return "\n".join(
-            [
-                self.headline(
-                    f"incus-borg backup benchmark, scale {a.scale}: {len(self.instances)} "
-                    f"containers ({a.per_pool} on dir pool `default`, {a.per_pool} on btrfs "
-                    f"pool `fast`, {a.btrfs_size} loop image)"
-                ),
-                f"instance data {human(self.data)} in {self.files} files ({sizes})",
-                "",
-                self.step_table(),
-                "",
-                *self.notes(),
-                "",
-                "quiesce windows per instance (s):",
-                self.window_table(),
-                "",
-                "targets:",
-                targets(self.target_rows()),
-            ]
+        title = (
+            f"incus-borg backup benchmark, scale {a.scale}: {len(self.instances)} containers "
+            f"({a.per_pool} on dir pool `default`, {a.per_pool} on btrfs pool `fast`, "
+            f"{a.btrfs_size} loop image)"
         )
+        sizes = ", ".join(f"{i.name} {human(i.data)}" for i in self.instances)
+        data = f"instance data {human(self.data)} in {self.files} files ({sizes})"
+        return [
+            self.headline(title, data),
+            self.step_table(),
+            "\n".join(self.notes()),
+            "quiesce windows per instance (s):\n" + self.window_table(),
+        ]
 
     def step_table(self) -> str:
         """One row per measured step."""

@@ -107,7 +107,6 @@ class Runner:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         ok: Sequence[int] = (0,),
-        timeout: float = 3600,
         stamp: bool = False,
         discard: bool = False,
     ) -> Done:
@@ -131,7 +130,7 @@ class Runner:
                 cwd=cwd,
                 process_group=0,
             )
-            code = wait_child(proc, timeout, err if stamp else None, started)
+            code = wait_child(proc, err if stamp else None, started)
             seconds = time.monotonic() - started
         stdout, stderr = (p.read_text(errors="replace") for p in (out_path, err_path))
         done = Done(list(argv), code, seconds, stdout, stderr)
@@ -141,17 +140,15 @@ class Runner:
         return done
 
 
-def wait_child(
-    proc: subprocess.Popen[bytes], timeout: float, stamped: IO[bytes] | None, started: float
-) -> int:
-    """Wait for `proc` (copying its stderr into `stamped`, if given, with timestamps); stop
-    it when the wait is interrupted."""
+def wait_child(proc: subprocess.Popen[bytes], stamped: IO[bytes] | None, started: float) -> int:
+    """Wait for `proc` (copying its stderr into `stamped`, if given, with timestamps) for up
+    to an hour; stop it when the wait is interrupted or times out."""
     copier = None
     if stamped is not None:
         copier = threading.Thread(target=_stamp, args=(proc, stamped, started), daemon=True)
         copier.start()
     try:
-        return proc.wait(timeout)
+        return proc.wait(3600)
     except BaseException:
         stop_child(proc)
         raise
@@ -195,62 +192,46 @@ def parallel(work: Callable[[T], R], items: Iterable[T], jobs: int) -> list[R]:
 # --- measuring ---------------------------------------------------------------------------
 
 
-class Sampler:
-    """Samples, every `interval` seconds in a thread, the free space of some filesystems and
-    the CPU time of a process that may be replaced while it runs (incusd is restarted by
-    incus-borg: `pid_of` returns the current pid).
+class Sampler(threading.Thread):
+    """Samples, every 0.1 s, the free space of some filesystems and the CPU time
+    of a process that may be replaced while it runs (incusd is restarted by incus-borg:
+    `pid_of` returns the current pid).
 
-    `peak_extra()` is the largest drop of free space, summed over the filesystems at one
-    sample, relative to the first sample, minus the growth of the allocated size of the
-    `images` at that sample: a loop image on one sampled filesystem holding another sampled
-    filesystem (the btrfs pool) would otherwise count twice, and btrfs, committing every 30 s,
-    also grows its sparse image into fresh blocks without using more space inside.
-    `extra_at_end()` is the same at the last sample. `cpu()` sums, over every pid seen, its
-    CPU time at the last sample minus at the first.
+    `peak_sum` is the largest drop of free space, summed over the filesystems at one sample,
+    relative to the first sample, minus the growth of the allocated size of the `images` at
+    that sample: a loop image on one sampled filesystem holding another sampled filesystem
+    (the btrfs pool) would otherwise count twice, and btrfs, committing every 30 s, also grows
+    its sparse image into fresh blocks without using more space inside. `last` holds the
+    same per filesystem at the last sample. `cpu()` sums, over every pid seen, its CPU time
+    at the last sample minus at the first.
     """
 
     def __init__(
-        self,
-        paths: Mapping[str, Path],
-        pid_of: Callable[[], int | None] = lambda: None,
-        images: Sequence[Path] = (),
-        interval: float = 0.1,
+        self, paths: Mapping[str, Path], pid_of: Callable[[], int | None], images: Sequence[Path]
     ) -> None:
-        self.paths = dict(paths)
-        self.images = list(images)
-        self.pid_of = pid_of
-        self.interval = interval
-        self.baseline = self._free()
-        self.image_baseline = self._allocated()
-        self.image_growth = 0
-        self.peak: dict[str, int] = dict.fromkeys(self.paths, 0)
-        self.peak_sum = 0
-        self.last: dict[str, int] = dict.fromkeys(self.paths, 0)
+        super().__init__(daemon=True)
+        self.paths, self.pid_of, self.images = dict(paths), pid_of, list(images)
+        self.baseline, self.image_baseline = self._free(), self._allocated()
+        self.peak = dict.fromkeys(self.paths, 0)
+        self.peak_sum = self.image_growth = 0
+        self.last: dict[str, int] = {}
         self.cpu_first: dict[int, float] = {}
         self.cpu_last: dict[int, float] = {}
         self._watch_cpu(first=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.stopping = threading.Event()
 
     def _free(self) -> dict[str, int]:
         return {label: free_bytes(path) for label, path in self.paths.items()}
 
     def _allocated(self) -> int:
-        total = 0
-        for image in self.images:
-            try:
-                total += image.stat().st_blocks * 512
-            except OSError:
-                continue
-        return total
+        return sum(image.stat().st_blocks * 512 for image in self.images if image.exists())
 
     def _watch_cpu(self, first: bool = False) -> None:
         pid = self.pid_of()
         used = None if pid is None else process_cpu(pid)
-        if pid is None or used is None:
-            return
-        self.cpu_first.setdefault(pid, used if first else 0.0)
-        self.cpu_last[pid] = used
+        if pid is not None and used is not None:
+            self.cpu_first.setdefault(pid, used if first else 0.0)
+            self.cpu_last[pid] = used
 
     def _take(self) -> None:
         drops = {k: self.baseline[k] - v for k, v in self._free().items()}
@@ -262,26 +243,15 @@ class Sampler:
         self.last = {**drops, "image growth": -growth}
         self._watch_cpu()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+    def run(self) -> None:
+        while not self.stopping.wait(0.1):
             self._take()
 
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def stop(self) -> None:
+        """End sampling with a last sample."""
+        self.stopping.set()
+        self.join()
         self._take()
-
-    def peak_extra(self) -> int:
-        """Peak extra disk in bytes, over all sampled filesystems together."""
-        return self.peak_sum
-
-    def extra_at_end(self) -> int:
-        """Extra disk still used when sampling stopped."""
-        return sum(self.last.values())
 
     def cpu(self) -> float:
         """CPU seconds the watched process(es) used while sampling."""
@@ -330,22 +300,23 @@ class Measure:
 
 @contextmanager
 def measuring(
-    measure: Measure,
+    m: Measure,
     sampled: Mapping[str, Path],
-    daemon_pid: Callable[[], int | None],
-    images: Sequence[Path] = (),
+    pid_of: Callable[[], int | None],
+    images: Sequence[Path],
 ) -> Iterator[Measure]:
-    """Time a block and sample free space and CPU while it runs; fills `measure`."""
-    cpu0 = children_cpu()
-    started = time.monotonic()
-    with Sampler(sampled, daemon_pid, images) as sampler:
-        yield measure
-    measure.seconds = time.monotonic() - started
-    measure.extra_peak = sampler.peak_extra()
-    measure.extra_end = sampler.extra_at_end()
-    measure.extra_by_fs = {**sampler.peak, "btrfs image growth": sampler.image_growth}
-    measure.cpu_client = children_cpu() - cpu0
-    measure.cpu_daemon = sampler.cpu()
+    """Time a block and sample free space and CPU while it runs; fills `m`."""
+    cpu0, started = children_cpu(), time.monotonic()
+    sampler = Sampler(sampled, pid_of, images)
+    sampler.start()
+    try:
+        yield m
+    finally:
+        sampler.stop()
+    m.seconds = time.monotonic() - started
+    m.extra_peak, m.extra_end = sampler.peak_sum, sum(sampler.last.values())
+    m.extra_by_fs = {**sampler.peak, "btrfs image growth": sampler.image_growth}
+    m.cpu_client, m.cpu_daemon = children_cpu() - cpu0, sampler.cpu()
 
 
 # --- the scratch area and the server -----------------------------------------------------
@@ -472,12 +443,7 @@ def rootfs(server: IncusServer, pool: str, name: str) -> Path:
 
 def compressible(size: int) -> bytes:
     """`size` bytes that compress about 4:1 and never repeat (1 KiB random, 3 KiB zeros)."""
-    block = 4096
-    parts = []
-    for _ in range(math.ceil(size / block)):
-        parts.append(os.urandom(1024))
-        parts.append(bytes(block - 1024))
-    return b"".join(parts)[:size]
+    return b"".join(os.urandom(1024) + bytes(3072) for _ in range(math.ceil(size / 4096)))[:size]
 
 
 def write_blob(path: Path, size: int, make: Callable[[int], bytes]) -> None:
@@ -650,14 +616,9 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-SCALE = (
-    "--scale",
-    {
-        "type": positive(float),
-        "default": 1.0,
-        "help": "multiply the unique small files and large files per container (default 1)",
-    },
-)
+# A command-line option: flag, type, default, help.
+Option = tuple[str, Callable[[str], Any], Any, str]
+SCALE: Option = ("--scale", positive(float), 1.0, "multiply each container's unique files")
 
 
 class Bench:
@@ -667,7 +628,7 @@ class Bench:
     name: ClassVar[str]
     description: ClassVar[str]
     epilog: ClassVar[str | None] = None
-    options: ClassVar[Sequence[tuple[str, dict[str, Any]]]] = ()
+    options: ClassVar[Sequence[Option]] = ()
 
     def __init__(self, server: IncusServer, s: Scratch, args: argparse.Namespace) -> None:
         self.server = server
@@ -676,7 +637,10 @@ class Bench:
         self.daemon = server.daemon
         self.incus_dir = Path(self.daemon.incus_dir)
         self.runner = Runner(s.logs, borg_env(s))
-        self.sampled = {"data fs": s.data, "btrfs pool": layout.pool_dir(self.incus_dir, "fast")}
+        self.sampled = {
+            "data fs": s.data,
+            "btrfs pool": layout.pool_dir(self.incus_dir, BTRFS_POOL),
+        }
         self.measures: dict[str, Measure] = {}
 
     @classmethod
@@ -690,9 +654,17 @@ class Bench:
     def run(self) -> None:
         """Take the measurements."""
 
-    def report(self) -> str:
-        """The printed report."""
+    def sections(self) -> list[str]:
+        """The report's parts before the targets: a headline and tables."""
         raise NotImplementedError
+
+    def target_rows(self) -> Iterable[tuple[str, str, bool]]:
+        """The targets: (target, figure, met)."""
+        return ()
+
+    def report(self) -> str:
+        """The printed report: the sections, then the targets."""
+        return "\n\n".join([*self.sections(), "targets:\n" + targets(self.target_rows())])
 
     def raw(self) -> dict[str, Any]:
         """Everything measured, for --json."""
@@ -700,10 +672,12 @@ class Bench:
 
     # -- helpers for the benchmarks --
 
-    def headline(self, title: str) -> str:
-        """The report's first line: what ran, on which machine, under which load."""
+    def headline(self, title: str, *more: str) -> str:
+        """The report's first line (what ran, on which machine, under which load) and `more`."""
         cores = os.cpu_count()
-        return f"{title}; machine: {cores} cores, load before start {self.args.load}"
+        return "\n".join(
+            [f"{title}; machine: {cores} cores, load before start {self.args.load}", *more]
+        )
 
     def step(self, key: str, what: str) -> AbstractContextManager[Measure]:
         """Context manager measuring step `key` (time, CPU, extra disk), kept in `measures`."""
@@ -801,8 +775,9 @@ class Bench:
 def parse_args(bench: type[Bench], argv: Sequence[str] | None) -> argparse.Namespace:
     """The benchmark's options plus the common --tmp and --json."""
     parser = argparse.ArgumentParser(description=bench.description, epilog=bench.epilog)
-    for flag, kwargs in bench.options:
-        parser.add_argument(flag, **kwargs)
+    for flag, kind, default, text in bench.options:
+        more = "" if default is None else f" (default {default})"
+        parser.add_argument(flag, type=kind, default=default, help=text + more)
     parser.add_argument(
         "--tmp", type=Path, default=Path("/tmp"), help="where the scratch tree goes (/tmp)"
     )

@@ -32,7 +32,6 @@ from benchlib import (
     main,
     positive,
     secs,
-    targets,
     tree_size,
     write_blob,
 )
@@ -53,9 +52,7 @@ class OffsiteBench(Bench):
 
     name = "offsite.py"
     description = "What a second, unchanged incus-borg run sends to an SSH repository. Needs root."
-    options = (
-        ("--size-mb", {"type": positive(int), "default": 200, "help": "MiB per container (200)"}),
-    )
+    options = (("--size-mb", positive(int), 200, "MiB of random files per container"),)
 
     @classmethod
     def sizes(cls, args: Any) -> Sizes:
@@ -88,8 +85,8 @@ class OffsiteBench(Bench):
         finally:
             sshd.stop()
 
-    def report(self) -> str:
-        """The table and the target."""
+    def sections(self) -> list[str]:
+        """Headline and the two runs."""
         spec: list[Column] = [
             ("run", lambda m: m.what),
             ("wall s", lambda m: secs(m.seconds)),
@@ -97,20 +94,13 @@ class OffsiteBench(Bench):
             ("repo growth", lambda m: human(m.data["growth"])),
             ("% of data", lambda m: f"{100 * m.data['growth'] / self.data:.3f}%"),
         ]
+        title = f"offsite benchmark: {human(self.data)} in {len(self.names)} containers"
+        return [self.headline(title), columns(spec, [self.measures[key] for key, _ in RUNS])]
+
+    def target_rows(self) -> list[tuple[str, str, bool]]:
+        """The second run against the data."""
         second = self.measures["second"].data["growth"] / self.data
-        target = ("second run sends < 1% of the data", f"{second:.3%}", second < MAX_SECOND)
-        return "\n".join(
-            [
-                self.headline(
-                    f"offsite benchmark: {human(self.data)} in {len(self.names)} "
-                    "containers (dir and btrfs)"
-                ),
-                "",
-                columns(spec, [self.measures[key] for key, _ in RUNS]),
-                "",
-                targets([target]),
-            ]
-        )
+        return [("second run sends < 1% of the data", f"{second:.3%}", second < MAX_SECOND)]
 
     def raw(self) -> dict[str, Any]:
         """Everything measured, for --json."""
