@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test check deps venv demo bench clean
+.PHONY: test check deps venv demo clean
 
 ## test: install what is missing (system packages, venv), then ruff, mypy and pytest
 test: deps venv check

@@ -1,103 +1,115 @@
-"""Offsite benchmark: what a second, unchanged run sends to an SSH repository.
+#!/usr/bin/env python3
+"""Benchmark: what a second, unchanged run sends to an SSH repository.
 
-Builds a private Incus with containers holding data, serves a repository through a private
-sshd on 127.0.0.1 (append-only restricted key, as the README recommends), runs
+Builds a private Incus (tests/harness) with one container per pool (`default` = dir, `fast` =
+btrfs), each holding `--size-mb` files of 1 MiB of random data, serves a repository through a
+private sshd on 127.0.0.1 (append-only restricted key, as the README recommends), runs
 `incus-borg backup` twice and prints, for each run, borg's deduplicated bytes added and the
 growth of the repository on the server side, against the data size. Target: the second run
 sends < 1% of the data.
 
-Run as root: `.venv/bin/python bench/offsite.py [--size-mb N]`. Not part of the test suite.
+Run as root: python bench/offsite.py [--size-mb N] (see bench/README.md)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import math
 import os
-import subprocess
 import sys
-import tempfile
-import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from benchlib import (
+    POOLS,
+    Bench,
+    Column,
+    GiB,
+    MiB,
+    Sizes,
+    columns,
+    human,
+    main,
+    positive,
+    secs,
+    tree_size,
+    write_blob,
+)
+from harness.sshd import PrivateSshd
 
-from cli import incus_config  # noqa: E402
-from harness.incusd import PrivateIncus  # noqa: E402
-from harness.server import prepare_server  # noqa: E402
-from harness.sshd import PrivateSshd  # noqa: E402
-
-
-def tree_size(path: Path) -> int:
-    """Bytes in the regular files below `path`."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def backup(config: Path) -> tuple[dict[str, object], float]:
-    """One `incus-borg backup --json` run: its summary and wall time."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "incus_borg", "-c", str(config), "backup", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(done.stdout), time.monotonic() - started
+MAX_SECOND = 0.01  # the second, unchanged run sends < 1% of the data
+RUNS = (("first", "first run"), ("second", "second run (unchanged)"))
 
 
-def main() -> int:
-    """Build, back up twice, print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mb", type=int, default=200, help="data per container (MB)")
-    args = parser.parse_args()
-    with (
-        tempfile.TemporaryDirectory(prefix="incus-borg-bench-offsite-") as tmp,
-        PrivateIncus() as daemon,
-    ):
-        root = Path(tmp)
-        server = prepare_server(daemon, btrfs_size="2GiB")
-        names = ["off-dir", "off-btrfs"]
-        for name, pool in zip(names, ("default", "fast"), strict=True):
-            server.launch(name, pool=pool)
-            server.exec(
-                name, "sh", "-c",
-                f"mkdir -p /root/data && for i in $(seq {args.size_mb}); do "
-                "head -c 1048576 /dev/urandom > /root/data/f$i; done",
-            )  # fmt: skip
-        sshd = PrivateSshd(root / "sshd")
+def fill(size_mib: int, root: Path) -> None:
+    """`size_mib` files of 1 MiB of random data in the container's /root/data."""
+    for i in range(1, size_mib + 1):
+        write_blob(root / "root" / "data" / f"f{i}", MiB, os.urandom)
+
+
+class OffsiteBench(Bench):
+    """Two runs into a repository served over SSH."""
+
+    name = "offsite.py"
+    description = "What a second, unchanged incus-borg run sends to an SSH repository. Needs root."
+    options = (("--size-mb", positive(int), 200, "MiB of random files per container"),)
+
+    @classmethod
+    def sizes(cls, args: Any) -> Sizes:
+        data = args.size_mb * MiB * len(POOLS)
+        btrfs = f"{max(2, math.ceil(2 * data / GiB))}GiB"
+        return Sizes(3 * data + 2 * GiB, 2 * data + 6 * GiB, btrfs)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.names = {f"off-{kind}": pool for kind, pool in POOLS.items()}
+        self.data = self.args.size_mb * MiB * len(self.names)
+
+    def build(self) -> None:
+        """One container per pool with its random files."""
+        self.launch(self.names, lambda n, root: fill(self.args.size_mb, root))
+
+    def run(self) -> None:
+        """Two backups into the SSH repository, measuring its growth on the server side."""
+        sshd = PrivateSshd(self.s.out / "sshd")
         sshd.start()
         try:
-            repositories = [
-                {"path": sshd.url("offsite"), "label": "offsite", "ssh_command": sshd.ssh_command,
-                 "append_only": True},
-            ]  # fmt: skip
-            config = incus_config(server, root / "conf", repositories=repositories, instances=names)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
-            subprocess.run([sys.executable, "-m", "incus_borg", "-c", str(config), "init"],
-                           env=env, check=True, capture_output=True)  # fmt: skip
-            data = args.size_mb * len(names) * 1_048_576
+            url, ssh = sshd.url("offsite"), sshd.ssh_command
+            repos = [{"path": url, "label": "offsite", "ssh_command": ssh, "append_only": True}]
+            config = self.config("offsite", repos, instances=list(self.names))
             repo = sshd.repos / "offsite"
-            rows = []
-            for label in ("first run", "second run (unchanged)"):
-                before = tree_size(repo)
-                summary, took = backup(config)
-                added = summary["deduplicated_bytes_added"]["offsite"]  # type: ignore[index]
-                rows.append((label, took, added, tree_size(repo) - before))
+            for key, what in RUNS:
+                before = tree_size(repo)[0]
+                m, _, _ = self.backup(key, what, config)
+                m.data["growth"] = tree_size(repo)[0] - before
         finally:
             sshd.stop()
-    print(f"data: {data / 1e6:.0f} MB in {len(names)} containers (dir and btrfs)")
-    print(f"{'run':26} {'wall s':>7} {'borg dedup added':>17} {'repo growth':>12} {'% of data':>9}")
-    for label, took, added, growth in rows:
-        print(
-            f"{label:26} {took:7.1f} {added / 1e6:14.2f} MB {growth / 1e6:9.2f} MB {100 * growth / data:8.3f}%"
-        )
-    second = rows[-1][3] / data
-    print(
-        f"target: second run sends < 1% of the data -> {100 * second:.3f}% {'met' if second < 0.01 else 'MISSED'}"
-    )
-    return 0
+
+    def sections(self) -> list[str]:
+        """Headline and the two runs."""
+        spec: list[Column] = [
+            ("run", lambda m: m.what),
+            ("wall s", lambda m: secs(m.seconds)),
+            ("borg dedup added", lambda m: human(m.added)),
+            ("repo growth", lambda m: human(m.data["growth"])),
+            ("% of data", lambda m: f"{100 * m.data['growth'] / self.data:.3f}%"),
+        ]
+        title = f"offsite benchmark: {human(self.data)} in {len(self.names)} containers"
+        return [self.headline(title), columns(spec, [self.measures[key] for key, _ in RUNS])]
+
+    def target_rows(self) -> list[tuple[str, str, bool]]:
+        """The second run against the data."""
+        second = self.measures["second"].data["growth"] / self.data
+        return [("second run sends < 1% of the data", f"{second:.3%}", second < MAX_SECOND)]
+
+    def raw(self) -> dict[str, Any]:
+        """Everything measured, for --json."""
+        return {
+            **super().raw(),
+            "data": self.data,
+            "measures": {k: asdict(v) for k, v in self.measures.items()},
+        }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(OffsiteBench))

@@ -14,268 +14,44 @@ deleting the new instance after each, and prints both times and their ratio agai
 target (restore <= 1.3 x import). Everything is removed afterwards, also on failure or
 Ctrl-C.
 
-Run as root: .venv/bin/python bench/restore.py [--scale N]
+Run as root: python bench/restore.py [--scale N] (see bench/README.md)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    BASE_TREES,
-    BTRFS_POOL,
-    DEFAULT_POOL,
-    LARGE_MIB,
-    SMALL_FILES,
+    POOLS,
+    SCALE,
+    Bench,
+    Column,
     GiB,
-    IncusServer,
     Measure,
-    MiB,
-    Runner,
-    Scratch,
-    borg_env,
+    Sizes,
+    columns,
     container_dir,
+    container_estimate,
     fill_container,
     human,
-    incus_borg_argv,
     log,
-    make_config,
-    measuring,
-    rootfs,
-    run_bench,
-    table,
+    main,
+    pool_kinds,
+    positive,
+    secs,
     tree_size,
-    verdict,
 )
 
+from incus_borg import layout
+from incus_borg.borg import find_borg
+
 MAX_RATIO = 1.3  # restore <= 1.3 x import of the uncompressed export
-POOLS = {"dir": DEFAULT_POOL, "btrfs": BTRFS_POOL}
-
-
-@dataclass
-class Attempt:
-    """One timed restore or import."""
-
-    name: str
-    pool: str
-    method: str
-    round: int
-    seconds: float
-    cpu_client: float
-    cpu_daemon: float
-    extra_peak: int
-    restored: int  # bytes of regular files in the new instance's directory
-    timeline: str = ""  # restore: when each borg command started (seconds)
-
-
-class RestoreBench:
-    """Runs the measurements against one prepared server."""
-
-    def __init__(self, server: IncusServer, s: Scratch, args: argparse.Namespace) -> None:
-        self.server = server
-        self.s = s
-        self.args = args
-        self.runner = Runner(s.logs, borg_env(s))
-        self.daemon = server.daemon
-        self.incus_dir = Path(self.daemon.incus_dir)
-        self.sampled = {"data fs": s.data, "btrfs pool": self.incus_dir / "storage-pools" / "fast"}
-        self.instances: dict[str, str] = {}  # name -> pool
-        self.sizes: dict[str, tuple[int, int]] = {}
-        self.exports: dict[str, Measure] = {}
-        self.attempts: list[Attempt] = []
-        self.backup: Measure | None = None
-        self.run_name = ""
-        self.export_tar: dict[str, float] = {}
-        self.small_read = 0.0
-        self.config = s.out / "unset"
-
-    def measure(self, key: str, what: str) -> Any:
-        """Context manager measuring one step (time, CPU, extra disk)."""
-        image = self.incus_dir / "disks" / f"{BTRFS_POOL}.img"
-        return measuring(Measure(key, what), self.sampled, lambda: self.daemon.pid, [image])
-
-    def build(self) -> None:
-        """Launch and fill one container per pool, back them up, export them."""
-        for n, kind in enumerate(self.args.pools):
-            name, pool = f"r-{kind}", POOLS[kind]
-            log(f"launching and filling {name} on {pool}")
-            self.server.launch(name, pool=pool)
-            fill_container(rootfs(self.server, pool, name), self.args.scale, seed=n)
-            self.instances[name] = pool
-        os.sync()
-        for name, pool in self.instances.items():
-            self.sizes[name] = tree_size(container_dir(self.server, pool, name))
-        self.config = make_config(self.server, self.s, self.s.out / "repo-incus-borg")
-        self.runner.run(incus_borg_argv(self.config, "init"))
-        log("incus-borg backup")
-        with self.measure("backup", "incus-borg backup") as m:
-            done = self.runner.run(incus_borg_argv(self.config, "backup", "--json"), ok=(0, 1))
-        self.backup = m
-        self.run_name = json.loads(done.stdout)["run"]
-        for name in self.instances:
-            out = self.s.out / f"{name}.tar"
-            log(f"incus export {name} --compression none")
-            with self.measure("export", f"incus export {name}") as m:
-                self.runner.run(
-                    ["incus", "export", name, str(out), "--compression", "none"],
-                    env=self.daemon.env,
-                )
-            m.added = out.stat().st_size
-            self.exports[name] = m
-
-    def run(self) -> None:
-        """Alternate import and restore of each instance, `--repeat` rounds."""
-        for name, pool in self.instances.items():
-            for r in range(self.args.repeat):
-                methods = ("import", "restore") if r % 2 == 0 else ("restore", "import")
-                for method in methods:
-                    self.attempt(name, pool, method, r)
-
-    def attempt(self, name: str, pool: str, method: str, r: int) -> None:
-        """One timed import or restore into a new instance, deleted afterwards."""
-        new = f"{name}-{method[:3]}"
-        if method == "import":
-            tarball = self.s.out / f"{name}.tar"
-            argv = ["incus", "import", str(tarball), new, "--storage", pool]
-        else:
-            argv = incus_borg_argv(
-                self.config, "restore", "instance", self.run_name, name, "--as", new, debug=True
-            )
-        log(f"round {r + 1}: {method} {name} as {new}")
-        with self.measure(method, " ".join(argv)) as m:
-            done = self.runner.run(argv, env=self.daemon.env, stamp=method == "restore")
-        restored, _ = tree_size(container_dir(self.server, pool, new))
-        attempt = Attempt(
-            name, pool, method, r + 1, m.seconds, m.cpu_client, m.cpu_daemon, m.extra_peak, restored
-        )
-        if method == "restore":
-            attempt.timeline = timeline(done.stderr)
-        self.attempts.append(attempt)
-        self.daemon.incus("delete", "--force", new, timeout=600)
-        os.sync()
-
-    def pieces(self) -> None:
-        """The parts of a restore alone: `borg export-tar` of the instance's archive to
-        /dev/null, and one small `borg extract --stdout` (what each metadata read costs)."""
-        repo = self.s.out / "repo-incus-borg"
-        borg = str(Path(sys.executable).parent / "borg")
-        for name in self.instances:
-            archive = f"{self.run_name}@instance@default@{name}"
-            argv = [borg, "export-tar", "--strip-components", "3"]
-            argv += [f"{repo}::{archive}", "-", f"instances/default/{name}"]
-            times = [self.runner.run(argv, discard=True).seconds for _ in range(2)]
-            self.export_tar[name] = statistics.median(times)
-            log(f"borg export-tar of {name} to /dev/null: {self.export_tar[name]:.1f} s")
-        argv = [borg, "extract", "--stdout", f"{repo}::{self.run_name}", "manifest.json"]
-        self.small_read = statistics.median(self.runner.run(argv).seconds for _ in range(3))
-
-    def median(self, name: str, method: str) -> float:
-        """Median wall time of `method` for instance `name`."""
-        return statistics.median(
-            a.seconds for a in self.attempts if a.name == name and a.method == method
-        )
-
-    def report(self) -> str:
-        """The printed tables."""
-        assert self.backup is not None
-        lines = [
-            f"incus-borg restore benchmark, scale {self.args.scale}, {self.args.repeat} round(s) "
-            f"per instance (order alternates); machine: {os.cpu_count()} cores, load before "
-            f"start {self.args.load}",
-            "instances: "
-            + ", ".join(
-                f"{n} on {p}: {human(self.sizes[n][0])} in {self.sizes[n][1]} files"
-                for n, p in self.instances.items()
-            ),
-            f"setup (not compared): incus-borg backup {self.backup.seconds:.1f} s; "
-            + ", ".join(
-                f"export {n} --compression none {m.seconds:.1f} s, {human(m.added)}"
-                for n, m in self.exports.items()
-            ),
-            "",
-        ]
-        rows = [
-            [
-                a.name,
-                a.pool,
-                a.method,
-                str(a.round),
-                f"{a.seconds:.1f}",
-                f"{a.cpu_client:.1f}",
-                f"{a.cpu_daemon:.1f}",
-                human(a.extra_peak),
-                human(a.restored),
-            ]
-            for a in self.attempts
-        ]
-        headers = [
-            "instance",
-            "pool",
-            "method",
-            "round",
-            "wall s",
-            "cpu s",
-            "incusd cpu s",
-            "disk peak",
-            "restored",
-        ]
-        lines += [table(headers, rows, {3, 4, 5, 6, 7, 8}), ""]
-        lines.append(
-            "disk peak: the most the data filesystems filled up during the step, the new "
-            "instance included (unreliable on btrfs, which frees deleted subvolumes later)."
-        )
-        lines.append("")
-        summary = []
-        for name, pool in self.instances.items():
-            imp, res = self.median(name, "import"), self.median(name, "restore")
-            ratio = res / imp
-            summary.append(
-                [
-                    f"{name} ({pool})",
-                    f"{imp:.1f}",
-                    f"{res:.1f}",
-                    f"{ratio:.2f}",
-                    f"<= {MAX_RATIO}",
-                    verdict(ratio <= MAX_RATIO),
-                ]
-            )
-        sheaders = ["instance", "import s", "incus-borg restore s", "ratio", "target", ""]
-        lines.append("median over rounds:")
-        lines.append(table(sheaders, summary, {1, 2, 3}))
-        lines += ["", "where a restore's time goes (when each borg command started, seconds):"]
-        for a in self.attempts:
-            if a.method == "restore":
-                lines.append(f"  {a.name} round {a.round}: {a.timeline}; done at {a.seconds:.1f}")
-        for name in self.instances:
-            lines.append(
-                f"  {name}: borg export-tar alone to /dev/null {self.export_tar.get(name, 0.0):.1f} s"
-                f"; import of the file {self.median(name, 'import'):.1f} s"
-            )
-        lines.append(
-            f"  one `borg extract --stdout` of manifest.json (each metadata read): "
-            f"{self.small_read:.2f} s"
-        )
-        return "\n".join(lines)
-
-    def raw(self) -> dict[str, Any]:
-        """Everything measured, for --json."""
-        return {
-            "args": {k: str(v) for k, v in vars(self.args).items()},
-            "sizes": self.sizes,
-            "backup": asdict(self.backup) if self.backup else None,
-            "exports": {k: asdict(v) for k, v in self.exports.items()},
-            "attempts": [asdict(a) for a in self.attempts],
-            "export_tar": self.export_tar,
-            "small_read": self.small_read,
-        }
 
 
 def timeline(stamped: str) -> str:
@@ -293,66 +69,188 @@ def timeline(stamped: str) -> str:
     return ", ".join(events)
 
 
-def estimate(args: argparse.Namespace) -> int:
-    """Rough bytes of instance data for these arguments."""
-    base = sum(tree_size(Path(t))[0] for t in BASE_TREES if Path(t).is_dir())
-    per = base + SMALL_FILES * args.scale * 8000 + 2 * LARGE_MIB * MiB * args.scale
-    return int(per * len(args.pools))
+class RestoreBench(Bench):
+    """Runs the measurements against one prepared server."""
 
+    name = "restore.py"
+    description = (
+        "Benchmark `incus-borg restore instance` against `incus import` of the same "
+        "instance's uncompressed export, on a private Incus. Needs root."
+    )
+    epilog = "Containers are filled as in bench/backup.py (about 350 MB each at scale 1)."
+    options = (
+        SCALE,
+        ("--pools", pool_kinds, "dir,btrfs", "pool kinds, comma-separated"),
+        ("--repeat", positive(int), 2, "rounds per instance, the order alternating"),
+    )
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line."""
-    parser = argparse.ArgumentParser(
-        description=(
-            "Benchmark `incus-borg restore instance` against `incus import` of the same "
-            "instance's uncompressed export, on a private Incus. Needs root."
-        ),
-        epilog="Containers are filled as in bench/backup.py (about 350 MB each at scale 1).",
-    )
-    parser.add_argument(
-        "--scale",
-        type=float,
-        default=1.0,
-        help="multiply the unique small files and large files of the container (default 1)",
-    )
-    parser.add_argument(
-        "--pools",
-        default="dir,btrfs",
-        help="comma-separated pool kinds to test, of dir and btrfs (default both)",
-    )
-    parser.add_argument(
-        "--repeat", type=int, default=2, help="rounds per instance, alternating order (2)"
-    )
-    parser.add_argument(
-        "--tmp", type=Path, default=Path("/tmp"), help="where the scratch tree goes (/tmp)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the raw figures to this file")
-    args = parser.parse_args(argv)
-    args.pools = [p for p in args.pools.split(",") if p]
-    if not args.pools or set(args.pools) - set(POOLS):
-        parser.error("--pools takes dir and/or btrfs")
-    if args.scale <= 0 or args.repeat < 1:
-        parser.error("--scale must be > 0 and --repeat >= 1")
-    return args
+    @classmethod
+    def sizes(cls, args: Any) -> Sizes:
+        data = int(container_estimate(args.scale) * len(args.pools))
+        btrfs = f"{max(4, math.ceil(4 * data / GiB))}GiB"  # the instance plus a restored copy
+        return Sizes(5 * data + 2 * GiB, 4 * data + 8 * GiB, btrfs)
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.instances = {f"r-{kind}": POOLS[kind] for kind in self.args.pools}
+        self.sizes_of: dict[str, tuple[int, int]] = {}
+        self.attempts: list[Measure] = []
+        self.run_name = ""
+        self.export_tar: dict[str, float] = {}
+        self.small_read = 0.0
+        self.config_file = Path()
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
-    args = parse_args(argv)
-    data = estimate(args)
-    btrfs_size = f"{max(4, math.ceil(4 * data / GiB))}GiB"  # the instance plus a restored copy
+    def build(self) -> None:
+        """Launch and fill one container per pool, back them up, export them."""
+        scale = self.args.scale
+        self.launch(self.instances, lambda n, root: fill_container(root, scale, n))
+        for name, pool in self.instances.items():
+            self.sizes_of[name] = tree_size(container_dir(self.server, pool, name))
+        self.config_file = self.config("incus-borg")
+        _, summary, _ = self.backup("backup", "incus-borg backup", self.config_file)
+        self.run_name = summary["run"]
+        for name in self.instances:
+            out = self.s.out / f"{name}.tar"
+            with self.step(f"export {name}", f"incus export {name} --compression none") as m:
+                argv = ["incus", "export", name, str(out), "--compression", "none"]
+                self.runner.run(argv, env=self.daemon.env)
+            m.added = out.stat().st_size
 
-    def measure(server: IncusServer, s: Scratch) -> tuple[str, Any]:
-        bench = RestoreBench(server, s, args)
-        bench.build()
-        bench.run()
-        bench.pieces()
-        return bench.report(), bench.raw()
+    def run(self) -> None:
+        """Alternate import and restore of each instance, `--repeat` rounds; then the pieces
+        of a restore alone."""
+        for name, pool in self.instances.items():
+            for r in range(1, self.args.repeat + 1):
+                methods = ("import", "restore") if r % 2 else ("restore", "import")
+                for method in methods:
+                    self.attempt(name, pool, method, r)
+        self.pieces()
 
-    return run_bench(
-        "restore.py", args, 5 * data + 2 * GiB, 4 * data + 8 * GiB, btrfs_size, measure
-    )
+    def attempt(self, name: str, pool: str, method: str, r: int) -> None:
+        """One timed import or restore into a new instance, deleted afterwards."""
+        new, key = f"{name}-{method[:3]}", f"{method} {name} {r}"
+        if method == "import":
+            argv = ["incus", "import", str(self.s.out / f"{name}.tar"), new, "--storage", pool]
+            with self.step(key, " ".join(argv)) as m:
+                self.runner.run(argv, env=self.daemon.env)
+        else:
+            m, done = self.restore(key, self.config_file, self.run_name, name, new)
+            m.data["timeline"] = timeline(done.stderr)
+        restored, _ = tree_size(container_dir(self.server, pool, new))
+        m.data.update(name=name, pool=pool, method=method, round=r, restored=restored)
+        self.attempts.append(m)
+        self.delete(new)
+
+    def pieces(self) -> None:
+        """The parts of a restore alone: `borg export-tar` of the instance's archive to
+        /dev/null, and one small `borg extract --stdout` (what each metadata read costs)."""
+        repo = self.s.out / "repo-incus-borg"
+        borg = find_borg()
+        for name in self.instances:
+            archive = layout.instance_archive(self.run_name, "default", name)
+            argv = [borg, "export-tar", "--strip-components", "3"]
+            argv += [f"{repo}::{archive}", "-", f"instances/default/{name}"]
+            times = [self.runner.run(argv, discard=True).seconds for _ in range(2)]
+            self.export_tar[name] = statistics.median(times)
+            log(f"borg export-tar of {name} to /dev/null: {self.export_tar[name]:.1f} s")
+        argv = [borg, "extract", "--stdout", f"{repo}::{self.run_name}", "manifest.json"]
+        self.small_read = statistics.median(self.runner.run(argv).seconds for _ in range(3))
+
+    def median(self, name: str, method: str) -> float:
+        """Median wall time of `method` for instance `name`."""
+        return statistics.median(
+            m.seconds
+            for m in self.attempts
+            if m.data["name"] == name and m.data["method"] == method
+        )
+
+    # -- the report --
+
+    def sections(self) -> list[str]:
+        """Headline, attempts, medians, where the time goes."""
+        a, ms = self.args, self.measures
+        sizes = (
+            f"{n} on {p}: {human(self.sizes_of[n][0])} in {self.sizes_of[n][1]} files"
+            for n, p in self.instances.items()
+        )
+        exports = (
+            f"export {n} --compression none {m.seconds:.1f} s, {human(m.added)}"
+            for n, m in ((n, ms[f"export {n}"]) for n in self.instances)
+        )
+        title = (
+            f"incus-borg restore benchmark, scale {a.scale}, {a.repeat} round(s) per instance "
+            "(order alternates)"
+        )
+        backup = f"setup (not compared): incus-borg backup {ms['backup'].seconds:.1f} s; "
+        return [
+            self.headline(title, "instances: " + ", ".join(sizes), backup + ", ".join(exports)),
+            self.attempt_table() + "\n\ndisk peak: the most the data filesystems filled up "
+            "during the step, the new instance included (unreliable on btrfs, which frees "
+            "deleted subvolumes later).",
+            "median over rounds:\n" + self.median_table(),
+            "where a restore's time goes (when each borg command started, seconds):\n"
+            + "\n".join(self.pieces_lines()),
+        ]
+
+    def attempt_table(self) -> str:
+        """Every timed import and restore."""
+        spec: list[Column] = [
+            ("instance", lambda m: m.data["name"]),
+            *((k, lambda m, k=k: m.data[k]) for k in ("pool", "method", "round")),
+            ("wall s", lambda m: secs(m.seconds)),
+            ("cpu s", lambda m: secs(m.cpu_client)),
+            ("incusd cpu s", lambda m: secs(m.cpu_daemon)),
+            ("disk peak", lambda m: human(m.extra_peak)),
+            ("restored", lambda m: human(m.data["restored"])),
+        ]
+        return columns(spec, self.attempts)
+
+    def ratio(self, name: str) -> float:
+        """Median restore against median import of `name`."""
+        return self.median(name, "restore") / self.median(name, "import")
+
+    def median_table(self) -> str:
+        """Per instance: the medians of both methods and their ratio."""
+        spec: list[Column] = [
+            ("instance", lambda n: f"{n} ({self.instances[n]})"),
+            ("import s", lambda n: secs(self.median(n, "import"))),
+            ("incus-borg restore s", lambda n: secs(self.median(n, "restore"))),
+            ("ratio", lambda n: f"{self.ratio(n):.2f}"),
+        ]
+        return columns(spec, self.instances)
+
+    def target_rows(self) -> Iterator[tuple[str, str, bool]]:
+        """Each instance's median restore against its median import."""
+        for name in self.instances:
+            r = self.ratio(name)
+            yield f"restore {name} <= {MAX_RATIO} x import", f"{r:.2f}", r <= MAX_RATIO
+
+    def pieces_lines(self) -> Iterator[str]:
+        """Each restore's borg timeline, and the pieces of a restore timed alone."""
+        for m in self.attempts:
+            if m.data["method"] == "restore":
+                d = m.data
+                yield f"  {d['name']} round {d['round']}: {d['timeline']}; done at {m.seconds:.1f}"
+        for name in self.instances:
+            yield (
+                f"  {name}: borg export-tar alone to /dev/null {self.export_tar[name]:.1f} s"
+                f"; import of the file {self.median(name, 'import'):.1f} s"
+            )
+        yield (
+            "  one `borg extract --stdout` of manifest.json (each metadata read): "
+            f"{self.small_read:.2f} s"
+        )
+
+    def raw(self) -> dict[str, Any]:
+        """Everything measured, for --json."""
+        return {
+            **super().raw(),
+            "sizes": self.sizes_of,
+            "measures": {k: asdict(v) for k, v in self.measures.items()},
+            "export_tar": self.export_tar,
+            "small_read": self.small_read,
+        }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(RestoreBench))
