@@ -236,9 +236,11 @@ def list_tree_argv(repo: Repository, archive: str, path: str) -> list[str]:
     return ["list", "--format", fmt, f"{repo.path}::{archive}", path]
 
 
-def list_paths_argv(repo: Repository, archive: str, paths: Sequence[str] = ()) -> list[str]:
-    """The paths in an archive (optionally below `paths`), one JSON object per line."""
-    return ["list", "--json-lines", "--format", "{path}", f"{repo.path}::{archive}", *paths]
+def list_exact_argv(repo: Repository, archive: str, paths: Sequence[str]) -> list[str]:
+    """Which of exactly these paths an archive holds, one per line."""
+    wanted = "|".join(re.escape(path) for path in paths)
+    patterns = ["--pattern", f"+ re:^({wanted})$", "--pattern", "- re:."]
+    return ["list", "--format", "{path}{NL}", *patterns, f"{repo.path}::{archive}"]
 
 
 # --- runner ----------------------------------------------------------------------------------
@@ -356,6 +358,24 @@ class Borg:
         if self.debug:
             print("incus-borg: running " + " ".join(argv), file=sys.stderr)
         return argv
+
+    def spawn(
+        self,
+        args: Sequence[str],
+        repo: Repository,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> BorgProcess:
+        """Start borg in the background; see `BorgProcess`, and `finished` for its result."""
+        return BorgProcess(self.argv(args, repo), self.env(repo, env), cwd)
+
+    def finished(self, process: BorgProcess, args: Sequence[str], repo: Repository) -> BorgResult:
+        """A background borg's result once it has exited; an error exit becomes a UserError."""
+        result = process.result()
+        _ = self.version
+        if result.returncode == 0 or _is_warning(result.returncode):
+            return result
+        raise UserError(explain_failure(args[0], repo, result))
 
     def popen(self, args: Sequence[str], repo: Repository) -> subprocess.Popen[bytes]:
         """Start borg with its stdout as a pipe, for streaming; check it with `raise_for`."""
@@ -593,3 +613,85 @@ def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
     errors = [m for m in result.problems if m and not m.startswith("Traceback")]
     detail = errors[-1].splitlines()[0] if errors else "no message"
     return f"borg {command} failed on repository {name} (exit {result.returncode}): {detail}"
+
+
+class BorgProcess:
+    """A borg running in the background: its output drained as it comes (so it never blocks
+    on a full pipe), the time of its last log line noted, and it dies with incus-borg."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], cwd: Path | None) -> None:
+        # setpriv's parent-death signal: a borg whose incus-borg died is killed at once,
+        # instead of finishing (and committing) a run that nobody completes.
+        with signals.deferred():
+            self.proc = subprocess.Popen(
+                ["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+            )
+        self.messages: list[dict[str, Any]] = []
+        self.last_activity = time.monotonic()
+        self._terminated: float | None = None
+        self._out: list[bytes] = []
+        self._readers = [
+            threading.Thread(target=self._read_log, daemon=True),
+            threading.Thread(target=lambda: self._out.append(self._stdout.read()), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def _stdout(self) -> Any:
+        return self.proc.stdout
+
+    @property
+    def pid(self) -> int:
+        """The borg's process id."""
+        return self.proc.pid
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.messages += parse_log_json(raw.decode("utf-8", "replace"))
+            self.last_activity = time.monotonic()
+
+    def latest_progress(self) -> dict[str, Any] | None:
+        """Borg's latest progress message, if it sent one."""
+        for message in reversed(self.messages[-50:]):
+            if "progress" in str(message.get("type", "")):
+                return dict(message)
+        return None
+
+    def running(self) -> bool:
+        """Whether borg has not exited yet."""
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM (borg cleans up), then SIGKILL after `grace` seconds."""
+        if self.running():
+            _terminate(self.proc, grace)
+
+    def kill(self) -> None:
+        """SIGKILL borg (it dies even while the kernel holds one of its opens)."""
+        if self.running():
+            self.proc.kill()
+
+    def terminate(self) -> None:
+        """Ask borg to stop (SIGTERM) without waiting; see `kill_after`."""
+        if self.running() and self._terminated is None:
+            self._terminated = time.monotonic()
+            self.proc.terminate()
+
+    def kill_after(self, grace: float) -> None:
+        """SIGKILL a borg asked to stop more than `grace` seconds ago that still runs."""
+        if self._terminated and time.monotonic() - self._terminated > grace and self.running():
+            self.proc.kill()
+
+    def result(self) -> BorgResult:
+        """What borg returned, once it has exited."""
+        code = self.proc.wait()
+        for reader in self._readers:
+            reader.join()
+        return BorgResult(code, b"".join(self._out).decode("utf-8", "replace"), self.messages)

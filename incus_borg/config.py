@@ -131,6 +131,22 @@ class Config:
         "Stop the daemon for a moment to copy its database exactly; false keeps the API up "
         "and backs up the SQL dumps only (then `restore server` has no exact database).",
     )
+    max_window: int = key(
+        120,
+        "Longest time (seconds) an instance may stay frozen or stopped while it is read; a "
+        "repository whose borg holds it up longer is skipped for the run with a warning.",
+    )
+    stall_timeout: int = key(
+        300,
+        "Seconds a repository's borg may make no progress at all before it is stopped and the "
+        "repository skipped for the run (at least lock_wait plus a minute).",
+    )
+    quiesce_per_repository: bool = key(
+        False,
+        "Quiesce each instance once per repository, the repositories read one after another, "
+        "instead of once for all repositories read side by side: shorter windows when one "
+        "repository is slow; each repository still holds a consistent state.",
+    )
     archive_name_format: str = key(
         "{hostname}-{now:%Y-%m-%dT%H:%M:%S}",
         "Name of each run's archive; {hostname} and {now:strftime format} are replaced.",

@@ -42,6 +42,7 @@ INCUS_EXCLUDES = (
     "storage-pools/*/*/*",
 )
 
+STAGING_MARKER = ".incus-borg-staging"  # in the staging directory: incus-borg made it
 SNAPSHOT_PREFIX = "incus-borg-"  # temporary snapshots a run takes
 RUN_COMMENT = (
     "incus-borg"  # the Borg comment on every archive a run makes: `prune` may delete those
@@ -70,6 +71,14 @@ def run_of(archive: str) -> str:
 def is_part(archive: str) -> bool:
     """Whether an archive is a part of a run (one instance or volume), not a run's own."""
     return PART_MARK in archive
+
+
+def item_members(kind: str, block: bool) -> list[str]:
+    """What an instance or volume must hold below its `backup/` to be restored: its index and
+    its data."""
+    if kind == "instance":
+        return ["index.yaml", "container"]
+    return ["index.yaml", "volume.img" if block else "volume"]
 
 
 def instance_import_files(stage: str) -> list[str]:

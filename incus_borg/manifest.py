@@ -9,7 +9,9 @@ from typing import Any
 
 from .errors import UserError
 
-FORMAT_VERSION = 1
+# 1: one archive per instance and volume (Item.archive) and the run's archive with the rest.
+# 2: the run is one archive holding everything (Item.archive is None).
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Item:
     bytes_read: int | None = None
     changed_files: int | None = None  # files that missed Borg's files cache
     users: list[str] = field(default_factory=list)  # running instances (P/NAME) using a volume
+    failed: str | None = None  # why it was left out of the run (its data is not in it)
 
     @property
     def ref(self) -> str:

@@ -1,33 +1,62 @@
-"""Read-only bind mounts at stable paths, so that Borg's files cache sees the same paths."""
+"""Read-only bind mounts at stable paths (so that Borg's files cache sees the same paths), and
+an exact reading of the mount table.
+
+Mounts are made with the mount(2) system call: a run makes two per item, and a process per
+mount would cost more than the item's whole read when nothing changed.
+"""
 
 from __future__ import annotations
 
-import subprocess
+import ctypes
+import os
+import re
+import stat
 from pathlib import Path
 
 from .errors import UserError
 
-TIMEOUT = 60
+MS_RDONLY = 0x1
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def unescape(field: bytes) -> str:
+    """A path from /proc/self/mountinfo: octal escapes (`\\040` for a space) decoded, bytes that
+    are not UTF-8 kept as the file system encoding keeps them."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def mount_points() -> list[str]:
+    """Every mount point in this mount namespace."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [unescape(line.split()[4]) for line in f]
+
+
+def _resolved(path: Path) -> str:
+    return str(path.resolve()) if path.exists() else str(path)
 
 
 def is_mounted(path: Path) -> bool:
     """Whether something is mounted exactly at `path`."""
-    target = str(path.resolve()) if path.exists() else str(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(_unescape(line.split()[4]) == target for line in f)
+    return _resolved(path) in mount_points()
 
 
 def mounts_below(root: Path) -> list[Path]:
     """Every mount point at or below `root`, deepest first."""
-    prefix = str(root.resolve()) if root.exists() else str(root)
-    with open("/proc/self/mountinfo") as f:
-        points = [_unescape(line.split()[4]) for line in f]
-    found = [Path(p) for p in points if p == prefix or p.startswith(prefix + "/")]
-    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+    prefix = _resolved(root)
+    found = {Path(p) for p in mount_points() if p == prefix or p.startswith(prefix + "/")}
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape")
+def _call(what: str, result: int, path: Path) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise UserError(f"cannot {what} {path}: {os.strerror(errno)}")
 
 
 def bind_readonly(source: Path, target: Path) -> None:
@@ -37,21 +66,49 @@ def bind_readonly(source: Path, target: Path) -> None:
     else:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         target.touch(mode=0o600, exist_ok=True)
-    _run(["mount", "--bind", "-o", "ro", str(source), str(target)])
-    # A bind mount ignores "ro" on older util-linux: make sure it is read-only.
-    _run(["mount", "-o", "remount,bind,ro", str(target)])
+    src, dst = os.fsencode(source), os.fsencode(target)
+    _call("bind-mount onto", _libc.mount(src, dst, None, MS_BIND, None), target)
+    # A bind mount ignores MS_RDONLY on its first call: remount it read-only.
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    if _libc.mount(None, dst, None, flags, None) != 0:
+        errno = ctypes.get_errno()
+        _libc.umount2(dst, 0)
+        raise UserError(f"cannot make the mount at {target} read-only: {os.strerror(errno)}")
 
 
 def unmount(target: Path) -> None:
-    """Unmount `target` if something is mounted there."""
+    """Unmount `target` (every mount stacked there) if something is mounted there."""
     while is_mounted(target):
-        _run(["umount", str(target)])
+        _call("unmount", _libc.umount2(os.fsencode(target), 0), target)
 
 
-def _run(argv: list[str]) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"`{' '.join(argv)}` did not finish within {TIMEOUT} s") from None
-    if done.returncode != 0:
-        raise UserError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
+def remove_tree(path: Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete a tree incus-borg made (or its content but `keep`, when `keep` is given): first
+    check that nothing is mounted below it, and never descend into another file system."""
+    if not os.path.lexists(path):
+        return
+    below = mounts_below(path)
+    if below:
+        raise UserError(
+            f"not deleting {path}: {below[0]} is mounted below it; unmount it first "
+            "(`incus-borg hook post` does, for the staging directory)"
+        )
+    device = path.lstat().st_dev
+    if keep:
+        for entry in os.scandir(path):
+            if entry.name not in keep:
+                _remove(Path(entry.path), device)
+    else:
+        _remove(path, device)
+
+
+def _remove(path: Path, device: int) -> None:
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        path.unlink()
+        return
+    if st.st_dev != device:
+        raise UserError(f"not deleting {path}: it is on another file system")
+    for entry in os.scandir(path):
+        _remove(Path(entry.path), device)
+    path.rmdir()

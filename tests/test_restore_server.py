@@ -308,24 +308,24 @@ def test_damaged_archive_is_refused_or_rolled_back(
     archives = [a["name"] for a in json.loads(borg("list", "--json", str(repo)).stdout)["archives"]]
     run = next(a for a in archives if "@" not in a)
 
-    # A missing part archive: refused before anything is touched.
-    part = f"{run}@instance@{SECOND_PROJECT}@p1"
-    borg("rename", f"{repo}::{part}", f"{part}-hidden")
-    error = one_line_error(run_cli("restore", "server", "latest", "--yes", config=setup.config))
-    assert "lacks the data of second/p1" in error, error
-    assert siblings(setup) == []
-    assert_same(state(setup), before)
-    borg("rename", f"{repo}::{part}-hidden", part)
-
-    # Damaged data in f1's archive: found while putting f1 back, after the directory moved.
+    # Damaged data of f1: found while putting f1 back, after the directory moved.
     damage_segment(repo, BIG[1000:1064])
     done = run_cli("restore", "server", run, "--yes", config=setup.config)
     error = one_line_error(done)
     assert "borg extract failed" in error and "Data integrity error" in error, error
     assert "rolling back" in done.stdout and "is back as it was" in done.stdout
-    assert [s for s in siblings(setup) if "failed" in s]
+    failed = [s for s in siblings(setup) if "failed" in s]
+    assert failed
     assert not [s for s in siblings(setup) if "old" in s]
     assert_as_before(setup, before, "changed")
+
+    # A run lacking an instance's data: refused before anything is touched.
+    borg(
+        "recreate", "--exclude", f"instances/{SECOND_PROJECT}/p1/backup/container", f"{repo}::{run}"
+    )
+    error = one_line_error(run_cli("restore", "server", run, "--yes", config=setup.config))
+    assert "lacks the data of second/p1" in error, error
+    assert siblings(setup) == failed
 
 
 def test_failing_start_rolls_back(private_incus_factory: Factory, tmp_path: Path) -> None:

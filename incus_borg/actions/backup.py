@@ -1,10 +1,10 @@
-"""`incus-borg backup`: quiesce, read each instance into its own archive, then the server."""
+"""`incus-borg backup`: the whole server into one archive per repository, each instance
+quiesced only while it is read (see backup/reader.py)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import click
@@ -12,15 +12,18 @@ import click
 from .. import layout
 from ..backup import plan
 from ..backup.capture import Capture
+from ..backup.gate import Gate
 from ..backup.plan import Plan
+from ..backup.reader import Lane, Reader
 from ..backup.session import Session
-from ..borg import Borg, BorgResult, create_argv, info_argv
+from ..borg import Borg, create_argv, info_argv
 from ..config import Config, Repository
 from ..context import Context
 from ..errors import EXIT_ERROR, UserError, Warnings
-from ..manifest import Item
 
-INSTANCE_FILES_CACHE = "mtime,size"  # snapshot copies change inodes and ctimes, not content
+# Snapshot copies change inodes and ctimes, not content; the paths are stable.
+FILES_CACHE = "mtime,size"
+FILES_CACHE_SUFFIX = "incus-borg"
 
 
 @dataclass
@@ -37,33 +40,27 @@ class BackupOptions:
 
 @dataclass
 class Outcome:
-    """What the run did, for the summary."""
+    """What the run did, per repository, for the summary."""
 
     archives: dict[str, list[str]] = field(default_factory=dict)
+    read: dict[str, int] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
     changed_files: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
-    def record(self, repo: str, archive: str, result: BorgResult) -> None:
-        """Count one created archive."""
-        stats = result.json()["archive"]["stats"]
-        self.archives.setdefault(repo, []).append(archive)
-        self.added[repo] = self.added.get(repo, 0) + stats["deduplicated_size"]
-        self.files[repo] = self.files.get(repo, 0) + stats["nfiles"]
-        self.changed_files[repo] = self.changed_files.get(repo, 0) + result.changed_files
-
-
-def part_archive(run: str, item: Item) -> str:
-    """The archive holding one instance or volume of run `run`."""
-    if item.kind == "instance":
-        return layout.instance_archive(run, item.project, item.name)
-    return layout.volume_archive(run, item.pool, item.project, item.name)
-
-
-def files_cache_suffix(name: str) -> str:
-    """A files-cache suffix per archive kind, so that entries never age out across parts."""
-    return "incus-borg-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    def record(self, archive: str, lane: Lane) -> None:
+        """Count one lane's archive, or why it failed."""
+        name = lane.repo.name
+        if lane.result is None:
+            self.failed[name] = lane.failed or "stopped"
+            return
+        stats = lane.result.json()["archive"]["stats"]
+        self.archives[name] = [archive]
+        self.read[name] = stats["original_size"]
+        self.added[name] = stats["deduplicated_size"]
+        self.files[name] = stats["nfiles"]
+        self.changed_files[name] = lane.result.changed_files
 
 
 def reporter(as_json: bool) -> Any:
@@ -90,8 +87,7 @@ def run(ctx: Context, options: BackupOptions) -> int:
         live = check_repositories(borg, repos, outcome, warnings)
         capture = Capture(session)
         with session.holding("backup"):
-            writer = Writer(borg, live, outcome, warnings, session.stage.root, options.progress)
-            read_all(capture, the_plan, writer)
+            write_run(capture, the_plan, borg, live, outcome, options.progress)
     if options.as_json:
         click.echo(json.dumps(summary(capture, the_plan, outcome, warnings), indent=2))
     if not outcome.archives:
@@ -117,85 +113,87 @@ def check_repositories(
     return live
 
 
-@dataclass
-class Writer:
-    """Creates archives of staging paths in every repository that is still healthy."""
-
-    borg: Borg
-    repos: list[Repository]
-    outcome: Outcome
-    warnings: Warnings
-    cwd: Path
-    progress: bool
-
-    def create(
-        self,
-        archive: str,
-        paths: list[str],
-        files_cache: str | None = None,
-        excludes: list[str] | None = None,
-    ) -> tuple[int, int]:
-        """`borg create`; returns bytes read and files missing the files cache."""
-        read = changed = 0
-        suffix = files_cache_suffix(archive.partition(layout.PART_MARK)[2] or "server")
-        for repo in list(self.repos):
-            argv = create_argv(
-                repo,
-                archive,
-                paths,
-                excludes=excludes or (),
-                files_cache=files_cache,
-                progress=self.progress,
-                comment=layout.RUN_COMMENT,
-            )
-            try:
-                result = self.borg.run(
-                    argv,
-                    repo,
-                    env={"BORG_FILES_CACHE_SUFFIX": suffix},
-                    cwd=self.cwd,
-                    show_progress=self.progress,
-                )
-            except UserError as exc:
-                self.repos.remove(repo)
-                self.outcome.failed[repo.name] = str(exc)
-                self.warnings.add(
-                    f"repository {repo.name} is skipped for the rest of the run: {exc}"
-                )
-                continue
-            for message in result.warnings:
-                self.warnings.add(f"repository {repo.name}: {message}")
-            self.outcome.record(repo.name, archive, result)
-            stats = result.json()["archive"]["stats"]
-            read, changed = stats["original_size"], result.changed_files
-        if not self.repos:
-            raise UserError("every repository failed: " + "; ".join(self.outcome.failed.values()))
-        return read, changed
-
-
-def read_all(capture: Capture, the_plan: Plan, writer: Writer) -> None:
-    """Capture the server, read each item into its own archive, then the server archive."""
+def write_run(
+    capture: Capture,
+    the_plan: Plan,
+    borg: Borg,
+    repos: list[Repository],
+    outcome: Outcome,
+    progress: bool,
+) -> None:
+    """Capture the server, then read the staging tree into every repository: side by side
+    (one quiesce of each instance for all), or one repository after another."""
     session = capture.session
     database = capture.capture_server(the_plan)
-    for item in the_plan.items:
-        item.archive = part_archive(session.run, item)
-        held = capture.hold(item)
-        read, changed = writer.create(item.archive, [item.path], INSTANCE_FILES_CACHE)
-        item.window = capture.release(held)
-        item.bytes_read, item.changed_files = read, changed
-        session.report(
-            f"{item.kind} {item.ref}: {item.mode}, window {item.window:.2f} s, "
-            f"read {read / 1e6:.1f} MB, {changed} file(s) not in the files cache"
-        )
-    manifest = capture.manifest(the_plan, database, writer.borg.version, False)
-    session.stage.write(layout.MANIFEST, manifest.to_json())
-    paths = [str(p) for p in layout.SERVER_PATHS if session.stage.path(p).exists()]
+
+    def manifest_content() -> bytes:  # once every borg has read everything else
+        return capture.manifest(the_plan, database, borg.version, False).to_json().encode()
+
+    config = session.config
+    groups = [[repo] for repo in repos] if config.quiesce_per_repository else [repos]
+    env = {"BORG_FILES_CACHE_SUFFIX": FILES_CACHE_SUFFIX}
+    for group in groups:
+        calls = [(repo, create_args(session.run, the_plan, repo)) for repo in group]
+        # Closing the gate lets every held open through: nothing may open a gated path
+        # of this process's own (such as emptying staging) before it is closed.
+        with Gate() as gate:
+            reader = Reader(
+                capture, the_plan.items, gate, config.max_window, config.stall_timeout, progress
+            )
+            lanes = reader.read(borg, calls, session.stage.root, env, manifest_content)
+        for lane in lanes:
+            report_lane(capture, the_plan, lane, outcome)
+
+
+def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
+    """`borg create` of the whole staging tree: the server's files, every item in the
+    plan's order, the manifest last."""
+    server = [str(p) for p in layout.SERVER_PATHS if p != layout.MANIFEST]
+    paths = [*server, *(item.path for item in the_plan.items), str(layout.MANIFEST)]
     excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
-    read, changed = writer.create(session.run, paths, excludes=excludes)
-    session.report(
-        f"server: read {read / 1e6:.1f} MB into {session.run}, "
-        f"{changed} file(s) not in the files cache"
+    return create_argv(
+        repo,
+        run,
+        paths,
+        excludes=excludes,
+        files_cache=FILES_CACHE,
+        progress=True,  # its regular lines show that borg is not stalled
+        comment=layout.RUN_COMMENT,
     )
+
+
+def report_lane(capture: Capture, the_plan: Plan, lane: Lane, outcome: Outcome) -> None:
+    """Say how a repository's read went, and count it."""
+    session = capture.session
+    outcome.record(session.run, lane)
+    if lane.result is None:
+        session.warnings.add(f"repository {lane.repo.name} is skipped for this run: {lane.failed}")
+        return
+    for message in lane.result.warnings:
+        session.warnings.add(f"repository {lane.repo.name}: {message}")
+    changed = changed_per_item(the_plan, lane)
+    for item in the_plan.items:
+        item.changed_files = changed.get(item.path, 0)
+    stats = lane.result.json()["archive"]["stats"]
+    session.report(
+        f"repository {lane.repo.name}: {session.run} read {stats['original_size'] / 1e6:.1f} MB, "
+        f"added {stats['deduplicated_size'] / 1e6:.1f} MB, "
+        f"{lane.result.changed_files} file(s) not in the files cache"
+    )
+
+
+def changed_per_item(the_plan: Plan, lane: Lane) -> dict[str, int]:
+    """Files each item had that missed Borg's files cache, from `--list` lines."""
+    assert lane.result is not None
+    prefixes = [item.path + "/" for item in the_plan.items]
+    counts: dict[str, int] = {}
+    for message in lane.result.messages:
+        path = str(message.get("path", "")) if message.get("type") == "file_status" else ""
+        for prefix in prefixes:
+            if path.startswith(prefix):
+                counts[prefix[:-1]] = counts.get(prefix[:-1], 0) + 1
+                break
+    return counts
 
 
 def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: Any) -> None:
@@ -216,6 +214,7 @@ def summary(
     return {
         "run": capture.session.run,
         "archives": outcome.archives,
+        "bytes_read": outcome.read,
         "deduplicated_bytes_added": outcome.added,
         "files": outcome.files,
         "changed_files": outcome.changed_files,

@@ -7,6 +7,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .. import layout
 from ..manifest import Item, Manifest
@@ -33,7 +34,8 @@ class Capture:
         self.session = session
         self.timings: dict[str, float] = {}
         self.daemon_downtime: float | None = None
-        self.held: set[str] = set()  # instances this run has frozen or stopped
+        # Instances this run froze or stopped: the step, and how many held items need it.
+        self.held: dict[str, list[Any]] = {}
 
     # --- the server ------------------------------------------------------------------------
 
@@ -51,7 +53,7 @@ class Capture:
         s.stage.write_plan_indexes(s.incus, plan)
         self.timings["metadata"] = time.monotonic() - started
         database = self._capture_database()
-        s.quiescer.bind(Path(s.config.incus.dir), s.stage.path(layout.INCUS))
+        s.quiescer.bind({s.stage.path(layout.INCUS): Path(s.config.incus.dir)})
         return database
 
     def _capture_database(self) -> str:
@@ -73,43 +75,55 @@ class Capture:
     # --- instances and volumes -------------------------------------------------------------
 
     def hold(self, item: Item) -> Held:
-        """Quiesce one item per its mode and bind-mount its data at stable paths."""
+        """Quiesce one item per its mode and bind-mount its data at stable paths; on a
+        failure, what it took so far is released."""
         held = Held(item)
-        q = self.session.quiescer
+        try:
+            self._quiesce(held)
+            held.quiesced = time.monotonic()
+            mounts = self._mounts(item).items()
+            stage = self.session.stage
+            held.steps += self.session.quiescer.bind({stage.path(r): src for r, src in mounts})
+        except BaseException:
+            self.release(held)
+            raise
+        return held
+
+    def _quiesce(self, held: Held) -> None:
+        item, q = held.item, self.session.quiescer
         snap = self.session.snapshot_name
-        if item.mode == "snapshot":
-            if item.kind == "instance":
-                held.steps.append(q.snapshot_instance(item.project, item.name, snap))
-            else:
-                held.steps.append(q.snapshot_volume(item.pool, item.project, item.name, snap))
+        if item.mode == "snapshot" and item.kind == "instance":
+            held.steps.append(q.snapshot_instance(item.project, item.name, snap))
+        elif item.mode == "snapshot":
+            held.steps.append(q.snapshot_volume(item.pool, item.project, item.name, snap))
         elif item.mode in ("freeze", "stop"):
+            # A volume freezes (or stops) the running instances using it; an instance held
+            # for two items at once is released when neither needs it any more.
             take = q.freeze if item.mode == "freeze" else q.stop
-            refs = [item.ref] if item.kind == "instance" else item.users
-            for ref in refs:
-                if ref in self.held:  # a volume's user that this run already holds
-                    continue
-                project, name = ref.split("/", 1)
-                held.steps.append(take(project, name))
+            for ref in [item.ref] if item.kind == "instance" else item.users:
+                if ref not in self.held:
+                    self.held[ref] = [take(*ref.split("/", 1)), 0]
+                self.held[ref][1] += 1
                 held.refs.append(ref)
-                self.held.add(ref)
         elif item.mode == "none":
             self.session.warnings.add(
                 f"{item.kind} {item.ref} is read live: it may be inconsistent"
             )
-        held.quiesced = time.monotonic()
-        for relative, source in self._mounts(item).items():
-            held.steps.append(q.bind(source, self.session.stage.path(relative)))
-        return held
 
     def release(self, held: Held) -> float:
-        """Undo one item's quiesce and mounts; returns its quiesce window in seconds.
+        """Undo one item's mounts and quiesce; returns its quiesce window in seconds.
 
         The window is how long the instance could not run freely: from freeze (or stop) to
         its release; for a snapshot, the snapshot's creation; nothing when idle or live.
         """
         for step in reversed(held.steps):
             self.session.quiescer.release(step)
-        self.held -= set(held.refs)
+        held.steps.clear()
+        for ref in held.refs:
+            self.held[ref][1] -= 1
+            if not self.held[ref][1]:
+                self.session.quiescer.release(self.held.pop(ref)[0])
+        held.refs.clear()
         mode = held.item.mode
         if mode in ("freeze", "stop"):
             return time.monotonic() - held.started

@@ -1,12 +1,12 @@
 """The only code that freezes, stops or snapshots, and that stops the daemon.
 
 Every action is journalled before it is taken; `release` undoes one step and `undo_all`
-undoes whatever a run (this one or a dead one) left behind. Undoing is idempotent.
+undoes whatever a run (this one or a dead one) left behind. Undoing is idempotent, and
+`undo_all` never stops half-way: every step is tried whatever happened to the others.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,11 +56,19 @@ class Quiescer:
             step, lambda: self.incus.create_volume_snapshot(pool, project, name, snap)
         )
 
-    def bind(self, source: Path, target: Path) -> Step:
-        """Bind-mount `source` read-only at `target`."""
-        return self._take(
-            {"op": "unmount", "path": str(target)}, lambda: mounts.bind_readonly(source, target)
-        )
+    def bind(self, places: dict[Path, Path]) -> list[Step]:
+        """Bind-mount each source read-only at its target (target -> source), journalled at
+        once; on a failure the mounts made so far are undone."""
+        steps = [{"op": "unmount", "path": str(target)} for target in places]
+        self.journal.add(*steps)
+        for step, (target, source) in zip(steps, places.items(), strict=True):
+            try:
+                mounts.bind_readonly(source, target)
+            except BaseException:
+                for made in reversed(steps[: steps.index(step) + 1]):
+                    self._undo_quietly(made)
+                raise
+        return steps
 
     def stop_daemon(self) -> Step:
         """Stop the Incus daemon only (instances keep running)."""
@@ -85,55 +93,82 @@ class Quiescer:
 
     def _undo_quietly(self, step: Step) -> None:
         """Undo a step whose action failed half-way; a failure here stays journalled."""
-        with contextlib.suppress(UserError):
+        try:
             self.release(step)
+        except Exception:
+            return
 
     # --- undoing -------------------------------------------------------------------------
 
     def release(self, step: Step) -> None:
-        """Undo one step (if it still needs undoing) and forget it."""
+        """Undo one step (if it still needs undoing), then forget it."""
+        self._undo(step)
+        self.journal.remove(step)
+
+    def _undo(self, step: Step) -> None:
         op = step["op"]
         if op == "start_daemon":
             if not self.incus.reachable():
                 self.incus.run_daemon_command(self.settings.start_command, "start_command")
                 self.incus.wait_ready()
-        elif op == "unfreeze":
-            if self.incus.instance_status(step["project"], step["name"]) == "Frozen":
-                self.incus.change_state(step["project"], step["name"], "unfreeze")
-        elif op == "start":
-            if self.incus.instance_status(step["project"], step["name"]) == "Stopped":
-                self.incus.change_state(step["project"], step["name"], "start")
+        elif op in ("unfreeze", "start"):
+            self._change_back(step["project"], step["name"], op)
         elif op == "delete_instance_snapshot":
-            if step["snap"] in self.incus.instance_snapshots(step["project"], step["name"]):
-                self.incus.delete_instance_snapshot(step["project"], step["name"], step["snap"])
+            args = (step["project"], step["name"], step["snap"])
+            self._delete(lambda: self.incus.delete_instance_snapshot(*args), args[2],
+                         lambda: self.incus.instance_snapshots(*args[:2]))  # fmt: skip
         elif op == "delete_volume_snapshot":
-            args = (step["pool"], step["project"], step["name"])
-            if step["snap"] in self.incus.volume_snapshots(*args):
-                self.incus.delete_volume_snapshot(*args, step["snap"])
+            vol = (step["pool"], step["project"], step["name"])
+            self._delete(lambda: self.incus.delete_volume_snapshot(*vol, step["snap"]),
+                         step["snap"], lambda: self.incus.volume_snapshots(*vol))  # fmt: skip
         elif op == "unmount":
             mounts.unmount(Path(step["path"]))
         else:
             raise UserError(f"unknown step {op!r} in {self.journal.path}: remove it by hand")
-        self.journal.remove(step)
 
-    def undo_all(self, warnings: Warnings) -> bool:
-        """Undo every journalled step: the daemon first, then newest to oldest.
+    def _change_back(self, project: str, name: str, action: str) -> None:
+        """Unfreeze (or start) an instance this run froze (or stopped); nothing to do when
+        it is no longer frozen (or stopped)."""
+        undone = "Frozen" if action == "unfreeze" else "Stopped"
+        try:
+            self.incus.change_state(project, name, action)
+        except UserError:
+            if self.incus.instance_status(project, name) == undone:
+                raise
 
-        Returns whether everything was undone; what failed stays in the journal.
+    @staticmethod
+    def _delete(delete: Callable[[], None], snap: str, existing: Callable[[], list[str]]) -> None:
+        """Delete a temporary snapshot; nothing to do when it is gone already."""
+        try:
+            delete()
+        except UserError:
+            if snap in existing():
+                raise
+
+    def undo_all(self, warnings: Warnings) -> list[str]:
+        """Undo every journalled step: the daemon first, then newest to oldest. Every step is
+        tried, whatever happens to the others or to the journal.
+
+        Returns what could not be undone (it stays journalled for the next run).
         """
         steps = self.journal.steps()
         ordered = [s for s in steps if s["op"] == "start_daemon"]
         ordered += [s for s in reversed(steps) if s["op"] != "start_daemon"]
-        clean = True
+        left = []
         for step in ordered:
             try:
-                self.release(step)
-            except UserError as exc:
+                self._undo(step)
+            except Exception as exc:
                 warnings.add(f"could not undo {describe(step)}: {exc}")
-                clean = False
-        if clean:
+                left.append(describe(step))
+                continue
+            try:
+                self.journal.remove(step)
+            except Exception as exc:
+                warnings.add(f"{describe(step)} was undone but the journal says otherwise: {exc}")
+        if not left:
             self.journal.clear()
-        return clean
+        return left
 
 
 def describe(step: Step) -> str:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from .. import layout, signals
+from .. import layout, mounts, signals
 from ..config import Config
 from ..errors import UserError, Warnings
 from ..incus import Incus
@@ -41,8 +41,10 @@ class Session:
 
     @contextmanager
     def locked(self, command: str) -> Iterator[None]:
-        """Hold the run lock; first undo whatever an earlier run left quiesced."""
+        """Hold the run lock; first refuse a staging directory incus-borg did not make, and
+        undo whatever an earlier run left quiesced."""
         with self.journal.locked():
+            self.stage.check()
             with signals.shielded():
                 self._recover(command)
             yield
@@ -51,7 +53,7 @@ class Session:
     def holding(self, kind: str, release: bool = True) -> Iterator[None]:
         """Journal a run of `kind` ("backup" or "hook"); SIGTERM and SIGHUP interrupt it like
         Ctrl-C. Everything it quiesced is undone when it fails or is interrupted, and when it
-        ends if `release` (hook pre leaves it held for hook post)."""
+        ends if `release` (hook pre leaves it held for hook post, and marks it ready)."""
         self.journal.begin(kind, self.run)
         try:
             with signals.interruptible():
@@ -60,35 +62,59 @@ class Session:
             with signals.shielded():
                 self.finish()
             raise
-        if release:
-            with signals.shielded():
-                self.finish()
+        if not release:
+            self.journal.mark("ready")
+            return
+        with signals.shielded():
+            left = self.finish()
+        if left:
+            raise UserError(
+                f"could not undo {', '.join(left)}: see the warnings; the next incus-borg run "
+                "undoes it"
+            )
 
-    def finish(self) -> bool:
-        """Undo every quiesce and mount of this run, then empty staging."""
-        clean = self.quiescer.undo_all(self.warnings)
-        if clean:
+    def finish(self) -> list[str]:
+        """Undo every quiesce and mount of this run, then empty staging; returns what could
+        not be undone."""
+        left = self.quiescer.undo_all(self.warnings)
+        left += self._unmount_strays()
+        if not left:
             self.stage.cleanup()
-        return clean
+        return left
+
+    def _unmount_strays(self) -> list[str]:
+        """Unmount what is still mounted in our staging directory though no journal names
+        it (a journal lost or never written); returns what could not be unmounted."""
+        if not self.stage.ours:
+            return []
+        left = []
+        for point in mounts.mounts_below(self.stage.root):
+            try:
+                mounts.unmount(point)
+            except UserError as exc:
+                self.warnings.add(str(exc))
+                left.append(f"the mount at {point}")
+        return left
 
     def _recover(self, command: str) -> None:
-        """Undo what an earlier run left quiesced, unless a hook-mode run is still under way."""
-        data = self.journal.read()
-        if data is None:
-            return
-        if data.get("kind") == "hook" and command == "backup":
+        """Undo what an earlier run left, unless a complete `hook pre` awaits its `hook post`."""
+        data = self.journal.read() or {}
+        if data.get("kind") == "hook" and data.get("phase") == "ready" and command == "backup":
             raise UserError(
                 f"a hook-mode backup ({data.get('run')}) is under way: `incus-borg hook pre` ran "
                 "and `incus-borg hook post` did not; if nothing is reading the staging tree, "
                 "run `incus-borg hook post`"
             )
-        if data.get("steps"):
-            if command != "hook post":
-                self.warnings.add(
-                    f"an earlier run ({data.get('run')}) left {len(data['steps'])} step(s) "
-                    "to undo: undoing them first"
-                )
-            if not self.quiescer.undo_all(self.warnings):
-                raise UserError(f"could not undo what an earlier run left: see {self.journal.path}")
+        if data.get("steps") and command != "hook post":
+            what = "`hook pre` that did not finish" if data.get("kind") == "hook" else "run"
+            self.warnings.add(
+                f"an earlier {what} ({data.get('run')}) left {len(data['steps'])} step(s) "
+                "to undo: undoing them first"
+            )
+        left = self.finish()
+        if left:
+            raise UserError(
+                f"could not undo what an earlier run left ({', '.join(left)}): see "
+                f"{self.journal.path} and the warnings above"
+            )
         self.journal.clear()
-        self.stage.cleanup()

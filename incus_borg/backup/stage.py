@@ -41,21 +41,46 @@ class Stage:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @property
+    def marker(self) -> Path:
+        """The file that says incus-borg made this staging directory."""
+        return self.root / layout.STAGING_MARKER
+
+    @property
+    def ours(self) -> bool:
+        """Whether the staging directory exists and incus-borg made it."""
+        return self.marker.is_file()
+
+    def check(self) -> None:
+        """Refuse a staging directory that incus-borg did not make (before anything runs):
+        one that exists, is not empty and holds no marker is never emptied."""
+        if not os.path.lexists(self.root) or self.ours:
+            return
+        if not self.root.is_dir() or self.root.is_symlink():
+            raise UserError(f"staging_dir {self.root} is not a directory: fix staging_dir")
+        if any(self.root.iterdir()):
+            raise UserError(
+                f"staging_dir {self.root} is not empty and incus-borg did not make it (it has no "
+                f"{layout.STAGING_MARKER}): point staging_dir at a new or empty directory"
+            )
+
     def prepare(self) -> None:
-        """Create an empty staging directory (0700), refusing one that still has mounts."""
-        if self.root.exists():
-            if mounts.mounts_below(self.root):
-                raise UserError(
-                    f"{self.root} still has mounts below it: unmount them or run `incus-borg hook post`"
-                )
-            shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, mode=0o700)
-        os.chmod(self.root, 0o700)
+        """An empty staging directory (0700) holding only its marker."""
+        self.check()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(self.root, 0o700)
+            self.marker.touch(mode=0o600)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write staging_dir {self.root}: {exc.strerror}; fix staging_dir"
+            ) from None
+        mounts.remove_tree(self.root, keep=(layout.STAGING_MARKER,))
 
     def cleanup(self) -> None:
-        """Remove the staging directory's content once nothing is mounted in it."""
-        if self.root.exists() and not mounts.mounts_below(self.root):
-            shutil.rmtree(self.root)
+        """Empty the staging directory once nothing is mounted in it (it keeps its marker)."""
+        if self.ours and not mounts.mounts_below(self.root):
+            mounts.remove_tree(self.root, keep=(layout.STAGING_MARKER,))
 
     def path(self, relative: PurePosixPath) -> Path:
         """The absolute path of a staging-relative path."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,9 +130,3 @@ def lift(directory: Path, child: str) -> None:
     os.chown(directory, st.st_uid, st.st_gid)
     os.chmod(directory, st.st_mode & 0o7777)
     inner.rmdir()
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a tree that incus-borg created itself (a failed restore's leftovers)."""
-    if path.exists():
-        shutil.rmtree(path)

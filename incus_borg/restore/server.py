@@ -18,7 +18,7 @@ from ..context import Context
 from ..errors import UserError
 from ..incus import Incus
 from ..manifest import Item
-from .pools import Pool, lift, remove_tree
+from .pools import Pool, lift
 from .source import Source, definitions, open_run
 from .target import report
 
@@ -63,7 +63,7 @@ class ServerRestore:
             )
         if not self.source.read(f"{layout.DATABASE}/local.db"):  # a run read absent as empty
             raise UserError(f"{self.source.description} holds no database (database/local.db)")
-        missing = [i.ref for i in manifest.instances + manifest.volumes if not self.source.has(i)]
+        missing = [i.ref for i in self.source.missing(manifest.instances + manifest.volumes)]
         if missing:
             raise UserError(f"{self.source.description} lacks the data of {', '.join(missing)}")
         self.pools = [Pool(self.dir, d) for d in definitions(self.source, "storage-pools")]
@@ -213,7 +213,7 @@ class ServerRestore:
                 self._shut_down_restored()
             for point in mounts.mounts_below(self.dir):
                 mounts.unmount(point)
-            remove_tree(self.work)
+            mounts.remove_tree(self.work)
             if self.extracted and self.dir.exists():
                 os.rename(self.dir, self.failed)
                 report(f"the failed restore is kept at {self.failed}")

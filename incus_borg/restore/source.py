@@ -6,7 +6,6 @@ an item's listing, and extraction of paths into a directory.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ from ..borg import (
     extract_argv,
     extract_stdout_argv,
     list_argv,
-    list_paths_argv,
+    list_exact_argv,
     list_tree_argv,
     raise_for,
 )
@@ -66,8 +65,14 @@ class Source(Protocol):
     def extract_all(self, item: Item, extractions: Extractions) -> None:
         """Run the extractions of the item (in parallel where the source can)."""
 
-    def has(self, item: Item) -> bool:
-        """Whether the item's data is really there."""
+    def missing(self, items: list[Item]) -> list[Item]:
+        """The items whose index or data is not really there."""
+
+
+def needed(item: Item) -> list[str]:
+    """The paths of an item a run must hold for it to be restored."""
+    members = layout.item_members(item.kind, item.type == "block")
+    return [f"{item.path}/backup/{member}" for member in members]
 
 
 def definitions(source: Source, kind: str) -> list[dict[str, Any]]:
@@ -179,12 +184,13 @@ class DirectorySource:
             self.extract(item, list(job.paths), job.strip, job.dest, job.excludes)
         extractions.finish()
 
-    def has(self, item: Item) -> bool:
-        return (self.root / item.path / "backup" / "index.yaml").is_file()
+    def missing(self, items: list[Item]) -> list[Item]:
+        return [i for i in items if not all(os.path.lexists(self.root / p) for p in needed(i))]
 
 
 class BorgSource:
-    """One run in a Borg repository: its server archive and its part archives."""
+    """One run in a Borg repository: its archive (and, for runs of format 1, the part
+    archive of each instance and volume)."""
 
     def __init__(
         self, borg: Borg, repo: Repository, name: str, expect: tuple[str, str] | None = None
@@ -213,20 +219,19 @@ class BorgSource:
 
     def _read_run(self, expect: tuple[str, str] | None) -> dict[str, bytes]:
         """The run's manifest and definitions (all small), read with one `borg extract`;
-        meanwhile the expected instance's files and listing."""
+        with them (and, in parallel, its listing) the expected instance's import files, where
+        the run's own archive holds its instances (runs of format 1 hold them in parts)."""
         with tempfile.TemporaryDirectory(prefix="incus-borg-run-") as tmp:
             wanted = [str(layout.MANIFEST), str(layout.DEFINITIONS)]
-            calls: list[tuple[Sequence[str], Path | None]] = [
-                (extract_argv(self.repo, self.archive, wanted, 0), Path(tmp) / "run")
-            ]
+            files: list[str] = []
             if expect:
-                archive = layout.instance_archive(self.archive, *expect)
                 stage = str(layout.instance_stage(*expect))
                 files = layout.instance_import_files(stage)
-                calls += self._inspect_calls(archive, stage, files, Path(tmp) / "item")
-            for _, cwd in calls:
-                if cwd:
-                    cwd.mkdir()
+            calls: list[tuple[Sequence[str], Path | None]] = [
+                (extract_argv(self.repo, self.archive, wanted + files, 0), Path(tmp))
+            ]
+            if expect:
+                calls.append((list_tree_argv(self.repo, self.archive, f"{stage}/backup"), None))
             results = self.borg.run_parallel(
                 calls, self.repo, len(calls), ok_codes=(ARCHIVE_MISSING,)
             )
@@ -235,10 +240,11 @@ class BorgSource:
                     f"no archive {self.archive!r} in repository {self.repo.name}: "
                     "see `incus-borg list`"
                 )
-            if expect and all(r.returncode == 0 for r in results[1:]):
-                found = _files_below(Path(tmp) / "item")
-                self._inspected[(archive, tuple(files))] = (found, results[2].stdout)
-            return _files_below(Path(tmp) / "run")
+            found = _files_below(Path(tmp))
+            if files and all(f in found for f in files):
+                item_files = {f: found[f] for f in files}
+                self._inspected[(self.archive, tuple(files))] = (item_files, results[1].stdout)
+            return found
 
     def _inspect_calls(
         self, archive: str, stage: str, files: list[str], cwd: Path
@@ -307,12 +313,16 @@ class BorgSource:
         argv = extract_argv(self.repo, self._archive_of(item), paths, strip, excludes)
         self.borg.run(argv, self.repo, cwd=dest)
 
-    def has(self, item: Item) -> bool:
-        argv = list_paths_argv(
-            self.repo, self._archive_of(item), [f"{item.path}/backup/index.yaml"]
-        )
-        try:
-            out = self.borg.run(argv, self.repo).stdout
-        except UserError:
-            return False
-        return any(json.loads(line).get("path") for line in out.splitlines() if line.strip())
+    def missing(self, items: list[Item]) -> list[Item]:
+        """One listing per archive (the run's own, or each part of a run of format 1)."""
+        by_archive: dict[str, list[Item]] = {}
+        for item in items:
+            by_archive.setdefault(self._archive_of(item), []).append(item)
+        absent = []
+        for archive, held in by_archive.items():
+            wanted = [path for item in held for path in needed(item)]
+            argv = list_exact_argv(self.repo, archive, wanted)
+            result = self.borg.run(argv, self.repo, ok_codes=(ARCHIVE_MISSING,))
+            found = set(result.stdout.splitlines())
+            absent += [item for item in held if not set(needed(item)) <= found]
+        return absent

@@ -1,0 +1,83 @@
+"""Undoing never stops half-way: every step is tried whatever happens to the others, and a
+journal that cannot be written does not stop the undo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from incus_borg.backup.journal import Journal
+from incus_borg.backup.quiesce import Quiescer
+from incus_borg.config import IncusSettings
+from incus_borg.errors import UserError, Warnings
+
+
+class FakeIncus:
+    """Records state changes; `broken` names instances whose unfreeze fails."""
+
+    def __init__(self, broken: set[str]) -> None:
+        self.broken = broken
+        self.unfrozen: list[str] = []
+
+    def change_state(self, project: str, name: str, action: str) -> None:
+        if name in self.broken:
+            raise UserError(f"cannot {action} {name}")
+        self.unfrozen.append(name)
+
+    def instance_status(self, project: str, name: str) -> str:
+        return "Frozen"
+
+
+def quiescer(tmp_path: Path, broken: set[str]) -> tuple[Quiescer, FakeIncus, Journal]:
+    incus = FakeIncus(broken)
+    journal = Journal(tmp_path / "staging")
+    journal.begin("backup", "run")
+    q = Quiescer(incus, IncusSettings(), journal)  # type: ignore[arg-type]
+    return q, incus, journal
+
+
+def freeze_steps(journal: Journal, names: list[str]) -> None:
+    journal.add(*({"op": "unfreeze", "project": "default", "name": n} for n in names))
+
+
+def test_a_failing_step_does_not_stop_the_others(tmp_path: Path) -> None:
+    q, incus, journal = quiescer(tmp_path, broken={"b"})
+    freeze_steps(journal, ["a", "b", "c"])
+    warnings = Warnings()
+    left = q.undo_all(warnings)
+    assert incus.unfrozen == ["c", "a"]  # newest first, b tried and failed in between
+    assert left == ["the freeze of default/b"]
+    assert [s["name"] for s in journal.steps()] == ["b"]  # kept for the next run
+    assert "could not undo the freeze of default/b" in warnings.messages[0]
+
+
+def test_a_journal_that_cannot_be_written_does_not_stop_the_undo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q, incus, journal = quiescer(tmp_path, broken=set())
+    freeze_steps(journal, ["a", "b"])
+
+    def full(*args: Any) -> None:
+        raise UserError("cannot write the journal: No space left on device")
+
+    monkeypatch.setattr(journal, "remove", full)
+    warnings = Warnings()
+    assert q.undo_all(warnings) == []
+    assert incus.unfrozen == ["b", "a"]
+    assert len(warnings.messages) == 2 and "No space left" in warnings.messages[0]
+
+
+def test_the_journal_survives_a_torn_line_and_resumes(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "staging")
+    journal.begin("backup", "run")
+    freeze_steps(journal, ["a"])
+    raw = bytearray(journal.path.read_bytes())
+    end = raw.index(0)
+    raw[end : end + 9] = b'{"done": '  # a crash while writing the next record
+    journal.path.write_bytes(bytes(raw))
+    again = Journal(tmp_path / "staging")
+    assert [s["name"] for s in again.steps()] == ["a"]
+    again.add({"op": "unmount", "path": "/x"})
+    assert [s["op"] for s in Journal(tmp_path / "staging").steps()] == ["unfreeze", "unmount"]
