@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .. import layout
+from .. import layout, preflight
 from ..backup import plan
 from ..backup.capture import Capture
 from ..backup.plan import Plan
@@ -74,6 +74,7 @@ def reporter(as_json: bool) -> Any:
 def run(ctx: Context, options: BackupOptions) -> int:
     """Back up the whole server (or the named instances); returns the exit code."""
     config = ctx.config
+    preflight.check(config, ctx.path)
     borg = ctx.borg()
     warnings = Warnings()
     session = Session(
@@ -91,6 +92,7 @@ def run(ctx: Context, options: BackupOptions) -> int:
         capture = Capture(session)
         with session.holding("backup"):
             writer = Writer(borg, live, outcome, warnings, session.stage.root, options.progress)
+            writer.partial = the_plan.partial
             read_all(capture, the_plan, writer)
     if options.as_json:
         click.echo(json.dumps(summary(capture, the_plan, outcome, warnings), indent=2))
@@ -127,6 +129,7 @@ class Writer:
     warnings: Warnings
     cwd: Path
     progress: bool
+    partial: bool = False  # the run is not the whole server (see layout.run_comment)
 
     def create(
         self,
@@ -146,7 +149,7 @@ class Writer:
                 excludes=excludes or (),
                 files_cache=files_cache,
                 progress=self.progress,
-                comment=layout.RUN_COMMENT,
+                comment=layout.run_comment(self.partial),
             )
             try:
                 result = self.borg.run(
