@@ -2,11 +2,15 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test check deps venv demo clean
+.PHONY: test unit check deps venv demo clean
 
 ## test: install what is missing (system packages, venv), then ruff, mypy and pytest
 test: deps venv check
 	$(BIN)/pytest
+
+## unit: the pure unit tests only (seconds; no root, no Incus)
+unit: venv
+	$(BIN)/pytest tests/unit
 
 ## check: ruff and mypy only
 check: venv

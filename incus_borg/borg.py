@@ -148,9 +148,10 @@ def list_argv(repo: Repository) -> list[str]:
     return ["list", "--json", repo.path]
 
 
-def list_comments_argv(repo: Repository) -> list[str]:
-    """Every archive as `name<TAB>comment`, one per line."""
-    return ["list", "--format", "{name}{TAB}{comment}{NL}", repo.path]
+def list_archives_argv(repo: Repository) -> list[str]:
+    """Every archive, checkpoints too, as JSON with its comment and creating command line."""
+    fmt = "{comment}{command_line}"
+    return ["list", "--consider-checkpoints", "--json", "--format", fmt, repo.path]
 
 
 def delete_argv(repo: Repository, archives: Sequence[str]) -> list[str]:
@@ -159,8 +160,8 @@ def delete_argv(repo: Repository, archives: Sequence[str]) -> list[str]:
 
 
 def compact_argv(repo: Repository) -> list[str]:
-    """Free the space of deleted archives."""
-    return ["compact", repo.path]
+    """Free the space of deleted archives, logging how much (append-only: nothing)."""
+    return ["compact", "--info", repo.path]
 
 
 def check_argv(repo: Repository, verify_data: bool) -> list[str]:

@@ -149,7 +149,8 @@ class Config:
     )
     archive_name_format: str = key(
         "{hostname}-{now:%Y-%m-%dT%H:%M:%S}",
-        "Name of each run's archive; {hostname} and {now:strftime format} are replaced.",
+        "Name of each run's archive: {now} or {utcnow} (optionally {now:strftime format}), "
+        "{hostname}, {fqdn} and {member} are replaced; no '/', '@' or '::'.",
     )
     instances: list[str] = key(
         [], "Instances to back up, as name or project/name; empty means all, in all projects."

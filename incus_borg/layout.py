@@ -16,6 +16,10 @@ The staging tree, relative to `staging_dir`, is exactly what an archive holds:
 
 from __future__ import annotations
 
+import re
+import socket
+import string
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 MANIFEST = PurePosixPath("manifest.json")
@@ -44,9 +48,10 @@ INCUS_EXCLUDES = (
 
 STAGING_MARKER = ".incus-borg-staging"  # in the staging directory: incus-borg made it
 SNAPSHOT_PREFIX = "incus-borg-"  # temporary snapshots a run takes
-RUN_COMMENT = (
-    "incus-borg"  # the Borg comment on every archive a run makes: `prune` may delete those
-)
+# The Borg comment on every archive a run makes (`prune` may delete those), followed by the
+# run's state; older versions wrote the mark alone (the state is then in the manifest).
+RUN_COMMENT = "incus-borg"
+COMPLETE, PARTIAL, UNKNOWN = "complete", "partial", "unknown"
 # Pools whose volumes are plain files under the Incus directory: read and restored in place.
 READABLE_DRIVERS = frozenset({"dir", "btrfs"})
 
@@ -181,3 +186,125 @@ def volume_mounts(
     places = volume_places(incus_dir, pool, project, name, snapshots, block)
     places["volume.img" if block else "volume"] = source
     return {backup / member: path for member, path in places.items()}
+
+
+def run_comment(partial: bool) -> str:
+    """The Borg comment on every archive of a run: incus-borg's mark and the run's state."""
+    return f"{RUN_COMMENT} run={PARTIAL if partial else COMPLETE}"
+
+
+def parse_comment(comment: str) -> str | None:
+    """The state a run's comment records: complete, partial, or unknown (an older run's plain
+    mark: read its manifest); None for an archive incus-borg did not make."""
+    words = comment.split()
+    if not words or words[0] != RUN_COMMENT:
+        return None
+    states = [w.removeprefix("run=") for w in words[1:] if w.startswith("run=")]
+    return states[0] if states and states[0] in (COMPLETE, PARTIAL) else UNKNOWN
+
+
+_CHECKPOINT = re.compile(r"\.checkpoint(\.\d+)?$")
+
+
+def checkpoint_of(archive: str) -> str | None:
+    """The archive a Borg checkpoint (`NAME.checkpoint`, `NAME.checkpoint.N`) was saved for;
+    None when `archive` is not a checkpoint."""
+    match = _CHECKPOINT.search(archive)
+    return archive[: match.start()] if match else None
+
+
+# --- run names (archive_name_format) ---------------------------------------------------------
+
+NAME_PLACEHOLDERS = ("hostname", "fqdn", "now", "utcnow", "member")
+TIME_PLACEHOLDERS = ("now", "utcnow")
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%S"  # what {now} gives without a format, as in Borg
+# strftime directives that C libraries agree on (and %s, %e, %F, %T of glibc).
+_DIRECTIVES = set("aAbBcCdDeFgGhHIjmMnpsStTuUVwWxXyYzZ%")
+_DIRECTIVE = re.compile(r"%[-_0^#]?(.?)")
+
+
+class _Time:
+    """A time as a format placeholder: {now} alone gives ISO seconds, {now:FMT} strftime."""
+
+    def __init__(self, when: datetime) -> None:
+        self.when = when
+
+    def __format__(self, spec: str) -> str:
+        return self.when.strftime(spec or ISO_SECONDS)
+
+
+class _Fqdn:
+    """The host's fully qualified name, looked up only when the format uses it."""
+
+    def __format__(self, spec: str) -> str:
+        return format(socket.getfqdn(), spec)
+
+
+def run_name(fmt: str, now: datetime, hostname: str | None = None) -> str:
+    """A run's name: `archive_name_format` with its placeholders filled for the time `now`
+    ({member} is the hostname until runs are named per cluster member)."""
+    host = hostname or socket.gethostname()
+    return fmt.format(
+        hostname=host,
+        fqdn=_Fqdn(),
+        now=_Time(now),
+        utcnow=_Time(now.astimezone(UTC)),
+        member=host,
+    )
+
+
+def name_format_problem(fmt: str) -> str | None:
+    """What is wrong with an `archive_name_format`, or None: placeholders must be known and
+    plain, the time must be in it, and the names it gives must be valid run names."""
+    if not fmt.strip():
+        return "is empty"
+    try:
+        fields = [
+            (f, spec, conv) for _, f, spec, conv in string.Formatter().parse(fmt) if f is not None
+        ]
+    except ValueError as exc:
+        return f"is not a valid format ({exc}); write a literal brace as {{{{ or }}}}"
+    for field in fields:
+        problem = _placeholder_problem(*field)
+        if problem:
+            return problem
+    if not any(name in TIME_PLACEHOLDERS for name, _, _ in fields):
+        return "has no {now} or {utcnow}: every run needs a name of its own"
+    try:
+        early, late = (
+            run_name(fmt, datetime(*t)) for t in ((2001, 2, 3, 4, 5, 6), (2012, 11, 22, 13, 14, 15))
+        )
+    except ValueError as exc:
+        return f"cannot be formatted ({exc})"
+    if early == late:
+        return "gives the same name at every time: put the date and time in it with {now:...}"
+    return _name_problem(late)
+
+
+def _placeholder_problem(name: str, spec: str | None, conversion: str | None) -> str | None:
+    """What is wrong with one placeholder of a name format, or None."""
+    if name not in NAME_PLACEHOLDERS:
+        known = ", ".join(f"{{{p}}}" for p in NAME_PLACEHOLDERS)
+        return f"has an unknown placeholder {{{name}}} (known: {known})"
+    if conversion or "{" in (spec or ""):
+        return f"has a placeholder {{{name}}} with a conversion or a nested field"
+    unknown = [d for d in _DIRECTIVE.findall(spec or "") if d not in _DIRECTIVES]
+    if name in TIME_PLACEHOLDERS and unknown:
+        return f"has {{{name}:{spec}}} with an unknown strftime directive %{unknown[0]}"
+    return None
+
+
+def _name_problem(name: str) -> str | None:
+    """What makes `name` unusable as a run's archive name, or None."""
+    for bad, why in (
+        ("/", "'/'"),
+        ("::", "'::'"),
+        (PART_MARK, f"'{PART_MARK}' (it marks part archives)"),
+    ):
+        if bad in name:
+            return f"gives names containing {why}, such as {name!r}"
+    if "{" in name or "}" in name or any(ord(c) < 32 for c in name):
+        return f"gives names with braces or control characters, such as {name!r}"
+    if checkpoint_of(name) is not None:
+        return f"gives names that Borg takes for checkpoints, such as {name!r}"
+    return None

@@ -347,9 +347,9 @@ def test_unknown_instance_is_refused(env: Env) -> None:
 
 def test_incus_down(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(f"incus: {{dir: {tmp_path}}}\nstaging_dir: {tmp_path}/staging\n")
+    config.write_text(f"incus: {{dir: {tmp_path}/incus}}\nstaging_dir: {tmp_path}/staging\n")
     error = one_line_error(run_cli("backup", config=config))
-    assert f"Incus is not reachable at {tmp_path}/unix.socket: is incusd running?" in error
+    assert f"Incus is not reachable at {tmp_path}/incus/unix.socket: is incusd running?" in error
 
 
 def test_missing_repository_suggests_init(env: Env, tmp_path: Path) -> None:

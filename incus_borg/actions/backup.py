@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .. import layout
+from .. import layout, preflight
 from ..backup import plan
 from ..backup.capture import Capture
 from ..backup.gate import Gate
@@ -71,6 +71,7 @@ def reporter(as_json: bool) -> Any:
 def run(ctx: Context, options: BackupOptions) -> int:
     """Back up the whole server (or the named instances); returns the exit code."""
     config = ctx.config
+    preflight.check(config, ctx.path)
     borg = ctx.borg()
     warnings = Warnings()
     session = Session(
@@ -158,7 +159,7 @@ def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
         excludes=excludes,
         files_cache=FILES_CACHE,
         progress=True,  # its regular lines show that borg is not stalled
-        comment=layout.RUN_COMMENT,
+        comment=layout.run_comment(the_plan.partial),
     )
 
 

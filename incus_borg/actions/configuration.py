@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import config
+from .. import config, preflight
 from ..context import Context
 
 
@@ -51,6 +51,7 @@ def generate(ctx: Context, for_borgmatic: bool) -> str:
 
 
 def validate(file: str | None) -> str:
-    """Check a configuration file; says which one was valid."""
-    _, path = config.load(file)
+    """Check a configuration file, and what a run would trip over; says which one was valid."""
+    loaded, path = config.load(file)
+    preflight.check(loaded, path)
     return f"{path or 'built-in defaults'}: valid"

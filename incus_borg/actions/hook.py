@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import click
 
-from .. import layout
+from .. import layout, preflight
 from ..backup import plan
 from ..backup.capture import Capture
 from ..backup.session import Session
@@ -30,6 +30,7 @@ def _session(ctx: Context, mode: str | None, warnings: Warnings) -> Session:
 
 def pre(ctx: Context, options: PreOptions) -> int:
     """Quiesce everything and leave the complete staging tree; returns the exit code."""
+    preflight.check(ctx.config, ctx.path)
     warnings = Warnings()
     session = _session(ctx, options.mode, warnings)
     with session.locked("hook pre"):

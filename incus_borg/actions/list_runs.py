@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from .. import layout
-from ..borg import list_argv
+from .. import runs
 from ..context import Context
 from ..restore.source import Source, definitions, open_run
 
@@ -22,22 +21,39 @@ def run(ctx: Context, archive: str | None, label: str | None, as_json: bool) -> 
         show(open_run(ctx, archive, label), as_json)
         return
     borg = ctx.borg()
-    listing: dict[str, list[dict[str, Any]]] = {}
-    for repo in ctx.config.select_repositories(label):
-        archives = borg.run(list_argv(repo), repo).json()["archives"]
-        runs = [a for a in archives if not layout.is_part(a["name"])]
-        parts = [layout.run_of(a["name"]) for a in archives if layout.is_part(a["name"])]
-        listing[repo.name] = [
-            {"name": a["name"], "time": a["time"], "parts": parts.count(a["name"])} for a in runs
-        ]
+    listing = {
+        repo.name: [entry(run) for run in runs.find(borg, repo)]
+        for repo in ctx.config.select_repositories(label)
+    }
     if as_json:
         click.echo(json.dumps(listing, indent=2))
         return
-    for name, runs in listing.items():
-        click.echo(f"repository {name}: {len(runs)} run(s)")
-        for entry in runs:
-            when = entry["time"][:19].replace("T", " ")
-            click.echo(f"  {when}  {entry['name']}  ({entry['parts']} instance/volume archives)")
+    for name, entries in listing.items():
+        count = sum(1 for e in entries if e["state"] != runs.INCOMPLETE)
+        click.echo(f"repository {name}: {count} run(s)")
+        for e in entries:
+            when = e["time"][:19].replace("T", " ")
+            click.echo(f"  {when}  {e['name']}  {e['state'] or '-'}  ({describe(e)})")
+
+
+def entry(run: runs.Run) -> dict[str, Any]:
+    """One run as `list --json` shows it."""
+    return {
+        "name": run.name,
+        "time": run.start.isoformat(),
+        "state": run.state,
+        "parts": run.parts,
+        "archives": run.archives,
+    }
+
+
+def describe(e: dict[str, Any]) -> str:
+    """What a run's line says about its archives."""
+    if e["state"] == runs.INCOMPLETE:
+        return f"{len(e['archives'])} archive(s) of an interrupted run; `prune` removes them"
+    if e["state"] is None:
+        return "made by another program"
+    return f"{e['parts']} instance/volume archives"
 
 
 def show(source: Source, as_json: bool) -> None:

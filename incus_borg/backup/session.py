@@ -3,7 +3,6 @@ undoing every quiesce on every path. `backup` and `hook pre`/`hook post` all go 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -37,7 +36,7 @@ class Session:
         now = datetime.now()
         self.created = now.astimezone().isoformat(timespec="seconds")
         self.snapshot_name = layout.SNAPSHOT_PREFIX + now.strftime("%Y%m%d%H%M%S")
-        self.run = config.archive_name_format.format(hostname=socket.gethostname(), now=now)
+        self.run = layout.run_name(config.archive_name_format, now)
 
     @contextmanager
     def locked(self, command: str) -> Iterator[None]:

@@ -15,7 +15,7 @@ from ..context import Context
 from ..errors import UserError
 from ..manifest import Item
 from .source import Source, open_run
-from .target import find_item, report
+from .target import find_item, holding, report
 
 
 @dataclass
@@ -31,7 +31,9 @@ class FilesOptions:
 
 def run(ctx: Context, options: FilesOptions) -> None:
     """Restore the files the options name."""
-    source = open_run(ctx, options.archive, options.label)
+    source = open_run(
+        ctx, options.archive, options.label, latest=holding(options.ref, "instance", "volume")
+    )
     restore(source, options.ref, options.paths, options.dest)
 
 

@@ -26,7 +26,7 @@ from . import config, unpack, volume
 from .config import owner_project
 from .pools import Pool
 from .source import Source, definitions, open_run
-from .target import check_snapshots, find_item, missing_project, report, require_pool
+from .target import check_snapshots, find_item, holding, missing_project, report, require_pool
 
 
 @dataclass
@@ -57,7 +57,9 @@ class _Target:
 def run(ctx: Context, archive: str, label: str | None, options: InstanceOptions) -> None:
     """Restore the instance the options name from ARCHIVE."""
     project, _, name = options.ref.rpartition("/")
-    source = open_run(ctx, archive, label, (project or "default", name))
+    source = open_run(
+        ctx, archive, label, (project or "default", name), holding(options.ref, "instance")
+    )
     restore(ctx.incus(), source, options)
 
 

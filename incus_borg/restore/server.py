@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..incus import Incus
 from ..manifest import Item
 from .pools import Pool, lift
-from .source import Source, definitions, open_run
+from .source import NEWEST_COMPLETE, Source, definitions, newest_complete, open_run
 from .target import report
 
 
@@ -50,6 +50,14 @@ class ServerRestore:
     def check(self) -> None:
         """Refuse a run that cannot give back a working server."""
         manifest = self.source.manifest
+        if manifest.partial:
+            newest = newest_complete(self.source)
+            use = f"the newest is {newest}" if newest else "make one with `incus-borg backup`"
+            raise UserError(
+                f"{self.source.description} is a partial run (it holds only some instances), "
+                f"which cannot give back a working server: restore server needs a complete "
+                f"run; {use}"
+            )
         if mounts.is_mounted(self.dir):
             raise UserError(
                 f"{self.dir} is a mount point: restore server moves the Incus directory aside, "
@@ -270,4 +278,5 @@ class ServerOptions:
 def run(ctx: Context, options: ServerOptions) -> None:
     """Restore the whole server from the run the options name."""
     require_confirmation(options.yes)
-    ServerRestore(ctx.config, open_run(ctx, options.archive, options.label)).run()
+    source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)
+    ServerRestore(ctx.config, source).run()

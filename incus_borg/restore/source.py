@@ -9,20 +9,20 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import yaml
 
-from .. import layout
+from .. import layout, runs
 from ..borg import (
     Borg,
     export_tar_argv,
     extract_argv,
     extract_stdout_argv,
-    list_argv,
     list_exact_argv,
     list_tree_argv,
     raise_for,
@@ -86,11 +86,37 @@ def _files_below(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@dataclass(frozen=True)
+class Latest:
+    """Which run `latest` names for one command: the newest run, the newest complete run
+    (`complete`), or the newest run whose manifest `holds` what the command restores."""
+
+    complete: bool = False
+    holds: Callable[[Manifest], bool] | None = None
+    what: str = "incus-borg run"  # "repository R holds no <what>" when no run qualifies
+
+    def accepts(self, manifest: Manifest) -> bool:
+        """Whether the run with this manifest qualifies."""
+        if self.complete and manifest.partial:
+            return False
+        return self.holds is None or self.holds(manifest)
+
+
+NEWEST = Latest()
+NEWEST_COMPLETE = Latest(
+    complete=True, what="complete run (one made without --instance or `instances:`)"
+)
+
+
 def open_source(
-    spec: str, borg: Borg | None, repo: Repository, expect: tuple[str, str] | None = None
+    spec: str,
+    borg: Borg | None,
+    repo: Repository,
+    expect: tuple[str, str] | None = None,
+    latest: Latest = NEWEST,
 ) -> Source:
-    """A directory (holding manifest.json), `latest`, or an archive name in `repo`;
-    `expect` names an instance (project, name) that the restore will read."""
+    """A directory (holding manifest.json), `latest` (as `latest` says), or an archive name
+    in `repo`; `expect` names an instance (project, name) that the restore will read."""
     path = Path(spec)
     if path.is_dir():
         if not (path / str(layout.MANIFEST)).is_file():
@@ -98,24 +124,30 @@ def open_source(
         return DirectorySource(path)
     if borg is None:
         raise UserError(f"{spec} is not a directory")
-    return BorgSource(borg, repo, spec, expect)
+    return BorgSource(borg, repo, spec, expect, latest)
 
 
 def open_run(
-    ctx: Context, spec: str, label: str | None, expect: tuple[str, str] | None = None
+    ctx: Context,
+    spec: str,
+    label: str | None,
+    expect: tuple[str, str] | None = None,
+    latest: Latest = NEWEST,
 ) -> Source:
     """The run to restore from: a directory, `latest` or an archive, in the repository
     labelled `label` (default: the first); `expect` names an instance (project, name) the
     restore will read."""
     repo = ctx.config.select_repositories(label)[0]
     borg = None if Path(spec).is_dir() else ctx.borg()
-    return open_source(spec, borg, repo, expect)
+    return open_source(spec, borg, repo, expect, latest)
 
 
-def run_archives(borg: Borg, repo: Repository) -> list[str]:
-    """Names of the archives that start a run (not the per-instance parts), oldest first."""
-    archives = borg.run(list_argv(repo), repo).json()["archives"]
-    return [a["name"] for a in archives if not layout.is_part(a["name"])]
+def newest_complete(source: Source) -> str | None:
+    """The newest complete run in the repository `source` reads from (None for a directory,
+    or when there is none)."""
+    if isinstance(source, BorgSource):
+        return runs.newest_complete(source.borg, source.repo)
+    return None
 
 
 class DirectorySource:
@@ -193,29 +225,39 @@ class BorgSource:
     archive of each instance and volume)."""
 
     def __init__(
-        self, borg: Borg, repo: Repository, name: str, expect: tuple[str, str] | None = None
+        self,
+        borg: Borg,
+        repo: Repository,
+        name: str,
+        expect: tuple[str, str] | None = None,
+        latest: Latest = NEWEST,
     ) -> None:
         """`expect`: the (project, name) of an instance whose files and listing are read
-        along with the run, in parallel (an instance in another project is read later)."""
+        along with the run, in parallel (an instance in another project is read later).
+        `latest`: which run the name `latest` means."""
         self.borg = borg
         self.repo = repo
         self._inspected: dict[tuple[str, tuple[str, ...]], tuple[dict[str, bytes], str]] = {}
-        # `latest`: the newest archive holding a manifest (a shared repository holds others).
-        # A named archive needs no listing of the repository: reading it tells.
-        candidates = reversed(run_archives(borg, repo)) if name == "latest" else [name]
-        self._run_files: dict[str, bytes] = {}
-        for candidate in candidates:
+        # `latest`: manifests are read newest first until one qualifies (a shared repository
+        # holds other archives). A named archive needs no listing: reading it tells.
+        if name == "latest":
+            names = [r.name for r in runs.candidates(runs.find(borg, repo), latest.complete)]
+        else:
+            names = [name]
+        for candidate in names:
             self.archive = candidate
             self._run_files = self._read_run(expect)
-            if self._run_files.get(str(layout.MANIFEST), b"").strip():
-                break
+            text = self._run_files.get(str(layout.MANIFEST), b"").strip()
+            if text:
+                self.manifest = Manifest.from_json(text.decode())
+                if name != "latest" or latest.accepts(self.manifest):
+                    break
         else:
-            self._run_files = {}
-        if not self._run_files.get(str(layout.MANIFEST), b"").strip():
-            what = "no incus-borg run yet" if name == "latest" else f"no incus-borg run in {name!r}"
-            raise UserError(f"repository {repo.name} holds {what}")
+            if name != "latest":
+                raise UserError(f"repository {repo.name} holds no incus-borg run in {name!r}")
+            what = latest.what if names else "incus-borg run yet"
+            raise UserError(f"repository {repo.name} holds no {what}: see `incus-borg list`")
         self.description = f"{repo.name}::{self.archive}"
-        self.manifest = Manifest.from_json(self._run_files[str(layout.MANIFEST)].decode())
 
     def _read_run(self, expect: tuple[str, str] | None) -> dict[str, bytes]:
         """The run's manifest and definitions (all small), read with one `borg extract`;

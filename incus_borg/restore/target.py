@@ -9,8 +9,8 @@ import click
 
 from ..errors import UserError
 from ..incus import Incus
-from ..manifest import Item
-from .source import Source, definitions
+from ..manifest import Item, Manifest
+from .source import Latest, Source, definitions
 
 
 def report(line: str) -> None:
@@ -20,30 +20,60 @@ def report(line: str) -> None:
 
 def find_item(source: Source, kind: str, ref: str) -> Item:
     """The instance ([P/]NAME) or volume (POOL/[P/]NAME) named `ref` in the run."""
-    items = source.manifest.instances if kind == "instance" else source.manifest.volumes
-    parts = ref.split("/")
-    if kind == "instance":
-        if len(parts) > 2:
-            raise UserError(f"{ref!r}: name an instance as NAME or PROJECT/NAME")
-        found = [
-            i for i in items if i.name == parts[-1] and (len(parts) == 1 or i.project == parts[0])
-        ]
-    else:
-        if not 2 <= len(parts) <= 3:
-            raise UserError(f"{ref!r}: name a volume as POOL/NAME or POOL/PROJECT/NAME")
-        found = [
-            i
-            for i in items
-            if i.pool == parts[0]
-            and i.name == parts[-1]
-            and (len(parts) == 2 or i.project == parts[1])
-        ]
+    problem = _ref_problem(kind, ref)
+    if problem:
+        raise UserError(problem)
+    found = matching(source.manifest, kind, ref)
     if not found:
+        items = source.manifest.instances if kind == "instance" else source.manifest.volumes
         known = ", ".join(i.ref if kind == "instance" else f"{i.pool}/{i.ref}" for i in items)
         raise UserError(f"no {kind} {ref!r} in {source.description} (it holds: {known or 'none'})")
     if len(found) > 1:
         raise UserError(f"{kind} {ref!r} is ambiguous in {source.description}: add the project")
     return found[0]
+
+
+def _ref_problem(kind: str, ref: str) -> str | None:
+    """Why `ref` cannot name an item of `kind`, or None."""
+    parts = len(ref.split("/"))
+    if kind == "instance" and parts > 2:
+        return f"{ref!r}: name an instance as NAME or PROJECT/NAME"
+    if kind == "volume" and not 2 <= parts <= 3:
+        return f"{ref!r}: name a volume as POOL/NAME or POOL/PROJECT/NAME"
+    return None
+
+
+def matching(manifest: Manifest, kind: str, ref: str) -> list[Item]:
+    """The instances ([P/]NAME) or volumes (POOL/[P/]NAME) of a run that `ref` names; none
+    when `ref` cannot name one of that kind."""
+    parts = ref.split("/")
+    if kind == "instance":
+        if len(parts) > 2:
+            return []
+        return [
+            i
+            for i in manifest.instances
+            if i.name == parts[-1] and (len(parts) == 1 or i.project == parts[0])
+        ]
+    if not 2 <= len(parts) <= 3:
+        return []
+    return [
+        i
+        for i in manifest.volumes
+        if i.pool == parts[0] and i.name == parts[-1] and (len(parts) == 2 or i.project == parts[1])
+    ]
+
+
+def holding(ref: str, *kinds: str) -> Latest:
+    """`latest` for a restore of `ref`: the newest run holding an item of one of `kinds`
+    that `ref` names (refused at once when `ref` can name none)."""
+    fitting = [kind for kind in kinds if not _ref_problem(kind, ref)]
+    if not fitting:
+        raise UserError(str(_ref_problem(kinds[0], ref)))
+    return Latest(
+        holds=lambda manifest: any(matching(manifest, kind, ref) for kind in fitting),
+        what=f"{' or '.join(fitting)} {ref!r} in any run",
+    )
 
 
 def require_pool(incus: Incus, pool: str) -> dict[str, Any]:

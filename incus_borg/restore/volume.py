@@ -10,7 +10,7 @@ from ..incus import Incus
 from ..manifest import Item
 from . import config
 from .source import Source, open_run
-from .target import check_snapshots, find_item, missing_project, report, require_pool
+from .target import check_snapshots, find_item, holding, missing_project, report, require_pool
 
 
 @dataclass
@@ -26,7 +26,7 @@ class VolumeOptions:
 
 def run(ctx: Context, options: VolumeOptions) -> None:
     """Restore the volume the options name."""
-    source = open_run(ctx, options.archive, options.label)
+    source = open_run(ctx, options.archive, options.label, latest=holding(options.ref, "volume"))
     item = find_item(source, "volume", options.ref)
     restore(ctx.incus(), source, item, options.new_name, options.pool, None)
 
