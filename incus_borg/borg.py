@@ -6,15 +6,19 @@ with BORG_EXIT_CODES=modern and --log-json, so failures map to clear messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,12 @@ MIN_VERSION = (1, 4)
 CONNECTION_FAILURES = (80, 81, 87)
 CONNECTION_RETRIES = 2
 RETRY_DELAY = 1.0
+# ssh options for every ssh connection whose command does not set ServerAlive* itself: a server
+# that stops answering at the network level is dropped after about a minute.
+KEEPALIVE = {"ServerAliveInterval": "10", "ServerAliveCountMax": "6"}
+# Seconds between SIGTERM and SIGKILL for a borg that stalled (one waiting on a stopped server
+# ignores SIGTERM: it tries to roll back through that server).
+STALL_GRACE = 3.0
 PASSPHRASE_ENV = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD")
 
 
@@ -283,11 +293,13 @@ class Secrets:
 
 @dataclass
 class BorgResult:
-    """What a finished borg call returned."""
+    """What a finished borg call returned (`stalled_after`: the watchdog stopped it after that
+    many seconds without a sign of progress)."""
 
     returncode: int
     stdout: str
     messages: list[dict[str, Any]] = field(default_factory=list)
+    stalled_after: float | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -316,8 +328,46 @@ class BorgResult:
         return sum(1 for m in self.messages if m.get("type") == "file_status")
 
 
+class Stalled(UserError):
+    """Borg showed no sign of progress for the caller's `stall_timeout` and was stopped."""
+
+
 def _is_warning(code: int) -> bool:
     return code == 1 or 100 <= code <= 127
+
+
+def is_remote(path: str) -> bool:
+    """Whether borg reaches the repository at `path` over ssh (ssh://... or user@host:path)."""
+    return path.startswith("ssh://") or re.match(r"(?:[^@/:]+@)?[^@/:]+:(?!//)", path) is not None
+
+
+def _ssh_words(command: str | None) -> list[str] | None:
+    """`command` (default `ssh`) as argv when it runs ssh itself, else None (a wrapper)."""
+    words = shlex.split(command or "ssh")
+    return words if words and os.path.basename(words[0]) == "ssh" else None
+
+
+def rsh_command(
+    repo: Repository, inherited: str | None = None, ssh_log: Path | None = None
+) -> str | None:
+    """The BORG_RSH for `repo`: its ssh_command, else the `inherited` BORG_RSH, else `ssh`.
+
+    When that command runs `ssh`, it gets the KEEPALIVE options unless it sets
+    ServerAlive* itself, and `-E ssh_log` (ssh's own messages go to that file, read after borg
+    ends, since borg may drop them) unless it chose its own -E.
+    """
+    command = repo.ssh_command or inherited
+    if not is_remote(repo.path):
+        return repo.ssh_command
+    words = _ssh_words(command)
+    if words is None:
+        return command
+    if not any("serveralive" in word.lower() for word in words):
+        for name, value in KEEPALIVE.items():
+            words += ["-o", f"{name}={value}"]
+    if ssh_log is not None and not any(word.startswith("-E") for word in words):
+        words += ["-E", str(ssh_log)]
+    return shlex.join(words)
 
 
 class Borg:
@@ -335,20 +385,30 @@ class Borg:
         while the first command runs)."""
         return self._version.result()
 
-    def env(self, repo: Repository, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The child environment: modern exit codes, secrets, repository-specific settings."""
+    def env(
+        self,
+        repo: Repository,
+        extra: Mapping[str, str] | None = None,
+        ssh_log: Path | None = None,
+    ) -> dict[str, str]:
+        """The child environment: modern exit codes, secrets, repository-specific settings
+        (BORG_RSH from `rsh_command`)."""
         env = {**os.environ, "BORG_EXIT_CODES": "modern"}
         env |= self.secrets.for_repository(repo).env()
         env["BORG_DISPLAY_PASSPHRASE"] = "no"
         if repo.encryption == "none":
             env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
-        if repo.ssh_command:
-            env["BORG_RSH"] = repo.ssh_command
+        rsh = rsh_command(repo, os.environ.get("BORG_RSH"), ssh_log)
+        if rsh:
+            env["BORG_RSH"] = rsh
         return {**env, **(extra or {})}
 
-    def argv(self, args: Sequence[str], repo: Repository) -> list[str]:
-        """The full command line: borg, the repository's common options, then `args`."""
+    def argv(self, args: Sequence[str], repo: Repository, progress: bool = False) -> list[str]:
+        """The full command line: borg, the repository's common options (and --progress when
+        asked for), then `args`."""
         common = ["--log-json"]
+        if progress and "--progress" not in args:
+            common.append("--progress")
         if repo.lock_wait is not None:
             common += ["--lock-wait", str(repo.lock_wait)]
         if repo.remote_path:
@@ -368,7 +428,8 @@ class Borg:
         cwd: Path | None = None,
     ) -> BorgProcess:
         """Start borg in the background; see `BorgProcess`, and `finished` for its result."""
-        return BorgProcess(self.argv(args, repo), self.env(repo, env), cwd)
+        ssh_log = new_ssh_log(repo)
+        return BorgProcess(self.argv(args, repo), self.env(repo, env, ssh_log), cwd, ssh_log)
 
     def finished(self, process: BorgProcess, args: Sequence[str], repo: Repository) -> BorgResult:
         """A background borg's result once it has exited; an error exit becomes a UserError."""
@@ -376,7 +437,7 @@ class Borg:
         _ = self.version
         if result.returncode == 0 or _is_warning(result.returncode):
             return result
-        raise UserError(explain_failure(args[0], repo, result))
+        raise self._failure(args[0], repo, result)
 
     def popen(self, args: Sequence[str], repo: Repository) -> subprocess.Popen[bytes]:
         """Start borg with its stdout as a pipe, for streaming; check it with `raise_for`."""
@@ -398,16 +459,35 @@ class Borg:
         cwd: Path | None = None,
         show_progress: bool = False,
         ok_codes: Sequence[int] = (),
+        retries: int | None = None,
+        stall_timeout: float | None = None,
     ) -> BorgResult:
-        """Run `borg --log-json ARGS` for `repo`; an error exit becomes a UserError.
+        """Run `borg --log-json ARGS` for `repo`; an error exit becomes a UserError whose one
+        line names the cause (`explain_failure`; with --debug borg's last lines are printed).
 
         Warnings (exit 1 or 100-127) are returned for the caller to report. Codes in
         `ok_codes` are returned instead of raised. With `show_progress`, borg's progress
         lines are shown on stderr as they come.
+
+        `retries`: how many times a connection failure (exit 80, 81, 87) is tried again, after
+        sleeping RETRY_DELAY, then twice that, ...; None means CONNECTION_RETRIES. Pass 0
+        while an instance is quiesced: one attempt, no sleep. A host key that failed
+        verification or an ssh key the server refused is never tried again.
+
+        `stall_timeout`: the longest time borg may show no sign of progress (no log line, no
+        output) before it is stopped: SIGTERM, then SIGKILL and its ssh after STALL_GRACE s,
+        its output drained meanwhile; then `Stalled` (a UserError naming the repository and
+        "stalled") is raised, never retried. The call thus ends at most about stall_timeout +
+        STALL_GRACE s after borg's last sign of life. --progress is added so that borg reports
+        while it works (every 0.2 s while `create` reads or sends). Borg is silent while it
+        waits for a lock (up to lock_wait) and while one chunk (up to 8 MiB) is sent at
+        upload_ratelimit (8 MiB / 1000 kiB/s = 8 s): a shorter stall_timeout stops it there.
+        None: no watchdog.
         """
-        for attempt in range(CONNECTION_RETRIES + 1):
-            result = self._run_once(args, repo, env, cwd, show_progress)
-            if result.returncode not in CONNECTION_FAILURES or attempt == CONNECTION_RETRIES:
+        limit = CONNECTION_RETRIES if retries is None else retries
+        for attempt in range(limit + 1):
+            result = self._run_once(args, repo, env, cwd, show_progress, stall_timeout)
+            if attempt == limit or not retryable(result):
                 break
             delay = RETRY_DELAY * 2**attempt
             print(
@@ -417,9 +497,9 @@ class Borg:
             time.sleep(delay)
         _ = self.version
         code = result.returncode
-        if code == 0 or _is_warning(code) or code in ok_codes:
+        if result.stalled_after is None and (code == 0 or _is_warning(code) or code in ok_codes):
             return result
-        raise UserError(explain_failure(args[0], repo, result))
+        raise self._failure(args[0], repo, result)
 
     def run_parallel(
         self,
@@ -481,8 +561,17 @@ class Borg:
         for (args, _), result in zip(calls, ordered, strict=True):
             code = result.returncode
             if code != 0 and not _is_warning(code) and code not in ok_codes:
-                raise UserError(explain_failure(args[0], repo, result))
+                raise self._failure(args[0], repo, result)
         return ordered
+
+    def _failure(self, command: str, repo: Repository, result: BorgResult) -> UserError:
+        """The error for a failed call; with --debug, borg's last lines are printed first."""
+        if self.debug:
+            print("incus-borg: borg's last messages:", file=sys.stderr)
+            for line in raw_tail(result):
+                print(f"  {line}", file=sys.stderr)
+        kind = Stalled if result.stalled_after is not None else UserError
+        return kind(explain_failure(command, repo, result))
 
     def _run_once(
         self,
@@ -491,35 +580,138 @@ class Borg:
         env: Mapping[str, str] | None,
         cwd: Path | None,
         show_progress: bool,
+        stall_timeout: float | None,
     ) -> BorgResult:
-        with subprocess.Popen(
-            self.argv(args, repo),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env(repo, env),
-            cwd=cwd,
-        ) as proc:
-            assert proc.stdout is not None and proc.stderr is not None
-            out: list[bytes] = []
-            # Drain stdout meanwhile: a large listing would otherwise block borg (and us).
-            reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))  # type: ignore[union-attr]
-            reader.start()
-            messages: list[dict[str, Any]] = []
-            try:
-                for raw in proc.stderr:
-                    messages += parse_log_json(raw.decode("utf-8", "replace"))
-                    if show_progress and messages and "progress" in messages[-1].get("type", ""):
-                        print("\r" + progress_line(messages[-1]), end="", file=sys.stderr)
-            except BaseException:
-                stop(proc)
-                raise
-            finally:
-                reader.join()
-            code = proc.wait()
+        argv = self.argv(args, repo, progress=stall_timeout is not None)
+        with _ssh_log(repo) as ssh_log:
+            with subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(repo, env, ssh_log),
+                cwd=cwd,
+            ) as proc:
+                watchdog = _Watchdog(proc, stall_timeout)
+                try:
+                    out, messages = _collect(proc, watchdog, show_progress)
+                finally:
+                    watchdog.close()
+                code = proc.wait()
+            messages += ssh_messages(ssh_log.read_text(errors="replace") if ssh_log else "")
+        # A borg that ended well just as the watchdog fired did not stall.
+        stalled = watchdog.fired and code != 0 and not _is_warning(code)
+        return BorgResult(code, out, messages, stall_timeout if stalled else None)
+
+
+def _collect(
+    proc: subprocess.Popen[bytes], watchdog: _Watchdog, show_progress: bool
+) -> tuple[str, list[dict[str, Any]]]:
+    """Borg's stdout and its log messages (progress shown, not kept), read until it ends;
+    every bit of either is a sign of life for the watchdog. An interrupt stops borg."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[bytes] = []
+    # Drain stdout meanwhile: a large listing would otherwise block borg (and us).
+    reader = threading.Thread(target=_read_into, args=(proc.stdout.fileno(), out, watchdog))
+    reader.start()
+    messages: list[dict[str, Any]] = []
+    try:
+        for raw in proc.stderr:
+            watchdog.touch()
+            for message in parse_log_json(raw.decode("utf-8", "replace")):
+                if "progress" not in str(message.get("type", "")):
+                    messages.append(message)
+                elif show_progress:
+                    print("\r" + progress_line(message), end="", file=sys.stderr)
+    except BaseException:
+        stop(proc)
+        raise
+    finally:
+        reader.join()
         if show_progress:
             print(file=sys.stderr)
-        return BorgResult(code, b"".join(out).decode("utf-8", "replace"), messages)
+    return b"".join(out).decode("utf-8", "replace"), messages
+
+
+def _read_into(fd: int, sink: list[bytes], watchdog: _Watchdog) -> None:
+    while chunk := os.read(fd, 1 << 16):
+        sink.append(chunk)
+        watchdog.touch()
+
+
+class _Watchdog:
+    """Stops a borg (and its ssh) that shows no sign of progress for `timeout` seconds."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], timeout: float | None) -> None:
+        self.proc = proc
+        self.timeout = timeout
+        self.fired = False
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        if timeout is not None:
+            self._thread.start()
+
+    def touch(self) -> None:
+        """Borg just showed a sign of life."""
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        """Stop watching (once borg's output has ended)."""
+        self._done.set()
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        assert self.timeout is not None
+        while not self._done.wait(min(0.5, self.timeout / 4)):
+            if time.monotonic() - self._last >= self.timeout:
+                self.fired = True
+                children = _children(self.proc.pid)
+                _terminate(self.proc, STALL_GRACE)
+                for pid in children:  # its ssh waits for a server that no longer answers
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGTERM)
+                return
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (its ssh, for a remote repository)."""
+    found: list[int] = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in listing.read_text().split()]
+    return found
+
+
+@contextlib.contextmanager
+def _ssh_log(repo: Repository) -> Iterator[Path | None]:
+    """A private file for ssh's own messages, while borg reaches `repo` through ssh."""
+    path = new_ssh_log(repo)
+    try:
+        yield path
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def new_ssh_log(repo: Repository) -> Path | None:
+    """A new private (0600) file for ssh's own messages, when borg reaches `repo` through
+    ssh; the caller removes it."""
+    if not is_remote(repo.path) or not _ssh_words(repo.ssh_command or os.environ.get("BORG_RSH")):
+        return None
+    fd, name = tempfile.mkstemp(prefix="incus-borg-ssh-", suffix=".log")
+    os.close(fd)
+    return Path(name)
+
+
+def ssh_messages(log: str) -> list[dict[str, Any]]:
+    """ssh's own lines (from its -E log) as log messages of borg's shape."""
+    return [
+        {"type": "log_message", "levelname": "INFO", "name": "ssh", "message": line.strip()}
+        for line in log.splitlines()
+        if line.strip()
+    ]
 
 
 def _drain(
@@ -588,11 +780,151 @@ def parse_log_json(stderr: str) -> list[dict[str, Any]]:
     return messages
 
 
+# --- what went wrong -------------------------------------------------------------------------
+
+_HOST_KEY = re.compile(
+    r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED"
+    r"|host key for .* has changed|No \S+ host key is known for",
+    re.I,
+)
+_HOST_KEY_DETAIL = re.compile(r"Host key for .* has changed.*|No \S+ host key is known for .*")
+_DENIED = re.compile(r"Permission denied \((?:[\w-]+,)*publickey")
+_NO_IDENTITY = re.compile(r"Identity file (.+?) not accessible")
+_NO_SPACE = re.compile(
+    r"No space left on device|\[Errno 28\]|Disk quota exceeded|\[Errno 122\]"
+    r"|Insufficient free space|storage quota .*exceeded",
+    re.I,
+)
+_EXCEPTION = re.compile(r"(?:\w+\.)*\w*(?:Error|Exception|Exceeded)\b(?::.*)?")
+_LOCK = re.compile(r"Failed to create/acquire the lock .*")
+_RELOCATED = re.compile(r"previously located at (\S+)")
+_NOT_A_CAUSE = ("Warning: Permanently added", "Borg server:", "Connection closed by remote host")
+
+
+@dataclass(frozen=True)
+class Cause:
+    """What a failed borg call ran into: a `kind` and the line of borg's or ssh's naming it."""
+
+    kind: str  # stalled, host-key, ssh-key, no-space, relocated, rolled-back, locked, missing,
+    # connection
+    detail: str = ""
+    remote: bool = False  # found on the server (its traceback), not on this host
+
+
+# Causes that another attempt cannot cure.
+NEVER_RETRIED = frozenset({"stalled", "host-key", "ssh-key"})
+
+
+def _lines(result: BorgResult) -> list[str]:
+    """Every line of every message, borg's "Remote: " prefix (ssh's forwarded lines) removed."""
+    lines = []
+    for message in result.messages:
+        for line in str(message.get("message", "")).splitlines():
+            line = line.strip().removeprefix("Remote: ").strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def _first(pattern: re.Pattern[str], lines: Sequence[str]) -> str | None:
+    return next((line for line in lines if pattern.search(line)), None)
+
+
+def diagnose(result: BorgResult) -> Cause | None:
+    """The cause of a failed call, from borg's messages, the server's traceback it forwards
+    and ssh's own lines; None when none is recognised."""
+    if result.stalled_after is not None:
+        return Cause("stalled", f"no progress for {result.stalled_after:g} s")
+    lines = _lines(result)
+    if _first(_HOST_KEY, lines):
+        return Cause("host-key", _first(_HOST_KEY_DETAIL, lines) or "Host key verification failed.")
+    if denied := _first(_DENIED, lines):
+        identity = _first(_NO_IDENTITY, lines)
+        return Cause("ssh-key", f"{identity.rstrip('.')}; {denied}" if identity else denied)
+    if _first(_NO_SPACE, lines):
+        remote = any(
+            line.startswith("Borg server:") or line.endswith(" in serve") for line in lines
+        )
+        exception = [line for line in lines if _NO_SPACE.search(line) and _EXCEPTION.match(line)]
+        return Cause("no-space", (exception or [_first(_NO_SPACE, lines) or ""])[-1], remote)
+    ids = {str(m.get("msgid", "")) for m in result.messages}
+    if moved := _first(_RELOCATED, lines):
+        return Cause("relocated", _RELOCATED.search(moved).group(1))  # type: ignore[union-attr]
+    if "Cache.RepositoryReplay" in ids:
+        return Cause("rolled-back", _first(re.compile("newer than repository"), lines) or "")
+    if result.returncode == 73 or "LockTimeout" in ids:
+        return Cause("locked", _first(_LOCK, lines) or "")
+    if result.returncode == 13 or "Repository.DoesNotExist" in ids:
+        return Cause("missing")
+    if result.returncode in CONNECTION_FAILURES:
+        said = [line for line in lines if not line.startswith(_NOT_A_CAUSE)]
+        return Cause("connection", said[-1] if said else "connection closed")
+    return None
+
+
+def retryable(result: BorgResult) -> bool:
+    """Whether a failed call may succeed when simply tried again: a connection failure,
+    unless the host key or the ssh key was refused, or the call stalled."""
+    if result.returncode not in CONNECTION_FAILURES:
+        return False
+    cause = diagnose(result)
+    return cause is None or cause.kind not in NEVER_RETRIED
+
+
+def _other_failure(command: str, repo: Repository, result: BorgResult) -> str:
+    """The line for a failure with no recognised cause: borg's exception, else its last error."""
+    lines = _lines(result)
+    exceptions = [line for line in lines if _EXCEPTION.fullmatch(line)]
+    errors = [
+        problem.splitlines()[0]
+        for problem in result.problems
+        if problem and not problem.startswith(("Traceback", "Borg server:"))
+    ]
+    detail = (exceptions or errors or ["no message"])[-1]
+    return f"borg {command} failed on repository {repo.name} (exit {result.returncode}): {detail}"
+
+
 def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
-    """One line telling what went wrong and how to fix it."""
-    name = repo.name
+    """One line naming what went wrong and how to fix it."""
+    name, where = repo.name, f"{repo.name} ({repo.path})"
+    cause = diagnose(result)
+    kind, detail = (cause.kind, cause.detail.rstrip(".")) if cause else ("", "")
+    lock_wait = repo.lock_wait if repo.lock_wait is not None else 1
+    no_space_where = (
+        "on the server of"
+        if cause and cause.remote
+        else "on this host (borg's cache, ~/.cache/borg) for"
+        if is_remote(repo.path)
+        else "on device for"
+    )
+    explained = {
+        "stalled": f"repository {where} stalled: borg {command} showed {detail} and was "
+        "stopped; check that the server, its disk and the network answer",
+        "host-key": f"cannot reach repository {where}: the server's host key failed "
+        f"verification ({detail}); not retried. If the server's key changed on purpose, "
+        "check its fingerprint and replace its known_hosts entry (ssh-keygen -R HOST), else "
+        "someone may be intercepting the connection",
+        "ssh-key": f"cannot reach repository {where}: the server refused this host's ssh key "
+        f"({detail}); not retried. Check the key given with -i in ssh_command and the "
+        "server's authorized_keys",
+        "no-space": f"no space left {no_space_where} repository {where} ({detail}): free "
+        "space there (an append-only server frees the space of deleted runs only when its "
+        "owner compacts)",
+        "relocated": f"repository {name} is at {repo.path} but this host knew it at "
+        f"{detail}: if it was moved on purpose, accept the move once with "
+        f"BORG_RELOCATED_REPO_ACCESS_IS_OK=yes in the environment (e.g. "
+        f"`BORG_RELOCATED_REPO_ACCESS_IS_OK=yes incus-borg list --repository {name}`), "
+        "else fix its path",
+        "rolled-back": f"repository {where} is older than this host last saw it ({detail}): "
+        "if its owner rolled it back on purpose, clear this host's record of it (README, "
+        "Offsite repositories: bringing deleted runs back), else find out who replaced it",
+        "locked": f"repository {where} is locked by another process: borg waited "
+        f"{lock_wait} s for its lock ({detail}); retry later, raise lock_wait, or run "
+        f"`borg break-lock {repo.path}` if no borg is using it",
+        "missing": f"repository {where} does not exist: run `incus-borg init`, or fix its path",
+        "connection": f"cannot reach repository {where}: {detail}",
+    }
     known = {
-        13: f"repository {name} ({repo.path}) does not exist: run `incus-borg init`",
         15: f"{repo.path} is not a Borg repository: fix the path of repository {name}, "
         "or run `incus-borg init` for a new one",
         50: f"repository {name} is encrypted and no passphrase is configured: set "
@@ -601,26 +933,30 @@ def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
         "the passphrase",
         52: f"wrong passphrase for repository {name}: check encryption_passphrase, "
         "encryption_passcommand or BORG_PASSPHRASE",
-        73: f"repository {name} is locked by another borg process (lock wait expired): retry "
-        "later, or run `borg break-lock` if no borg is running",
     }
-    if result.returncode in CONNECTION_FAILURES:
-        errors = [m for m in result.problems if m]
-        detail = errors[0].splitlines()[0] if errors else "connection closed"
-        return f"cannot reach repository {name} ({repo.path}): {detail}"
-    if result.returncode in known:
-        return known[result.returncode]
-    # Borg logs a traceback as its last ERROR for some failures: name the cause instead.
-    errors = [m for m in result.problems if m and not m.startswith("Traceback")]
-    detail = errors[-1].splitlines()[0] if errors else "no message"
-    return f"borg {command} failed on repository {name} (exit {result.returncode}): {detail}"
+    if kind:
+        return explained[kind]
+    return known.get(result.returncode) or _other_failure(command, repo, result)
+
+
+def raw_tail(result: BorgResult, limit: int = 30) -> list[str]:
+    """The last `limit` lines of borg's and ssh's messages, as they came (for --debug)."""
+    return [
+        line
+        for message in result.messages
+        for line in str(message.get("message", "")).splitlines()
+        if line.strip()
+    ][-limit:]
 
 
 class BorgProcess:
     """A borg running in the background: its output drained as it comes (so it never blocks
     on a full pipe), the time of its last log line noted, and it dies with incus-borg."""
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], cwd: Path | None) -> None:
+    def __init__(
+        self, argv: list[str], env: Mapping[str, str], cwd: Path | None, ssh_log: Path | None
+    ) -> None:
+        self.ssh_log = ssh_log
         # setpriv's parent-death signal: a borg whose incus-borg died is killed at once,
         # instead of finishing (and committing) a run that nobody completes.
         with signals.deferred():
@@ -633,6 +969,7 @@ class BorgProcess:
                 cwd=cwd,
             )
         self.messages: list[dict[str, Any]] = []
+        self.progress: dict[str, Any] | None = None  # the latest progress message
         self.last_activity = time.monotonic()
         self._terminated: float | None = None
         self._out: list[bytes] = []
@@ -655,29 +992,33 @@ class BorgProcess:
     def _read_log(self) -> None:
         assert self.proc.stderr is not None
         for raw in self.proc.stderr:
-            self.messages += parse_log_json(raw.decode("utf-8", "replace"))
+            for message in parse_log_json(raw.decode("utf-8", "replace")):
+                if "progress" in str(message.get("type", "")):
+                    self.progress = message
+                else:
+                    self.messages.append(message)
             self.last_activity = time.monotonic()
-
-    def latest_progress(self) -> dict[str, Any] | None:
-        """Borg's latest progress message, if it sent one."""
-        for message in reversed(self.messages[-50:]):
-            if "progress" in str(message.get("type", "")):
-                return dict(message)
-        return None
 
     def running(self) -> bool:
         """Whether borg has not exited yet."""
         return self.proc.poll() is None
 
     def stop(self, grace: float = 15) -> None:
-        """SIGTERM (borg cleans up), then SIGKILL after `grace` seconds."""
-        if self.running():
-            _terminate(self.proc, grace)
+        """SIGTERM (borg cleans up), then SIGKILL (with its ssh) after `grace` seconds."""
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        self.kill()
 
     def kill(self) -> None:
-        """SIGKILL borg (it dies even while the kernel holds one of its opens)."""
+        """SIGKILL borg (it dies even while the kernel holds one of its opens), and its ssh,
+        which would wait for a server that no longer answers."""
+        children = _children(self.proc.pid)
         if self.running():
             self.proc.kill()
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
 
     def terminate(self) -> None:
         """Ask borg to stop (SIGTERM) without waiting; see `kill_after`."""
@@ -688,11 +1029,14 @@ class BorgProcess:
     def kill_after(self, grace: float) -> None:
         """SIGKILL a borg asked to stop more than `grace` seconds ago that still runs."""
         if self._terminated and time.monotonic() - self._terminated > grace and self.running():
-            self.proc.kill()
+            self.kill()
 
     def result(self) -> BorgResult:
-        """What borg returned, once it has exited."""
+        """What borg returned (with ssh's own messages), once it has exited."""
         code = self.proc.wait()
         for reader in self._readers:
             reader.join()
+        if self.ssh_log is not None:
+            self.messages += ssh_messages(self.ssh_log.read_text(errors="replace"))
+            self.ssh_log.unlink(missing_ok=True)
         return BorgResult(code, b"".join(self._out).decode("utf-8", "replace"), self.messages)

@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from cli import PASSPHRASE, incus_config, one_line_error, run_cli, write_config
+from cli import PASSPHRASE, borg_env, incus_config, one_line_error, run_cli, write_config
 from harness.server import IncusServer
-from harness.sshd import PrivateSshd
+from harness.sshd import PrivateSshd, small_disk
 
-from incus_borg import mounts
+from incus_borg import borg, mounts
+from incus_borg.borg import Borg, Secrets, Stalled, check_argv, create_argv
+from incus_borg.config import Repository
 
 NAME = "os-dir"
 DATA = os.urandom(1_500_000)
+ROOT = Path(__file__).resolve().parent.parent
+BORG = str(Path(sys.executable).parent / "borg")
 
 
 @dataclass
@@ -44,6 +52,37 @@ class Env:
         assert self.server.state(NAME) == "Running"
         assert not mounts.mounts_below(self.root / "staging")
         assert not (self.root / "staging.journal").exists()
+
+    def assert_complete(self, label: str, run: str) -> None:
+        """`run` in repository `label` holds everything it was asked for: its manifest (the
+        server archive) and the archive of the one instance it names."""
+        done = run_cli("list", "--json", "--repository", label, config=self.config)
+        assert done.returncode == 0, done.stderr
+        assert {"name": run, "parts": 1} in [
+            {"name": r["name"], "parts": r["parts"]} for r in json.loads(done.stdout)[label]
+        ]
+        done = run_cli("list", run, "--json", "--repository", label, config=self.config)
+        assert done.returncode == 0, done.stderr
+        assert [i["name"] for i in json.loads(done.stdout)["instances"]] == [NAME]
+
+    def variant(self, where: Path, **offsite: Any) -> Path:
+        """A configuration in `where` (where init writes its key exports) whose offsite
+        repository has `offsite`'s settings."""
+        data = yaml.safe_load(self.config.read_text())
+        for repo in data["repositories"]:
+            if repo["label"] == "offsite":
+                repo.update(offsite)
+        return write_config(where / "config.yaml", data)
+
+    def offsite(self, **settings: Any) -> Repository:
+        """The offsite repository, as incus-borg's runner takes it."""
+        return Repository(
+            path=self.sshd.url("offsite"),
+            label="offsite",
+            ssh_command=self.sshd.ssh_command,
+            append_only=True,
+            **settings,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +158,156 @@ def test_offsite_down_is_a_warning(env: Env) -> None:
     env.assert_released()
 
 
+def test_a_full_remote_disk_is_named_and_the_local_run_completes(env: Env, tmp_path: Path) -> None:
+    before = env.runs("local")
+    with env.sshd.small_disk("full", "1m"):
+        config = env.variant(tmp_path, path=env.sshd.url("full/r"), label="full")
+        assert run_cli("init", "--repository", "full", config=config).returncode == 0
+        done = run_cli("backup", config=config)
+    assert done.returncode == 1, done.stderr
+    assert "no space left on the server of repository full" in done.stderr
+    assert "[Errno 28] No space left on device" in done.stderr
+    assert "Platform" not in done.stderr
+    after = env.runs("local")
+    assert len(after) == len(before) + 1
+    env.assert_complete("local", after[-1])
+    env.assert_released()
+
+
+def test_a_full_local_disk_is_named(env: Env, tmp_path: Path) -> None:
+    data = yaml.safe_load(env.config.read_text())
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        data["repositories"] = [{"path": str(disk / "r"), "label": "small"}]
+        config = write_config(tmp_path / "config.yaml", data)
+        assert run_cli("init", config=config).returncode == 0
+        error = one_line_error(run_cli("backup", config=config))
+    assert "no space left on device for repository small" in error
+    assert "[Errno 28] No space left on device" in error and "Local Exception" not in error
+    env.assert_released()
+
+
+def test_a_moved_repository_is_named_with_how_to_accept_the_move(env: Env, tmp_path: Path) -> None:
+    home = {"BORG_BASE_DIR": str(tmp_path / "home")}  # this host's memory of repositories
+    assert run_cli("list", "--repository", "local", config=env.config, env=home).returncode == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(env.root / "repo", moved)
+    data = yaml.safe_load(env.config.read_text())
+    data["repositories"] = [{"path": str(moved), "label": "local"}]
+    config = write_config(tmp_path / "config.yaml", data)
+    error = one_line_error(run_cli("list", config=config, env=home))
+    assert f"this host knew it at {env.root / 'repo'}" in error
+    assert "moved on purpose" in error and "BORG_RELOCATED_REPO_ACCESS_IS_OK=yes" in error
+    accepted = {**home, "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+    assert run_cli("list", config=config, env=accepted).returncode == 0
+    assert run_cli("list", config=config, env=home).returncode == 0  # accepted once for all
+
+
+def test_a_changed_host_key_is_named_and_never_retried(env: Env) -> None:
+    started = time.monotonic()
+    assert run_cli("list", "--repository", "offsite", config=env.config).returncode == 0
+    reachable = time.monotonic() - started
+    with env.sshd.other_host_key():
+        started = time.monotonic()
+        done = run_cli("list", "--repository", "offsite", config=env.config)
+        took = time.monotonic() - started
+    error = one_line_error(done)
+    assert "repository offsite" in error and "host key failed verification" in error
+    assert f"[127.0.0.1]:{env.sshd.port} has changed" in error
+    assert "retrying" not in done.stderr
+    # Retrying would sleep 1 s, then 2 s: the refusal takes no longer than a listing.
+    assert took < reachable + 2 * borg.RETRY_DELAY, (took, reachable)
+
+
+def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path) -> None:
+    served = env.sshd.repos / "offsite"
+    # The lock is taken on the server itself, as the server's owner would.
+    server_side = {**borg_env(), "BORG_BASE_DIR": str(tmp_path / "server-home")}
+    holder = subprocess.Popen(
+        [BORG, "with-lock", str(served), "sleep", "600"],
+        env=server_side,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (served / "lock.exclusive").exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        before = env.runs("local")
+        done = run_cli("backup", config=env.variant(tmp_path, lock_wait=5))
+    finally:
+        os.killpg(holder.pid, signal.SIGTERM)
+        holder.wait()
+    assert done.returncode == 1, done.stderr
+    warning = next(line for line in done.stderr.splitlines() if "repository offsite" in line)
+    assert "locked by another process" in warning and "waited 5 s" in warning
+    assert str(served / "lock.exclusive") in warning
+    assert len(env.runs("local")) == len(before) + 1
+    env.assert_released()
+
+
+def test_a_stalled_server_is_stopped_and_named(env: Env, tmp_path: Path) -> None:
+    stall_timeout = 3.0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "blob").write_bytes(os.urandom(24_000_000))
+    repo = env.offsite(upload_ratelimit=2000)  # kiB/s: the upload lasts about 12 s
+    runner = Borg(Secrets(PASSPHRASE))
+    outcome: dict[str, Any] = {}
+
+    def create() -> None:
+        try:
+            argv = create_argv(repo, "stalled-run", ["data"])
+            runner.run(argv, repo, cwd=tmp_path, stall_timeout=stall_timeout)
+        except Exception as exc:
+            outcome["error"] = exc
+        outcome["ended"] = time.monotonic()
+
+    served = env.sshd.repos / "offsite" / "data"
+    size = sum(p.stat().st_size for p in served.rglob("*") if p.is_file())
+    thread = threading.Thread(target=create)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while sum(p.stat().st_size for p in served.rglob("*") if p.is_file()) < size + 3_000_000:
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.05)
+    [serve] = env.sshd.serve_pids()
+    os.kill(serve, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        thread.join(timeout=60)
+    finally:
+        os.kill(serve, signal.SIGCONT)
+    error = outcome["error"]
+    assert isinstance(error, Stalled), error
+    assert str(error).startswith("repository offsite (ssh://") and " stalled: " in str(error)
+    took = outcome["ended"] - stopped
+    assert took < stall_timeout + borg.STALL_GRACE + 2, took
+    deadline = time.monotonic() + 30
+    while env.sshd.serve_pids():  # the server's session ends once it runs again
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert runner.run(check_argv(repo, False), repo).returncode == 0
+    assert "stalled-run" not in env.runs("offsite")
+
+
+def test_init_never_overwrites_the_key_export_of_another_repository(
+    env: Env, tmp_path: Path
+) -> None:
+    export = tmp_path / "offsite.borg-key"
+    shutil.copy2(env.root / "offsite.borg-key", export)  # the key of the repository at the old path
+    kept = export.read_bytes()
+    moved = env.variant(tmp_path, path=env.sshd.url("moved"))
+    error = one_line_error(run_cli("init", config=moved))
+    assert str(export) in error and "another repository" in error and "move" in error
+    assert export.read_bytes() == kept
+    assert not (env.sshd.repos / "moved").exists()  # nothing was created
+    same = run_cli("init", config=env.variant(tmp_path))
+    assert same.returncode == 0, same.stderr
+    assert "repository offsite: already exists" in same.stdout
+    assert export.read_bytes() == kept
+
+
 def test_passphrase_never_in_argv_or_logs(env: Env) -> None:
     argv = [sys.executable, "-m", "incus_borg", "-c", str(env.config), "backup", "--progress"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,7 +329,35 @@ def test_passphrase_never_in_argv_or_logs(env: Env) -> None:
     assert not [log for log in logs if PASSPHRASE in log]
 
 
-def test_prune_keeps_runs_and_append_only_keeps_data(env: Env, tmp_path: Path) -> None:
+def readme_block(name: str) -> str:
+    """The shell block the README marks with `<!-- name -->`."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(rf"<!-- {name} -->\n```sh\n(.*?)```", readme, re.S)
+    assert len(blocks) == 1, name
+    return str(blocks[0])
+
+
+def run_block(name: str, variables: dict[str, str], base_dir: Path | None = None) -> str:
+    """Run a README block with bash (-e: every step must succeed), as its reader would."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
+    environment |= {"PATH": path, **variables}
+    if base_dir is not None:
+        environment["BORG_BASE_DIR"] = str(base_dir)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_block(name)],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_runs_pruned_through_the_append_only_key_come_back_by_the_readme(
+    env: Env, tmp_path: Path
+) -> None:
     for _ in range(2):
         assert run_cli("backup", config=env.config).returncode in (0, 1)
     data = yaml.safe_load(env.config.read_text())
@@ -148,24 +365,44 @@ def test_prune_keeps_runs_and_append_only_keeps_data(env: Env, tmp_path: Path) -
     write_config(env.config, data)
     served = env.sshd.repos / "offsite"
     before = env.runs("offsite")
-    last_good = int((served / "transactions").read_text().splitlines()[-1].split()[1].rstrip(","))
+    good = (served / "transactions").read_text().splitlines()[-1].split()[1].rstrip(",")
     done = run_cli("prune", "--repository", "offsite", config=env.config)
     assert done.returncode == 1, done.stderr  # warns: space is reclaimed only by the server
     assert "append-only" in done.stderr
     assert env.runs("offsite") == [before[-1]]
-    # The server's owner rolls back to the last transaction before the prune (Borg's
-    # append-only recovery): every pruned run is back.
-    for segment in (served / "data").rglob("*"):
-        if segment.is_file() and int(segment.name) > last_good:
-            segment.unlink()
-    for leftover in [*served.glob("index.*"), *served.glob("hints.*"), *served.glob("integrity.*")]:
-        leftover.unlink()
-    fresh = {**os.environ, "BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(tmp_path)}
-    borg = str(Path(sys.executable).parent / "borg")
-    listed = subprocess.run(
-        [borg, "list", "--short", str(served)], env=fresh, capture_output=True, text=True
+    # The server's owner, then root on the Incus host, follow the README step by step.
+    printed = run_block(
+        "append-only recovery: server",
+        {"REPO": str(served), "GOOD": good},
+        base_dir=tmp_path / "server-home",  # the server's borg: no key, its own state
     )
-    assert set(before) <= set(listed.stdout.split()), listed.stderr
+    run_block(
+        "append-only recovery: client",
+        {
+            "REPOSITORY": env.sshd.url("offsite"),
+            "SSH_COMMAND": env.sshd.ssh_command,
+            "REPO_ID": printed.split()[-1],
+        },
+    )
+    assert set(before) <= set(env.runs("offsite"))
+    pruned = before[0]
+    restored = run_cli(
+        "restore",
+        "instance",
+        pruned,
+        NAME,
+        "--as",
+        "os-back",
+        "--repository",
+        "offsite",
+        "--start",
+        config=env.config,
+    )
+    assert restored.returncode == 0, restored.stderr
+    try:
+        assert env.server.checksums("os-back") == env.server.checksums(NAME)
+    finally:
+        env.server.delete("os-back")
     local = run_cli("prune", "--repository", "local", config=env.config)
     assert local.returncode == 0 and "compacted" in local.stdout
     assert env.runs("local") == [env.runs("local")[-1]]

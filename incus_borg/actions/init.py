@@ -8,12 +8,13 @@ from pathlib import Path
 
 import click
 
-from ..borg import Secrets, init_argv, key_export_argv
+from ..borg import Borg, Secrets, info_argv, init_argv, key_export_argv
 from ..config import DEFAULT_CONFIG_PATH, Repository
 from ..context import Context
 from ..errors import UserError
 
 ALREADY_EXISTS = 10
+DOES_NOT_EXIST = 13
 
 
 def encryption_for(repo: Repository, secrets: Secrets) -> str:
@@ -51,6 +52,34 @@ def write_private(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
+def exported_id(text: str) -> str | None:
+    """The repository id a key export names in its first line (`BORG_KEY <id>`), or None."""
+    first = text.partition("\n")[0].split()
+    return first[1] if len(first) == 2 and first[0] == "BORG_KEY" else None
+
+
+def refuse_foreign_export(path: Path, repo: Repository, repo_id: str | None) -> None:
+    """Refuse (exit 2, the file untouched) when `path` exists and is not the key export of
+    the repository whose id is `repo_id` (None: a repository not created yet)."""
+    try:
+        held = exported_id(path.read_text(errors="replace"))
+    except FileNotFoundError:
+        return
+    if held is not None and held == repo_id:
+        return
+    what = f"the key of another repository (id {held})" if held else "no Borg key export"
+    raise UserError(
+        f"{path} holds {what}, not the key of repository {repo.name} ({repo.path}): move that "
+        "file away and keep it (it may be the only copy of a key), then run init again"
+    )
+
+
+def repository_id(borg: Borg, repo: Repository) -> str | None:
+    """The id of an existing repository, None when it does not exist."""
+    info = borg.run(info_argv(repo), repo, ok_codes=(DOES_NOT_EXIST,))
+    return str(info.json()["repository"]["id"]) if info.returncode == 0 else None
+
+
 def export_keys(ctx: Context, label: str | None, paper: bool) -> None:
     """Print the key export of every selected (encrypted) repository."""
     borg = ctx.borg()
@@ -60,10 +89,15 @@ def export_keys(ctx: Context, label: str | None, paper: bool) -> None:
 
 
 def run(ctx: Context, label: str | None) -> None:
-    """Create the repositories (all, or the one labelled `label`)."""
+    """Create the repositories (all, or the one labelled `label`); refuse first, creating
+    nothing, when a key export file that would be written holds another repository's key."""
     borg = ctx.borg()
     repos = ctx.config.select_repositories(label)
     modes = {repo.name: encryption_for(repo, borg.secrets.for_repository(repo)) for repo in repos}
+    for repo in repos:
+        path = key_export_path(ctx, repo)
+        if modes[repo.name] != "none" and path.exists():
+            refuse_foreign_export(path, repo, repository_id(borg, repo))
     for repo in repos:
         mode = modes[repo.name]
         result = borg.run(init_argv(repo, mode), repo, ok_codes=(ALREADY_EXISTS,))
@@ -75,6 +109,7 @@ def run(ctx: Context, label: str | None) -> None:
             continue
         exported = borg.run(key_export_argv(repo), repo).stdout
         path = key_export_path(ctx, repo)
+        refuse_foreign_export(path, repo, exported_id(exported))
         write_private(path, exported)
         click.echo(f"repository {repo.name}: key exported to {path} (mode 0600)")
         click.echo(

@@ -121,7 +121,7 @@ class Reader:
         """Show the first live lane's latest progress line, when asked to."""
         lane = next((lane for lane in self.lanes if lane.live), None)
         if self.show_progress and lane is not None:
-            latest = lane.process.latest_progress()
+            latest = lane.process.progress
             if latest is not None:
                 print("\r" + progress_line(latest), end="", file=sys.stderr)
 

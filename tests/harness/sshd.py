@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
@@ -17,6 +19,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def small_disk(path: Path, size: str = "1m") -> Iterator[Path]:
+    """A new directory `path` on its own tmpfs of `size` (a disk that fills up), unmounted
+    and removed afterwards."""
+    path.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
 
 
 class PrivateSshd:
@@ -43,9 +60,13 @@ class PrivateSshd:
             serve += " --append-only"
         public = (root / "client_key.pub").read_text().strip()
         (root / "authorized_keys").write_text(f'command="{serve}",restrict {public}\n')
+        self._configure(root / "host_key")
+
+    def _configure(self, host_key: Path) -> None:
         self.config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\n"
-            f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"AuthorizedKeysFile {self.root / 'authorized_keys'}\n"
+            f"PidFile {self.root / 'sshd.pid'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n"
             "StrictModes no\nLogLevel ERROR\n"
         )
@@ -87,3 +108,38 @@ class PrivateSshd:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+
+    @contextmanager
+    def other_host_key(self) -> Iterator[None]:
+        """Serve with another host key for the duration (a reinstalled server, or an impostor
+        on its address): clients that pinned the usual key must refuse it."""
+        other = self.root / "other_host_key"
+        if not other.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True
+            )
+        self.stop()
+        self._configure(other)
+        self.start()
+        try:
+            yield
+        finally:
+            self.stop()
+            self._configure(self.root / "host_key")
+            self.start()
+
+    def small_disk(self, name: str, size: str = "1m") -> AbstractContextManager[Path]:
+        """A served directory `name` on its own small disk (see `small_disk`)."""
+        return small_disk(self.repos / name, size)
+
+    def serve_pids(self) -> list[int]:
+        """The `borg serve` processes running for this sshd's clients now."""
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "serve" in argv and str(self.repos) in argv:
+                found.append(int(proc.name))
+        return found
