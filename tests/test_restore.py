@@ -168,10 +168,9 @@ def remove_ours(server: IncusServer) -> None:
         name = url.rsplit("/", 1)[-1]
         if name.startswith(PREFIX):
             server.daemon.incus("profile", "delete", name)
-    for url in query("/1.0/networks"):
-        name = url.rsplit("/", 1)[-1]
-        if name.startswith(NETWORK_PREFIX):
-            server.daemon.incus("network", "delete", name)
+    for network in query("/1.0/networks?recursion=1"):  # host interfaces too: managed only
+        if network["managed"] and network["name"].startswith(NETWORK_PREFIX):
+            server.daemon.incus("network", "delete", network["name"])
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,28 @@ gets `kill -9`, and so do its orphaned children, as a service manager's stop wou
 the next command runs. After it: no instance stopped or frozen that was running, no
 half-registered instance, no leftover mount or borg, the daemon up, the original data intact.
 
-| command          | phase at the kill (how it is seen)                    | next command(s)                  | outcome                                            |
-|------------------|-------------------------------------------------------|----------------------------------|----------------------------------------------------|
-| restore instance | recorded, `incus import` not started (wrapper held)   | the same restore                 | exit 0: nothing was made, restored                  |
-| restore instance | `incus import` under way, Incus finishes it (held, released after the kill) | the same restore | exit 1: warns and deletes NAME-restoring-X, restored |
-| restore instance | extracting (borg extract children seen)               | the same restore                 | exit 1: warns and deletes NAME-restoring-X, restored |
-| restore instance | streaming (`--stream`: export-tar and import seen)    | the same restore                 | exit 0 or 1 (whether Incus had the whole upload), restored |
-| restore instance | extracting                                            | a restore of another instance    | exit 1: names the leftover and `incus delete ...`    |
-| restore server   | stopping: instances stopped, daemon up (stop_command held before) | the same restore, then `--roll-back` | exit 2 naming the untouched directory; rolled back |
-| restore server   | stopping: daemon down (stop_command held after)       | the same restore, then `--roll-back` | exit 2; rolled back: daemon and instances up     |
-| restore server   | extracting the directory (borg extract of the run seen) | the same restore, then `--roll-back` | exit 2 naming `incus.incus-borg-old-*`; rolled back |
-| restore server   | putting volumes back, btrfs pool loop-mounted (borg extract of f1 seen) | the same restore, then `--roll-back` | exit 2 naming the original; rolled back, unmounted |
-| restore server   | starting: restored directory, daemon down (start_command held before) | the same restore, then `--roll-back` | exit 2 naming the original; rolled back |
-| restore server   | starting: daemon up on the restored directory (start_command held after) | the same restore, then `--roll-back` | exit 2 naming the original; restored daemon shut down, rolled back |
+Phases of `restore instance` (journal: `instance@P@NAME.json` written before the import):
+
+| phase at the kill, and how it is held                           | next command          | outcome (measured)                                   |
+|-----------------------------------------------------------------|-----------------------|------------------------------------------------------|
+| recorded, `incus import` not started (import wrapper held)      | the same restore      | exit 0: nothing was made; restored                   |
+| `incus import` under way: held, released after the kill, so the orphaned import makes `NAME-restoring-X` | the same restore | exit 1: warns, deletes `NAME-restoring-X`; restored |
+| extracting into the new instance (borg extract children seen)   | the same restore      | exit 1: warns, deletes `NAME-restoring-X`; restored  |
+| streaming, `--stream` (borg export-tar and incus import seen)   | the same restore      | exit 0: Incus got a cut upload, made nothing; restored |
+| extracting                                                      | a restore of another instance | exit 1: names the leftover and `incus delete --project P NAME-restoring-X`, deletes nothing |
+
+Phases of `restore server` (journal: `server.json`, the plan, rewritten before each stage):
+
+| phase at the kill, and how it is held                           | stage       | next commands                          | outcome (measured)                               |
+|-----------------------------------------------------------------|-------------|----------------------------------------|--------------------------------------------------|
+| instances stopped, daemon up (stop_command held before)         | stopping    | the same restore; the command it names | exit 2, directory named untouched; `--roll-back`: instances started again |
+| daemon down, directory in place (stop_command held after)       | stopping    | the same restore; the command it names | exit 2; `--roll-back`: daemon and instances started again |
+| original moved aside, extracting the run (borg extract seen)    | extracting  | the same restore; the command it names | exit 2 naming `incus.incus-borg-old-*`; `--roll-back`: work dir removed, original back, all up |
+| putting volumes back, btrfs pool loop-mounted (borg extract of f1 seen) | pools | the same restore; the command it names | exit 2 naming the original; `--roll-back`: unmounted, half-restored dir kept aside, original back, all up |
+| restored directory, daemon down (start_command held before)     | starting    | the same restore; the command it names | exit 2 naming the original; `--roll-back`: as above |
+| daemon up on the restored directory (start_command held after)  | starting    | the same restore; the command it names | exit 2 naming the original; `--roll-back`: restored daemon shut down, as above |
+
+In every server phase, `restore instance` and `check --restore-test` refuse with the same line.
 
 The tests print the matrix they measured (`pytest -s`).
 """
@@ -57,6 +66,10 @@ from test_restore_server import (
     state,
 )
 
+from incus_borg.errors import UserError
+from incus_borg.restore.files import checked_paths
+from incus_borg.restore.rollback import Plan
+
 pytestmark = pytest.mark.incus
 
 NAME = "sf-a"
@@ -66,7 +79,6 @@ FILES = {
     "/home/user/mine.txt": (b"mine\n", 1000, 1000, 0o640),
 }
 TIMEOUT = 180  # for a phase to be reached; generous for a loaded machine
-MATRIX: list[tuple[str, str, str, str]] = []  # (command, phase, next command, outcome)
 
 # Holds `incus import` while HOLD exists: writes its pid into HELD, then waits on FIFO.
 INCUS_WRAPPER = """#!/bin/sh
@@ -204,14 +216,14 @@ def wait_no_operations(daemon: PrivateIncus) -> None:
     """Wait until the daemon runs no operation (an orphaned import finishes server-side)."""
 
     def idle() -> bool:
-        ops = daemon.query("/1.0/operations?recursion=1") or {}
+        ops = daemon.query("/1.0/operations?recursion=1&all-projects=true") or {}
         return not [op for kind in ops.values() for op in kind if op["status"] == "Running"]
 
     assert wait_for(idle, 120, interval=0.2)
 
 
 def record(command: str, phase: str, next_command: str, outcome: str) -> None:
-    MATRIX.append((command, phase, next_command, outcome))
+    """Print one row of the kill matrix (shown with `pytest -s`)."""
     print(f"\n| {command} | {phase} | {next_command} | {outcome} |")
 
 
@@ -227,6 +239,7 @@ class Env:
     config: Path
     sums: dict[str, str]
     holds: Holds
+    mounts: list[str]  # below the daemon's directory, as the daemon keeps them
 
     @property
     def daemon(self) -> PrivateIncus:
@@ -270,7 +283,8 @@ def fill(server: IncusServer, root: Path) -> Env:
     for args in (["init"], ["backup"]):
         done = run_cli(*args, config=config)
         assert done.returncode == 0, done.stderr
-    env = Env(server, root, config, server.checksums(NAME), Holds(root / "holds"))
+    mounts = mounts_below(server.daemon.root)
+    env = Env(server, root, config, server.checksums(NAME), Holds(root / "holds"), mounts)
     env.bin.mkdir()
     real = shutil.which("incus")
     assert real is not None
@@ -287,7 +301,8 @@ def assert_clean(env: Env, before: list[tuple[str, str, str]]) -> None:
     assert [i for i in now if i[1] in (NAME, TWIN)] == [i for i in before if i[1] in (NAME, TWIN)]
     assert not list(env.journal.glob("*.json"))
     assert not borgs_of(env.root / "repo")
-    assert not [m for m in mounts_below(env.root)], mounts_below(env.root)
+    assert mounts_below(env.daemon.root) == env.mounts
+    assert not mounts_below(env.root)
 
 
 def assert_restored(env: Env, name: str) -> None:
@@ -472,6 +487,34 @@ def test_a_leftover_is_named_by_other_restores_and_deleted_by_its_own(env: Env) 
     assert_clean(env, before)
 
 
+# --- the pure parts: what a killed server restore left, which PATHs a files restore takes --------
+
+
+def test_the_plan_tells_what_lies_at_the_incus_directory(tmp_path: Path) -> None:
+    """Whether the Incus directory holds the restore or the original, at each stage."""
+    plan = Plan("run", str(tmp_path / "incus"), "20250101-000000", had_original=True)
+    assert not plan.restored_in_place()  # stopping: nothing moved yet
+    plan.stage = "moving"
+    assert not plan.restored_in_place()  # killed before the rename: the original is in place
+    plan.old.mkdir()
+    assert plan.restored_in_place()  # renamed: whatever is at the directory is the restore's
+    plan.had_original = False
+    plan.old.rmdir()
+    assert plan.restored_in_place()  # there was none: anything there is the restore's
+
+
+def test_paths_that_lead_out_are_refused_before_anything() -> None:
+    assert checked_paths(("/etc/x", "home//user/", "./a/./b", "/")) == [
+        "etc/x",
+        "home/user",
+        "a/b",
+        "",
+    ]
+    for bad in ("..", "a/../../b", "/../etc", "//..//x"):
+        with pytest.raises(UserError, match=re.escape("may not contain '..'")):
+            checked_paths((bad,))
+
+
 # --- restore server: paused instances and kills --------------------------------------------------
 
 
@@ -597,7 +640,12 @@ def _next_commands(setup: Setup, before: dict[str, Any]) -> str:
     command; checks everything is as before, and says what happened."""
     listed = siblings(setup)
     error = one_line_error(run_cli("restore", "server", "latest", "--yes", config=setup.config))
-    assert siblings(setup) == listed  # the refusal changed nothing
+    for other in (
+        ["restore", "instance", "latest", "d1", "--as", "x"],
+        ["check", "--restore-test"],
+    ):
+        assert one_line_error(run_cli(*other, config=setup.config)) == error  # they notice too
+    assert siblings(setup) == listed  # the refusals changed nothing
     old = [s for s in listed if ".incus-borg-old-" in s]
     if old:
         assert f"the original Incus directory is {setup.daemon.root / old[0]}" in error, error

@@ -30,7 +30,7 @@ from .target import report
 
 
 class ServerRestore:
-    """One whole-server restore and its rollback."""
+    """One whole-server restore (undone by `rollback.roll_back` on any failure)."""
 
     def __init__(self, config: Config, source: Source, journal: RestoreJournal) -> None:
         self.config = config
