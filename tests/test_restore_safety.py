@@ -153,15 +153,30 @@ class Holds:
 # --- processes ---------------------------------------------------------------------------------
 
 
+SPAWNED: list[subprocess.Popen[str]] = []  # what a failing test may leave held
+
+
 def spawn(config: Path, *args: str, path_first: Path | None = None) -> subprocess.Popen[str]:
     """Start `incus-borg -c CONFIG ARGS...` (with `path_first` first on PATH)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BORG_", "INCUS_BORG"))}
     if path_first is not None:
         env["PATH"] = f"{path_first}:{env['PATH']}"
     argv = [sys.executable, "-m", "incus_borg", "-c", str(config), *args]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+    SPAWNED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def no_process_left() -> Iterator[None]:
+    """Whatever a test ends with, the commands it started end too, with their children."""
+    yield
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            kill_9(proc, children(proc.pid))
 
 
 def reach(proc: subprocess.Popen[str], what: str, seen: Callable[[], Any]) -> Any:
