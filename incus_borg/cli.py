@@ -219,7 +219,7 @@ def restore_instance(
     with_volumes: bool,
     stream: bool,
     label: str | None,
-) -> None:
+) -> int:
     """Restore one instance with its snapshots.
 
     Incus imports the instance's definition; the data is extracted straight into the new
@@ -228,7 +228,7 @@ def restore_instance(
     wanted = instance_kind.InstanceOptions(
         name, new_name, pool, project, start, with_volumes, stream
     )
-    instance_kind.run(options.context(), archive, label, wanted)
+    return instance_kind.run(options.context(), archive, label, wanted)
 
 
 @restore.command(name="volume")
@@ -285,24 +285,39 @@ def restore_config(
 @click.argument("name", metavar="[P/]NAME")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option("--to", "dest", required=True, metavar="DIR", help="Where to write them.")
+@click.option("--overwrite", is_flag=True, help="Replace files that exist under DIR.")
 @repository_option
 @pass_options
 def restore_files(
-    options: Options, archive: str, name: str, paths: tuple[str, ...], dest: str, label: str | None
+    options: Options,
+    archive: str,
+    name: str,
+    paths: tuple[str, ...],
+    dest: str,
+    overwrite: bool,
+    label: str | None,
 ) -> None:
     """Copy files or directories out of an instance (or POOL/[P/]NAME volume) into DIR."""
-    wanted = files_kind.FilesOptions(archive, name, paths, Path(dest), label)
+    wanted = files_kind.FilesOptions(archive, name, paths, Path(dest), label, overwrite)
     files_kind.run(options.context(), wanted)
 
 
 @restore.command(name="server")
-@click.argument("archive")
+@click.argument("archive", required=False)
 @click.option("--yes", is_flag=True, help="Confirm: the Incus directory is replaced (kept aside).")
+@click.option(
+    "--roll-back",
+    is_flag=True,
+    help="Put back the Incus directory that a killed restore server moved aside.",
+)
 @repository_option
 @pass_options
-def restore_server(options: Options, archive: str, yes: bool, label: str | None) -> None:
+def restore_server(
+    options: Options, archive: str | None, yes: bool, roll_back: bool, label: str | None
+) -> None:
     """Restore the whole server; the current Incus directory is moved aside, never deleted."""
-    server_kind.run(options.context(), server_kind.ServerOptions(archive, yes, label))
+    wanted = server_kind.ServerOptions(archive, yes, label, roll_back)
+    server_kind.run(options.context(), wanted)
 
 
 @cli.group(name="config")

@@ -305,6 +305,21 @@ class Incus:
         """Replace an instance's writable fields."""
         self.request("PUT", api_path("instances", name, project=project), body)
 
+    def instance_busy(self, project: str, name: str) -> bool:
+        """Whether a running operation works on instance `project/name` (such as an import
+        that goes on after its client was killed)."""
+        operations = self._get("operations", recursion="1", **{"all-projects": "true"}) or {}
+        urls = [
+            url
+            for operation in operations.get("running") or []
+            for url in (operation.get("resources") or {}).get("instances") or []
+        ]
+        return (project, name) in instances_using(urls)
+
+    def rename_instance(self, project: str, name: str, new: str) -> None:
+        """Rename a stopped instance (with its snapshots and volumes)."""
+        self.request("POST", api_path("instances", name, project=project), {"name": new})
+
     def delete_instance(self, project: str, name: str) -> None:
         """Delete an instance, stopping it first (forcibly) when it runs."""
         if self.instance_status(project, name) != "Stopped":

@@ -37,6 +37,7 @@ from incus_borg.config import load as load_config
 from incus_borg.errors import UserError
 from incus_borg.incus import Incus
 from incus_borg.restore import instance as instance_kind
+from incus_borg.restore.journal import RestoreJournal
 from incus_borg.restore.source import Source, open_source
 
 pytestmark = pytest.mark.incus
@@ -410,6 +411,7 @@ def test_failed_extraction_leaves_nothing_behind(env: Env) -> None:
             Incus(env.incus_dir),
             FailingSource(source),
             instance_kind.InstanceOptions("rs-dir", new_name="rs-failed"),
+            RestoreJournal(env.root / "restore-journal"),
         )
     assert inventory(env) == before
     assert not (

@@ -1,9 +1,10 @@
 """`incus-borg check`: borg check, and a restore test of the newest run.
 
-The restore test imports every instance of the newest run into a scratch project (never
-started, so it has no network), then compares each file of its root filesystem with the
-archive's own record of it (`borg list` with {sha256}, mode and owner): nothing extra is read
-at backup time. The scratch project is deleted afterwards.
+The restore test imports every instance of the newest run into a scratch project, one per
+archived project so that same-named instances of two projects do not meet (never started, so
+it has no network), then compares each file of its root filesystem with the archive's own
+record of it (`borg list` with {sha256}, mode and owner): nothing extra is read at backup
+time. Each instance is deleted once compared, and the scratch projects afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from ..context import Context
 from ..errors import UserError
 from ..incus import Incus
 from ..manifest import Item
+from ..restore.journal import RestoreJournal
+from ..restore.rollback import refuse_pending_server
 from ..restore.source import BorgSource
 
 MAX_REPORTED = 5  # mismatching files named per instance
@@ -42,6 +45,8 @@ class CheckOptions:
 def run(ctx: Context, options: CheckOptions) -> int:
     """Check every selected repository; any problem is an error naming what is wrong."""
     config, borg = ctx.config, ctx.borg()
+    if options.restore_test:
+        refuse_pending_server(RestoreJournal.of(config), ctx.path)
     problems: list[str] = []
     for repo in config.select_repositories(options.label):
         try:
@@ -61,28 +66,38 @@ def run(ctx: Context, options: CheckOptions) -> int:
 
 
 def test_restore(config: Config, borg: Borg, repo: Repository) -> list[str]:
-    """Import the newest run's instances into a scratch project and compare every file."""
+    """Import the newest run's instances into scratch projects and compare every file."""
     incus = Incus(config.incus.dir)
     source = BorgSource(borg, repo, "latest")
-    project = f"incus-borg-check-{time.strftime('%Y%m%d%H%M%S')}"
-    shared = ("images", "profiles", "networks", "storage.volumes")
-    incus.create_entity(
-        "projects", None, {"name": project, "config": {f"features.{f}": "false" for f in shared}}
-    )
+    prefix = f"incus-borg-check-{time.strftime('%Y%m%d%H%M%S')}"
+    scratch: dict[str, str] = {}  # archived project -> its scratch project
     problems: list[str] = []
     try:
         for item in source.manifest.instances:
-            problems += _check_instance(incus, borg, repo, source, item, project)
+            if item.project not in scratch:
+                scratch[item.project] = _scratch_project(incus, f"{prefix}-{len(scratch) + 1}")
+            problems += _check_instance(incus, borg, repo, source, item, scratch[item.project])
     finally:
-        for name in incus.entity_names("instances", project):
-            incus.delete_instance(project, name)
-        incus.delete_project(project)
+        for project in scratch.values():
+            for name in incus.entity_names("instances", project):
+                incus.delete_instance(project, name)
+            incus.delete_project(project)
     if not problems:
         count = len(source.manifest.instances)
         click.echo(
             f"repository {repo.name}: {source.archive} restores: {count} instance(s) identical"
         )
     return problems
+
+
+def _scratch_project(incus: Incus, name: str) -> str:
+    """Create an empty project that shares the default project's images, profiles, networks
+    and volumes."""
+    shared = ("images", "profiles", "networks", "storage.volumes")
+    incus.create_entity(
+        "projects", None, {"name": name, "config": {f"features.{f}": "false" for f in shared}}
+    )
+    return name
 
 
 def _check_instance(
@@ -102,6 +117,7 @@ def _check_instance(
         if (relative := entry["path"].removeprefix(rootfs).lstrip("/"))
         and not _same(entry, on_disk / relative)
     ]
+    incus.delete_instance(project, item.name)  # the disk it takes, back before the next one
     if wrong:
         shown = ", ".join(wrong[:MAX_REPORTED]) + (" ..." if len(wrong) > MAX_REPORTED else "")
         return [

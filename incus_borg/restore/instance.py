@@ -4,14 +4,21 @@ Incus imports the instance's definition alone (a stub tarball), which creates th
 its snapshots and their records; the data is then extracted straight into those volumes on
 `dir` and `btrfs` pools by parallel borg extractions, and checked. Other pools, and
 `--stream`, get the data streamed through `incus import` instead.
+
+The instance is made under a temporary name (`NAME-restoring-XXXXXXXX`), recorded in the
+restore journal before the import, and takes its name only once checked. A failure or an
+interrupt deletes it again; one that a killed restore left is deleted by the next restore of
+that name (and named by any other).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import secrets
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -19,14 +26,19 @@ import click
 
 from .. import layout, signals
 from ..context import Context
-from ..errors import UserError
+from ..errors import UserError, Warnings
 from ..incus import Incus
 from ..manifest import Item
 from . import config, unpack, volume
 from .config import owner_project
+from .journal import Entry, RestoreJournal, alive, instance_key, when
 from .pools import Pool
+from .rollback import refuse_pending_server
 from .source import Source, definitions, open_run
 from .target import check_snapshots, find_item, holding, missing_project, report, require_pool
+
+TEMPORARY = "-restoring-"  # between the name and the token of a restore's temporary name
+SETTLE_TIMEOUT = 300  # seconds to wait for an import that goes on after its client died
 
 
 @dataclass
@@ -54,44 +66,152 @@ class _Target:
     volumes: list[Item]  # custom volumes it uses that must be restored first
 
 
-def run(ctx: Context, archive: str, label: str | None, options: InstanceOptions) -> None:
-    """Restore the instance the options name from ARCHIVE."""
+def run(ctx: Context, archive: str, label: str | None, options: InstanceOptions) -> int:
+    """Restore the instance the options name from ARCHIVE; the exit code."""
+    journal = RestoreJournal.of(ctx.config)
+    refuse_pending_server(journal, ctx.path)
     project, _, name = options.ref.rpartition("/")
     source = open_run(
         ctx, archive, label, (project or "default", name), holding(options.ref, "instance")
     )
-    restore(ctx.incus(), source, options)
+    return restore(ctx.incus(), source, options, journal)
 
 
-def restore(incus: Incus, source: Source, options: InstanceOptions) -> None:
-    """Import one instance from the run, with its snapshots, under its name or a new one."""
+def restore(incus: Incus, source: Source, options: InstanceOptions, journal: RestoreJournal) -> int:
+    """Import one instance from the run, with its snapshots, under its name or a new one;
+    returns the exit code (1 when a killed restore's leftover was deleted)."""
     item = find_item(source, "instance", options.ref)
     target = _preconditions(incus, source, item, options)
-    config.recreate(incus, {"projects": target.new_project}, False, report)
-    _ensure_dependencies(incus, source, target.definition, target.project)
-    for vol_item in target.volumes:
-        volume.restore(incus, source, vol_item, None, None, target.project)
+    warnings = Warnings()
+    with signals.interruptible():
+        _clear_leftovers(incus, journal, target, warnings)
+        config.recreate(incus, {"projects": target.new_project}, False, report)
+        _ensure_dependencies(incus, source, target.definition, target.project)
+        for vol_item in target.volumes:
+            volume.restore(incus, source, vol_item, None, None, target.project)
+        count = _create(incus, source, item, target, options.stream, journal)
     name, project, pool = target.name, target.project, target.pool["name"]
-    if options.stream or target.pool["driver"] not in layout.READABLE_DRIVERS:
-        with source.tar(item) as tarball:
-            incus.import_instance(tarball, name, pool, project)
-    else:
-        _unpack_into_pool(incus, source, item, Pool(incus.dir, target.pool), project, name)
-    restored = incus.instance(project, name, recursion="1")
-    snapshots = [s["name"] for s in restored.get("snapshots") or []]
-    check_snapshots(f"instance {project}/{name}", snapshots, item.snapshots)
     report(
         f"instance {item.ref} restored as {project}/{name} on pool {pool} "
-        f"with {len(snapshots)} snapshot(s) from {source.description}"
+        f"with {count} snapshot(s) from {source.description}"
     )
     if (project, name) != (item.project, item.name):
-        forget_identity(incus, project, name, restored)
         report(f"instance {project}/{name}: gets new MAC addresses and UUID, beside the original")
     if options.start:
         incus.change_state(project, name, "start")
         report(f"instance {project}/{name} started")
     else:
         report(f"instance {project}/{name} left stopped (use --start to start it)")
+    return warnings.exit_code
+
+
+def _create(
+    incus: Incus, source: Source, item: Item, target: _Target, stream: bool, journal: RestoreJournal
+) -> int:
+    """Import the instance under a temporary name (recorded first), check it, and give it its
+    name; a failure or an interrupt deletes it again. Returns its number of snapshots."""
+    project, name = target.project, target.name
+    temporary = f"{name[:40]}{TEMPORARY}{secrets.token_hex(4)}"
+    key = instance_key(project, name)
+    entry = {"project": project, "name": name, "temporary": temporary}
+    journal.record(key, entry | {"source": source.description})
+    try:
+        if stream or target.pool["driver"] not in layout.READABLE_DRIVERS:
+            with source.tar(item) as tarball:
+                incus.import_instance(tarball, temporary, target.pool["name"], project)
+        else:
+            pool = Pool(incus.dir, target.pool)
+            _unpack_into_pool(incus, source, item, pool, project, temporary)
+        restored = incus.instance(project, temporary, recursion="1")
+        snapshots = [s["name"] for s in restored.get("snapshots") or []]
+        check_snapshots(f"instance {project}/{name}", snapshots, item.snapshots)
+        if (project, name) != (item.project, item.name):
+            forget_identity(incus, project, temporary, restored)
+        incus.rename_instance(project, temporary, name)
+    except BaseException:
+        with signals.shielded():
+            if _remove_partial(incus, project, temporary):
+                journal.clear(key)
+        raise
+    journal.clear(key)
+    return len(snapshots)
+
+
+def _clear_leftovers(
+    incus: Incus, journal: RestoreJournal, target: _Target, warnings: Warnings
+) -> None:
+    """Instances that killed restores left half-made: the one meant to become the target is
+    deleted (it is ours: its temporary name was recorded before it was made), the others
+    are named with the command that removes them."""
+    mine = instance_key(target.project, target.name)
+    for key, entry in journal.entries("instance@").items():
+        if key == mine:
+            _delete_leftover(incus, journal, key, entry, warnings)
+        else:
+            _name_leftover(incus, journal, key, entry, warnings)
+
+
+def _delete_leftover(
+    incus: Incus, journal: RestoreJournal, key: str, entry: Entry, warnings: Warnings
+) -> None:
+    """Delete the temporary instance of a killed restore of the same target, if it exists."""
+    project, name, temporary = entry["project"], entry["name"], entry["temporary"]
+    if alive(entry):
+        raise UserError(
+            f"a restore of {project}/{name} (pid {entry['pid']}) is under way: "
+            "wait for it to finish"
+        )
+    if not _settled(incus, project, temporary):
+        raise UserError(
+            f"Incus still imports {project}/{temporary} for a killed restore: "
+            "wait for it to finish, then restore again"
+        )
+    if _exists(incus, project, temporary):
+        warnings.add(f"{_half_restored(entry)}: deleting it")
+        incus.delete_instance(project, temporary)
+    journal.clear(key)
+
+
+def _name_leftover(
+    incus: Incus, journal: RestoreJournal, key: str, entry: Entry, warnings: Warnings
+) -> None:
+    """Name the temporary instance of another killed restore, or forget a stale entry."""
+    project, temporary = entry["project"], entry["temporary"]
+    if alive(entry) or incus.instance_busy(project, temporary):
+        return
+    if not _exists(incus, project, temporary):
+        journal.clear(key)
+        return
+    warnings.add(
+        f"{_half_restored(entry)}: restore {entry['name']} again, or remove it with "
+        f"`incus delete --project {project} {temporary}`"
+    )
+
+
+def _half_restored(entry: Entry) -> str:
+    project, temporary = entry["project"], entry["temporary"]
+    return (
+        f"instance {project}/{temporary} was half-restored as {project}/{entry['name']} by a "
+        f"restore that was killed (begun {when(entry['recorded'])})"
+    )
+
+
+def _settled(incus: Incus, project: str, name: str) -> bool:
+    """Wait (bounded) until Incus no longer works on `project/name`, such as an import whose
+    client was killed; whether it stopped."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while incus.instance_busy(project, name):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _exists(incus: Incus, project: str, name: str) -> bool:
+    """Whether instance `project/name` exists (False when the project does not)."""
+    if project not in incus.entity_names("projects", None):
+        return False
+    return name in incus.entity_names("instances", project)
 
 
 def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOptions) -> _Target:
@@ -127,26 +247,19 @@ def _unpack_into_pool(
     the volumes it made (in parallel), and check every archived item is in place.
 
     The import alone builds the instance, its snapshots and their database records from the
-    archived backup.yaml; the data then never passes through a temporary file. On any
-    failure the new instance is deleted again.
+    archived backup.yaml; the data then never passes through a temporary file.
     """
     index, config = layout.instance_import_files(item.path)
     files, entries = source.inspect(item, [index, config])
     if not files[index] or not files[config]:
         raise UserError(f"{item.ref} in {source.description} lacks its index.yaml or backup.yaml")
-    with signals.interruptible():
-        try:
-            with tempfile.TemporaryFile() as stub:
-                _write_stub(stub, files[index], files[config], item.snapshots)
-                stub.seek(0)
-                incus.import_instance(stub, name, pool.name, project)
-            extractions, checked = _extract_into(source, item, entries, pool, project, name)
-        except BaseException:
-            with signals.shielded():
-                _remove_partial(incus, project, name)
-            raise
+    with tempfile.TemporaryFile() as stub:
+        _write_stub(stub, files[index], files[config], item.snapshots)
+        stub.seek(0)
+        incus.import_instance(stub, name, pool.name, project)
+    extractions, checked = _extract_into(source, item, entries, pool, project, name)
     report(
-        f"instance {project}/{name}: {checked} archived items extracted into pool {pool.name} "
+        f"instance {item.ref}: {checked} archived items extracted into pool {pool.name} "
         f"by {len(extractions.jobs)} borg extraction(s) and checked"
     )
 
@@ -168,13 +281,18 @@ def _extract_into(
     return extractions, unpack.verify(trees, entries, excludes)
 
 
-def _remove_partial(incus: Incus, project: str, name: str) -> None:
-    """Delete an instance that a failed restore created (if it got that far)."""
+def _remove_partial(incus: Incus, project: str, name: str) -> bool:
+    """Delete an instance that a failed restore created (if it got that far); whether none
+    is left."""
     try:
-        if name in incus.entity_names("instances", project):
+        if not _settled(incus, project, name):
+            raise UserError(f"Incus still works on it after {SETTLE_TIMEOUT} s")
+        if _exists(incus, project, name):
             incus.delete_instance(project, name)
     except UserError as left:
         click.echo(f"incus-borg: remove the partial {project}/{name} by hand: {left}", err=True)
+        return False
+    return True
 
 
 def _write_stub(out: IO[bytes], index: bytes, config: bytes, snapshots: list[str]) -> None:

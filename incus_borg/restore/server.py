@@ -2,7 +2,10 @@
 
 Order: check the run, stop instances and the daemon, move the Incus directory aside,
 extract the directory and database, put every volume back into its pool, restore
-subuid/subgid, start Incus and verify. Any failure rolls back to the moved-aside directory.
+subuid/subgid, start Incus and verify. Each step is recorded in the restore journal before it
+is taken (`rollback.Plan`): any failure rolls back to the moved-aside directory, and after a
+killed restore every restore refuses, naming the original directory, until
+`restore server --roll-back` puts it back.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import layout, mounts, signals
 from ..config import Config
@@ -18,33 +22,28 @@ from ..context import Context
 from ..errors import UserError
 from ..incus import Incus
 from ..manifest import Item
+from .journal import SERVER, RestoreJournal
 from .pools import Pool, lift
+from .rollback import Plan, pending, refuse_pending_server, roll_back
 from .source import NEWEST_COMPLETE, Source, definitions, newest_complete, open_run
 from .target import report
 
 
 class ServerRestore:
-    """One whole-server restore and its rollback."""
+    """One whole-server restore (undone by `rollback.roll_back` on any failure)."""
 
-    def __init__(self, config: Config, source: Source) -> None:
+    def __init__(self, config: Config, source: Source, journal: RestoreJournal) -> None:
         self.config = config
         self.source = source
+        self.journal = journal
         self.incus = Incus(config.incus.dir)
         self.dir = Path(config.incus.dir)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.old = self.dir.with_name(f"{self.dir.name}.incus-borg-old-{stamp}")
-        self.failed = self.dir.with_name(f"{self.dir.name}.incus-borg-failed-{stamp}")
+        self.plan = Plan(source.description, str(self.dir), stamp)
         self.host_files = {
             Path(config.incus.subuid): "subuid",
             Path(config.incus.subgid): "subgid",
         }
-        self.stamp = stamp
-        self.work = self.dir.with_name(f"{self.dir.name}.incus-borg-new-{stamp}")
-        self.was_running = False  # the daemon answered when the restore began
-        self.stopped: list[tuple[str, str]] = []  # (project, name) of instances it stopped
-        self.replacing = False  # the daemon is down and the directory is being replaced
-        self.moved = False  # the original directory is at self.old
-        self.extracted = False  # self.dir is the restored directory
         self.pools: list[Pool] = []
 
     def check(self) -> None:
@@ -85,6 +84,7 @@ class ServerRestore:
     def run(self) -> None:
         """Restore, or roll back and re-raise on any failure."""
         self.check()
+        self._refuse_paused()
         try:
             with signals.interruptible():
                 self._stop()
@@ -92,25 +92,43 @@ class ServerRestore:
                 self._start_and_verify()
         except BaseException as exc:
             with signals.shielded():
-                self._roll_back(exc)
+                report(f"restore failed ({exc}): rolling back")
+                roll_back(self.config, self.plan, self.journal)
             raise
-        if self.moved:
+        self.journal.clear(SERVER)
+        if self.plan.had_original:
             report(
-                f"the previous Incus directory is kept at {self.old}; remove it with `rm -rf {self.old}` once satisfied"
+                f"the previous Incus directory is kept at {self.plan.old}; remove it with "
+                f"`rm -rf {self.plan.old}` once satisfied"
             )
+
+    def _record(self, stage: str | None = None) -> None:
+        """Write the plan (at `stage`) to the journal before the step it describes."""
+        self.plan.stage = stage or self.plan.stage
+        self.journal.record(SERVER, self.plan.__dict__)
+
+    def _refuse_paused(self) -> None:
+        """Refuse paused instances up front: stopping one fails after its timeout and leaves
+        it half-frozen; whether it may run again is the admin's call."""
+        if not self.incus.reachable():
+            return
+        paused(self.incus.instances(recursion="1"))
 
     # --- steps -----------------------------------------------------------------------------
 
     def _stop(self) -> None:
-        """Stop every instance, then the daemon (remembering what ran, for a rollback)."""
+        """Stop every instance, then the daemon (recording what ran first, for a rollback)."""
         if not self.incus.reachable():
             return
-        self.was_running = True
+        self.plan.was_running = True
+        self._record("stopping")
         instances = self.incus.instances(recursion="1")
+        paused(instances)
         for instance in instances:
             if instance["status"] != "Stopped":
+                self.plan.stopped.append([instance["project"], instance["name"]])
+                self._record()
                 self.incus.change_state(instance["project"], instance["name"], "stop")
-                self.stopped.append((instance["project"], instance["name"]))
                 report(f"instance {instance['project']}/{instance['name']}: stopped")
         self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
         if self.incus.reachable():
@@ -120,20 +138,22 @@ class ServerRestore:
         report("daemon stopped")
 
     def _replace(self) -> None:
-        self.replacing = True
+        self.plan.had_original = self.dir.exists()
+        self._record("moving")
         for point in mounts.mounts_below(self.dir):
             mounts.unmount(point)
-        if self.dir.exists():
-            os.rename(self.dir, self.old)
-            self.moved = True
-            report(f"moved {self.dir} aside to {self.old}")
-        self.work.mkdir(mode=0o700)
-        self.source.extract(None, [str(layout.INCUS), str(layout.DATABASE)], 0, self.work)
-        os.rename(self.work / str(layout.INCUS), self.dir)
-        self.extracted = True
-        os.rename(self.work / str(layout.DATABASE), self.dir / "database")
-        self.work.rmdir()
+        if self.plan.had_original:
+            os.rename(self.dir, self.plan.old)
+            report(f"moved {self.dir} aside to {self.plan.old}")
+        self._record("extracting")
+        work = self.plan.work
+        work.mkdir(mode=0o700)
+        self.source.extract(None, [str(layout.INCUS), str(layout.DATABASE)], 0, work)
+        os.rename(work / str(layout.INCUS), self.dir)
+        os.rename(work / str(layout.DATABASE), self.dir / "database")
+        work.rmdir()
         report(f"extracted the Incus directory and its database into {self.dir}")
+        self._record("pools")
         manifest = self.source.manifest
         for pool in self.pools:
             if pool.driver not in layout.READABLE_DRIVERS:
@@ -143,6 +163,7 @@ class ServerRestore:
                 if item.pool == pool.name:
                     self._put_back(pool, item)
             pool.release()
+        self._record("host-files")
         self._restore_host_files()
 
     def _put_back(self, pool: Pool, item: Item) -> None:
@@ -179,11 +200,15 @@ class ServerRestore:
             if not content:
                 continue
             if path.exists():
-                os.rename(path, path.with_name(f"{path.name}.incus-borg-old-{self.stamp}"))
+                kept = path.with_name(f"{path.name}.incus-borg-old-{self.plan.stamp}")
+                self.plan.kept[str(path)] = str(kept)
+                self._record()
+                os.rename(path, kept)
             path.write_bytes(content)
             report(f"{path} restored (the previous one kept beside it)")
 
     def _start_and_verify(self) -> None:
+        self._record("starting")
         took = self.incus.run_daemon_command(self.config.incus.start_command, "start_command")
         self.incus.wait_ready()
         report(f"daemon started in {took:.1f} s")
@@ -213,48 +238,17 @@ class ServerRestore:
                 self.incus.delete_image_volume(pool.name, volume.get("project"), volume["name"])
                 report(f"pool {pool.name}: image volume {volume['name'][:12]} will be rebuilt")
 
-    def _roll_back(self, cause: BaseException) -> None:
-        """Put the original directory back and bring Incus and its instances up as they were."""
-        report(f"restore failed ({cause}): rolling back")
-        if self.replacing:
-            if self.extracted:
-                self._shut_down_restored()
-            for point in mounts.mounts_below(self.dir):
-                mounts.unmount(point)
-            mounts.remove_tree(self.work)
-            if self.extracted and self.dir.exists():
-                os.rename(self.dir, self.failed)
-                report(f"the failed restore is kept at {self.failed}")
-            for path in self.host_files:
-                kept = path.with_name(f"{path.name}.incus-borg-old-{self.stamp}")
-                if kept.exists():
-                    os.replace(kept, path)
-            if self.moved:
-                os.rename(self.old, self.dir)
-                report(f"{self.dir} is back as it was")
-        if self.was_running and not self.incus.reachable():
-            self.incus.run_daemon_command(self.config.incus.start_command, "start_command")
-            self.incus.wait_ready()
-            report("daemon started again on the original directory")
-        for project, name in self.stopped:
-            try:
-                self.incus.change_state(project, name, "start")
-                report(f"instance {project}/{name}: started again")
-            except UserError as exc:
-                report(f"instance {project}/{name} could not be started again: {exc}")
 
-    def _shut_down_restored(self) -> None:
-        """Stop a daemon running on the restored directory, with the instances it started."""
-        if not self.incus.reachable():
-            return
-        try:
-            self.incus.shutdown(60)
-        except UserError as exc:
-            report(f"could not shut down the restored daemon: {exc}")
-        try:
-            self.incus.run_daemon_command(self.config.incus.stop_command, "stop_command")
-        except UserError as exc:
-            report(f"could not stop the daemon for the rollback: {exc}")
+def paused(instances: list[dict[str, Any]]) -> None:
+    """Refuse when any of the instances is paused (Frozen), naming them and the fix."""
+    frozen = [f"{i['project']}/{i['name']}" for i in instances if i["status"] == "Frozen"]
+    if frozen:
+        raise UserError(
+            f"instance(s) {', '.join(frozen)} are paused: restore server would have to stop "
+            "them, and a paused instance does not stop cleanly; resume each with "
+            "`incus start --project P NAME` (or stop it with `incus stop --force --project P "
+            "NAME`), then restore again"
+        )
 
 
 def require_confirmation(yes: bool) -> None:
@@ -270,13 +264,25 @@ def require_confirmation(yes: bool) -> None:
 class ServerOptions:
     """What `restore server` was asked for."""
 
-    archive: str
+    archive: str | None
     yes: bool = False
     label: str | None = None
+    roll_back: bool = False
 
 
 def run(ctx: Context, options: ServerOptions) -> None:
-    """Restore the whole server from the run the options name."""
+    """Restore the whole server from the run the options name, or roll a killed one back."""
+    journal = RestoreJournal.of(ctx.config)
+    if options.roll_back:
+        plan = pending(journal)
+        if plan is None:
+            raise UserError("no server restore to roll back: the restore journal holds none")
+        roll_back(ctx.config, plan, journal)
+        report(f"rolled back the restore from {plan.source}")
+        return
+    if options.archive is None:
+        raise UserError("name the run to restore: restore server ARCHIVE --yes")
     require_confirmation(options.yes)
+    refuse_pending_server(journal, ctx.path)
     source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)
-    ServerRestore(ctx.config, source).run()
+    ServerRestore(ctx.config, source, journal).run()
