@@ -643,7 +643,7 @@ def server_extraction(pid: int, part: bool) -> list[int]:
     found = []
     for child in child_running(pid, "extract"):
         args = cmdline(child)
-        if (part and any("@instance@default@f1" in a for a in args)) or (
+        if (part and any(a.startswith("instances/default/f1/backup/container") for a in args)) or (
             not part and "incus" in args and "database" in args
         ):
             found.append(child)

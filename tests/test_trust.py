@@ -69,7 +69,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(incus_server: IncusServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("trust")
-    incus_server.launch(NAMES[0], files={"/root/a": (os.urandom(50_000), 0, 0, 0o600)})
+    # Enough data that a first run holds tr-dir frozen long enough to be caught frozen.
+    incus_server.launch(NAMES[0], files={"/root/a": (os.urandom(40_000_000), 0, 0, 0o600)})
     incus_server.launch(NAMES[1], pool=BTRFS_POOL, files={"/root/b": (b"b\n", 0, 0, 0o644)})
     config = incus_config(incus_server, root, instances=list(NAMES))
     assert run_cli("init", config=config).returncode == 0

@@ -53,7 +53,10 @@ def describe(e: dict[str, Any]) -> str:
         return f"{len(e['archives'])} archive(s) of an interrupted run; `prune` removes them"
     if e["state"] is None:
         return "made by another program"
-    return f"{e['parts']} instance/volume archives"
+    state = e["state"] or "complete"
+    if e["parts"]:  # a run of format 1
+        return f"{state}, {e['parts']} instance/volume archives"
+    return f"{state}, one archive"
 
 
 def show(source: Source, as_json: bool) -> None:
