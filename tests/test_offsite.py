@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from cli import PASSPHRASE, borg_env, incus_config, one_line_error, run_cli, write_config
+from harness.incusd import IncusError
 from harness.server import IncusServer
 from harness.sshd import PrivateSshd, small_disk
 
@@ -218,6 +219,8 @@ def test_a_changed_host_key_is_named_and_never_retried(env: Env) -> None:
 
 
 def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path) -> None:
+    """The lock is waited for before anything is quiesced: the instance's freeze window is
+    short although the run waited lock_wait for the offsite repository."""
     served = env.sshd.repos / "offsite"
     # The lock is taken on the server itself, as the server's owner would.
     server_side = {**borg_env(), "BORG_BASE_DIR": str(tmp_path / "server-home")}
@@ -234,7 +237,10 @@ def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path
             assert holder.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         before = env.runs("local")
-        done = run_cli("backup", config=env.variant(tmp_path, lock_wait=5))
+        started = time.monotonic()
+        config = env.variant(tmp_path, lock_wait=5)
+        done = run_cli("backup", "--json", "--mode", "freeze", config=config)
+        took = time.monotonic() - started
     finally:
         os.killpg(holder.pid, signal.SIGTERM)
         holder.wait()
@@ -243,11 +249,13 @@ def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path
     assert "locked by another process" in warning and "waited 5 s" in warning
     assert str(served / "lock.exclusive") in warning
     assert len(env.runs("local")) == len(before) + 1
+    [item] = json.loads(done.stdout)["items"]
+    assert took > 5 and item["mode"] == "freeze" and item["window"] < 3, (took, item)
     env.assert_released()
 
 
 def test_a_stalled_server_is_stopped_and_named(env: Env, tmp_path: Path) -> None:
-    stall_timeout = 3.0
+    stall_timeout = 8.0  # borg may be silent for seconds at start-up on a busy machine
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "blob").write_bytes(os.urandom(24_000_000))
     repo = env.offsite(upload_ratelimit=2000)  # kiB/s: the upload lasts about 12 s
@@ -449,3 +457,59 @@ def test_check_restore_test_passes_then_names_a_damaged_instance(env: Env, tmp_p
     assert f"instance default/{NAME}" in error
     projects = env.server.daemon.query("/1.0/projects")
     assert not [p for p in projects if "incus-borg-check" in p]
+
+
+def state(env: Env) -> str:
+    """The instance's state; "Busy" while the daemon is stopped to copy its database."""
+    try:
+        return env.server.state(NAME)
+    except IncusError:
+        return "Busy"
+
+
+def test_a_stalled_server_never_holds_an_instance_frozen(env: Env, tmp_path: Path) -> None:
+    """SIGSTOP of the offsite `borg serve` while it receives a frozen instance: the instance
+    is released when max_window passes, the run names the offsite repository as stalled and
+    the local repository holds the complete run; once the server runs again, the next run
+    and `check` are healthy."""
+    env.server.push_file(NAME, "/root/big.bin", os.urandom(40_000_000))
+    repositories = [
+        {"path": str(tmp_path / "repo"), "label": "local"},
+        {"path": env.sshd.url("stall"), "label": "offsite", "ssh_command": env.sshd.ssh_command,
+         "upload_ratelimit": 4000},
+    ]  # fmt: skip
+    config = incus_config(
+        env.server, tmp_path, repositories=repositories, instances=[NAME], mode="freeze",
+        max_window=10,
+    )  # fmt: skip
+    assert run_cli("init", config=config).returncode == 0
+    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while state(env) != "Frozen" or not env.sshd.serve_pids():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+        frozen = time.monotonic()
+        serves = env.sshd.serve_pids()
+        for pid in serves:
+            os.kill(pid, signal.SIGSTOP)
+        while state(env) == "Frozen":
+            if time.monotonic() - frozen > 10 + 5:
+                proc.kill()
+                raise AssertionError(f"held frozen past max_window: {proc.communicate()[1]}")
+        released = time.monotonic() - frozen
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        for pid in env.sshd.serve_pids():
+            os.kill(pid, signal.SIGCONT)
+        env.server.exec(NAME, "rm", "-f", "/root/big.bin")
+    assert 9 < released < 15, released
+    assert proc.returncode == 1, stderr
+    warning = next(line for line in stderr.splitlines() if "repository offsite" in line)
+    assert "stalled" in warning and "max_window" in warning
+    run = json.loads(run_cli("list", "--json", "--repository", "local", config=config).stdout)
+    assert [r["state"] for r in run["local"]] == ["partial"]  # `instances:` names one
+    env.assert_released()
+    again = run_cli("backup", config=config)
+    assert again.returncode == 0, again.stderr
+    assert run_cli("check", config=config).returncode == 0

@@ -2,15 +2,18 @@
 
 Every repository gets one `borg create` of the whole staging tree (a "lane"); the lanes run
 side by side. Borg reads its path arguments in order: the server's files, then each item's
-directory, then the manifest. A gate holds each lane's open() of an item's directory; at that
-moment every item before it is done in that lane, so the items every lane has passed are
-released, and the item is quiesced (frozen, stopped, snapshotted) and mounted, then the lane
-goes on. The manifest is held too: it is written with the measured windows once every lane
-has reached it. So an instance is quiesced only while it is read, once for all repositories.
+directory, then the manifest. A gate holds each lane's open() of an item's directory. The
+lanes move in step: once every lane waits at the gate of item k, every lane has finished the
+items before it, so those are released, item k is quiesced (frozen, stopped, snapshotted)
+and mounted, and the lanes go on. So an instance is quiesced once for all repositories and
+only while it is read, and no instance is quiesced while a lane still waits for its
+repository's lock (which borg takes before it reads anything). The manifest is held too: it
+is written, with the measured windows, once every lane has reached it.
 
-Bounds: an item quiesced (frozen or stopped) for longer than `max_window`, or a lane that
-logs nothing for `stall_timeout`, stops the lanes that hold it up; their repositories are
-skipped for this run with a warning, and everything is released.
+Bounds: an instance held (frozen or stopped) for longer than `max_window`, or a lane that
+shows no sign of progress for `stall_timeout` while it is not waiting at the gate, stops the
+lanes that hold the run up; their repositories are skipped for this run with a warning, and
+the others go on.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class Lane:
     repo: Repository
     args: list[str]
     process: BorgProcess
-    position: int = -1  # the index of the item it reads; len(items) at the manifest
+    position: int = -1  # the gate it waits at or last passed; len(items) is the manifest's
+    waiting: Opening | None = None  # its open() the gate holds
     failed: str | None = None
     result: BorgResult | None = None
 
@@ -63,8 +67,7 @@ class Reader:
     stall_timeout: float
     show_progress: bool = False
     lanes: list[Lane] = field(default_factory=list)
-    held: dict[int, Held] = field(default_factory=dict)
-    waiting: list[Opening] = field(default_factory=list)  # lanes at the manifest
+    held: tuple[int, Held] | None = None  # the item quiesced now
 
     def read(
         self,
@@ -92,24 +95,115 @@ class Reader:
                     self._on_open(opening)
                 self._reap(borg)
                 self._enforce_bounds()
-                for lane in self.lanes:
-                    lane.process.kill_after(STOP_GRACE)
-                self._release_passed()
-                self._open_manifest()
+                self._advance()
                 self._progress()
         finally:
             os.close(self._manifest_fd)
             self._stop_lanes()
-            for k in sorted(self.held):
-                self._release(k)
+            self._release()
         return self.lanes
+
+    # --- the gate --------------------------------------------------------------------------
+
+    def _on_open(self, opening: Opening) -> None:
+        lane = next((lane for lane in self.lanes if lane.process.pid == opening.pid), None)
+        if lane is None or not lane.live:  # not one of our borgs: never hold it
+            self.gate.allow(opening)
+            return
+        if opening.path == self._manifest:
+            lane.position = len(self.items)
+        else:
+            lane.position = self._paths[opening.path]
+        lane.waiting = opening
+
+    def _advance(self) -> None:
+        """Once every live lane waits at the same gate: release what they have all read,
+        quiesce the item behind the gate (or write the manifest), and let them through."""
+        live = [lane for lane in self.lanes if lane.live]
+        if not live or any(lane.waiting is None for lane in live):
+            return
+        k = live[0].position
+        if any(lane.position != k for lane in live):
+            return
+        self._release()
+        if k == len(self.items):
+            self._write_manifest()
+        elif self.items[k].failed is None:
+            self._hold(k)
+        for lane in live:
+            assert lane.waiting is not None
+            self.gate.allow(lane.waiting)
+            lane.waiting = None
+
+    def _hold(self, k: int) -> None:
+        item = self.items[k]
+        try:
+            self.held = (k, self.capture.hold(item))
+        except UserError as exc:  # read nothing of it, and say so
+            item.failed = f"could not be quiesced: {exc}"
+            self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")
+
+    def _release(self) -> None:
+        if self.held is not None:
+            _, held = self.held
+            self.held = None
+            held.item.window = self.capture.release(held)
+
+    def _write_manifest(self) -> None:
+        content = self._manifest_content()
+        try:
+            os.ftruncate(self._manifest_fd, 0)
+            os.pwrite(self._manifest_fd, content, 0)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write {self._manifest}: {exc.strerror}; free space in staging_dir"
+            ) from None
+
+    # --- the lanes -------------------------------------------------------------------------
+
+    def _reap(self, borg: Borg) -> None:
+        for lane in self.lanes:
+            if lane.live and not lane.process.running():
+                try:
+                    lane.result = borg.finished(lane.process, lane.args, lane.repo)
+                except UserError as exc:
+                    lane.failed = str(exc)
+            if not lane.live:
+                lane.process.kill_after(STOP_GRACE)
+
+    def _enforce_bounds(self) -> None:
+        """Give up the lanes that hold the run up: those still reading an instance quiesced
+        for longer than max_window, and those showing no progress outside the gate."""
+        now = time.monotonic()
+        if self.held is not None:
+            k, held = self.held
+            item = held.item
+            if item.mode in WINDOW_MODES and now - held.started > self.max_window:
+                cause = (
+                    f"stalled: {item.kind} {item.ref} stayed {item.mode} for "
+                    f"{self.max_window:.0f} s (max_window) while it was read"
+                )
+                for lane in self.lanes:
+                    if lane.live and lane.waiting is None and lane.position == k:
+                        self._fail(lane, cause)
+        for lane in self.lanes:
+            quiet = now - lane.process.last_activity
+            limit = max(self.stall_timeout, (lane.repo.lock_wait or 0) + 60)
+            if lane.live and lane.waiting is None and quiet > limit:
+                self._fail(lane, f"stalled: borg made no progress for {quiet:.0f} s")
+
+    def _fail(self, lane: Lane, cause: str) -> None:
+        """Give up a lane: its repository is skipped for the rest of the run. Its borg is
+        asked to stop now, and killed (with its ssh) after a grace period."""
+        lane.failed = f"repository {lane.repo.name} ({lane.repo.path}): {cause}"
+        lane.process.terminate()
 
     def _stop_lanes(self) -> None:
         """Stop every borg still running, without letting one finish the run: one waiting
-        at the manifest is killed (it could otherwise read an unwritten manifest and commit),
+        at the gate is killed (past the manifest's gate it could commit an unwritten run),
         the others are asked to stop before the gate lets their pending opens through."""
         for lane in self.lanes:
-            if lane.position == len(self.items):
+            if lane.waiting is not None:
                 lane.process.kill()
             else:
                 lane.process.terminate()
@@ -120,99 +214,5 @@ class Reader:
     def _progress(self) -> None:
         """Show the first live lane's latest progress line, when asked to."""
         lane = next((lane for lane in self.lanes if lane.live), None)
-        if self.show_progress and lane is not None:
-            latest = lane.process.progress
-            if latest is not None:
-                print("\r" + progress_line(latest), end="", file=sys.stderr)
-
-    # --- events ----------------------------------------------------------------------------
-
-    def _lane(self, pid: int) -> Lane | None:
-        return next((lane for lane in self.lanes if lane.process.pid == pid), None)
-
-    def _on_open(self, opening: Opening) -> None:
-        lane = self._lane(opening.pid)
-        if lane is None or not lane.live:  # not one of our borgs: never hold it
-            self.gate.allow(opening)
-            return
-        if opening.path == self._manifest:
-            lane.position = len(self.items)
-            self.waiting.append(opening)
-            return
-        k = self._paths[opening.path]
-        lane.position = k
-        self._release_passed()
-        item = self.items[k]
-        if k not in self.held and item.failed is None:
-            try:
-                self.held[k] = self.capture.hold(item)
-            except UserError as exc:  # read nothing of it, and say so
-                item.failed = f"could not be quiesced: {exc}"
-                self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")
-        self.gate.allow(opening)
-
-    def _open_manifest(self) -> None:
-        """Write the manifest and let the lanes read it, once every live lane is there."""
-        live = [lane for lane in self.lanes if lane.live]
-        if not self.waiting or any(lane.position < len(self.items) for lane in live):
-            return
-        for k in sorted(self.held):
-            self._release(k)
-        content = self._manifest_content()
-        try:
-            os.ftruncate(self._manifest_fd, 0)
-            os.pwrite(self._manifest_fd, content, 0)
-        except OSError as exc:
-            raise UserError(
-                f"cannot write {self._manifest}: {exc.strerror}; free space in staging_dir"
-            ) from None
-        for opening in self.waiting:
-            self.gate.allow(opening)
-        self.waiting.clear()
-
-    def _reap(self, borg: Borg) -> None:
-        for lane in self.lanes:
-            if lane.live and not lane.process.running():
-                try:
-                    lane.result = borg.finished(lane.process, lane.args, lane.repo)
-                except UserError as exc:
-                    lane.failed = str(exc)
-
-    # --- releasing and bounds --------------------------------------------------------------
-
-    def _release_passed(self) -> None:
-        """Release the items every live lane has finished reading."""
-        live = [lane.position for lane in self.lanes if lane.live]
-        passed = min(live) if live else len(self.items)
-        for k in sorted(self.held):
-            if k < passed:
-                self._release(k)
-
-    def _release(self, k: int) -> None:
-        held = self.held.pop(k)
-        held.item.window = self.capture.release(held)
-
-    def _enforce_bounds(self) -> None:
-        now = time.monotonic()
-        for k, held in list(self.held.items()):
-            if held.item.mode in WINDOW_MODES and now - held.started > self.max_window:
-                cause = (
-                    f"stalled: {held.item.kind} {held.item.ref} stayed {held.item.mode} for "
-                    f"{self.max_window:.0f} s (max_window) while it was read"
-                )
-                for lane in self.lanes:
-                    if lane.live and lane.position <= k:
-                        self._fail(lane, cause)
-        for lane in self.lanes:
-            quiet = now - lane.process.last_activity
-            at_gate = lane.position == len(self.items)
-            limit = max(self.stall_timeout, (lane.repo.lock_wait or 0) + 60)
-            if lane.live and not at_gate and quiet > limit:
-                self._fail(lane, f"stalled: borg made no progress for {quiet:.0f} s")
-
-    def _fail(self, lane: Lane, cause: str) -> None:
-        """Give up a lane: its repository is skipped for the rest of the run. Its borg is
-        asked to stop now, and killed after a grace period; the items only it held up are
-        released meanwhile."""
-        lane.failed = f"repository {lane.repo.name} ({lane.repo.path}): {cause}"
-        lane.process.terminate()
+        if self.show_progress and lane is not None and lane.process.progress is not None:
+            print("\r" + progress_line(lane.process.progress), end="", file=sys.stderr)
