@@ -214,6 +214,11 @@ def create_argv(
     return [*argv, f"{repo.path}::{archive}", *paths]
 
 
+def comment_argv(repo: Repository, archive: str, comment: str) -> list[str]:
+    """Set an archive's comment (borg rewrites its metadata, not its data)."""
+    return ["recreate", "--comment", comment, f"{repo.path}::{archive}"]
+
+
 def extract_stdout_argv(repo: Repository, archive: str, path: str) -> list[str]:
     """One file of an archive, on stdout."""
     return ["extract", "--stdout", f"{repo.path}::{archive}", path]

@@ -19,6 +19,7 @@ The kill matrix (phase x what the next command finds), backup and hook side:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli import incus_config, one_line_error, run_cli
+from cli import borg, incus_config, one_line_error, run_cli
 from harness.incusd import IncusError, wait_for
 from harness.server import BTRFS_POOL, IncusServer
 from phases import has_step, journal_steps, kill_9, stop_in_phase
@@ -228,3 +229,31 @@ def test_hook_post_without_a_journal_still_unmounts(env: Env) -> None:
         for snap in [s.rsplit("/", 1)[-1] for s in snaps if "incus-borg-" in s]:
             env.server.daemon.incus("snapshot", "delete", name, snap)
     env.assert_released()
+
+
+def test_an_instance_that_cannot_be_quiesced_is_left_out_and_the_run_is_partial(
+    env: Env, tmp_path: Path
+) -> None:
+    """tr-dir is stopped behind the run's back after it was planned (freeze): its freeze
+    fails when its turn comes, so it is left out with a warning, and the run is partial."""
+    staging = tmp_path / "staging"
+    config = incus_config(env.server, tmp_path, mode="freeze")  # the whole server
+    assert env.cli("init", config=config).returncode == 0
+    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    bound = lambda: any(s.get("path") == str(staging / "incus") for s in journal_steps(staging))  # noqa: E731
+    stop_in_phase(proc, bound, lambda: True)  # the server is captured, no borg reads yet
+    env.server.daemon.incus("stop", "--force", NAMES[0])
+    os.kill(proc.pid, 18)  # SIGCONT
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        env.server.start(NAMES[0])
+    assert proc.returncode == 1, stderr
+    assert f"instance default/{NAMES[0]} left out" in stderr
+    listed = json.loads(env.cli("list", "latest", "--json", config=config).stdout)
+    assert listed["partial"] is True
+    failed = {i["name"]: i["failed"] for i in listed["instances"]}
+    assert failed[NAMES[0]] and failed[NAMES[1]] is None
+    comments = borg("list", "--format", "{comment}{NL}", str(tmp_path / "repo")).stdout
+    assert comments.split("\n")[0] == "incus-borg run=partial"

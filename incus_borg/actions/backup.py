@@ -16,7 +16,7 @@ from ..backup.gate import Gate
 from ..backup.plan import Plan
 from ..backup.reader import Lane, Reader
 from ..backup.session import Session
-from ..borg import Borg, create_argv, info_argv
+from ..borg import Borg, comment_argv, create_argv, info_argv
 from ..config import Config, Repository
 from ..context import Context
 from ..errors import EXIT_ERROR, UserError, Warnings
@@ -144,6 +144,14 @@ def write_run(
             lanes = reader.read(borg, calls, session.stage.root, env, manifest_content)
         for lane in lanes:
             report_lane(capture, the_plan, lane, outcome)
+            mark_partial(borg, the_plan, lane, session.run)
+
+
+def mark_partial(borg: Borg, the_plan: Plan, lane: Lane, run: str) -> None:
+    """A run that left an instance out while it was read (it could not be quiesced) is
+    partial, although its archive was begun as a complete one: say so in its comment."""
+    if lane.result is not None and not the_plan.partial and any(i.failed for i in the_plan.items):
+        borg.run(comment_argv(lane.repo, run, layout.run_comment(True)), lane.repo)
 
 
 def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:

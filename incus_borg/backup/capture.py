@@ -164,5 +164,5 @@ class Capture:
             instances=plan.instances,
             volumes=plan.volumes,
             timings=self.timings,
-            partial=plan.partial,
+            partial=plan.partial or any(item.failed for item in plan.items),
         )
