@@ -123,7 +123,9 @@ class Config:
     )
     incus: IncusSettings = key(IncusSettings, "The Incus server to back up.")
     staging_dir: str = key(
-        "/var/lib/incus-borg/staging", "Where a run lays out metadata and stable mount points."
+        "/var/lib/incus-borg/staging",
+        "Where a run lays out metadata and stable mount points: a new or empty directory, "
+        "which incus-borg marks as its own (.incus-borg-staging); it refuses any other.",
     )
     mode: Mode = key("auto", "How instances are quiesced: auto, snapshot, freeze, stop or none.")
     quiesce_daemon: bool = key(
