@@ -224,3 +224,28 @@ def test_kill_9_in_each_phase_then_backup_again(env: Env, phase: str) -> None:
     env.assert_released()
     latest = yaml.safe_load(run_cli("list", "latest", "--json", config=env.config).stdout)
     assert {i["name"] for i in latest["instances"]} == set(NAMES)
+
+
+def test_quiesce_per_repository_reads_one_repository_after_the_other(
+    env: Env, tmp_path: Path
+) -> None:
+    """Each repository gets its own pass (and its own manifest, with its own windows)."""
+    repositories = [
+        {"path": str(tmp_path / "repo-a"), "label": "a"},
+        {"path": str(tmp_path / "repo-b"), "label": "b"},
+    ]
+    config = incus_config(
+        env.server, tmp_path, repositories=repositories, instances=NAMES[:2],
+        quiesce_per_repository=True,
+    )  # fmt: skip
+    assert run_cli("init", config=config).returncode == 0
+    summary = backup(env, config=config)
+    for repo in ("repo-a", "repo-b"):
+        listed = json.loads(borg("list", "--json", str(tmp_path / repo)).stdout)["archives"]
+        assert [a["name"] for a in listed] == [summary["run"]]
+        borg("extract", f"{tmp_path / repo}::{summary['run']}", "manifest.json", cwd=tmp_path)
+        windows = [
+            i["window"] for i in json.loads((tmp_path / "manifest.json").read_text())["instances"]
+        ]
+        assert all(w is not None and w < 5 for w in windows), windows
+    env.assert_released()

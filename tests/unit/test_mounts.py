@@ -1,0 +1,34 @@
+"""Mount points are read from /proc/self/mountinfo exactly: octal escapes decoded, and bytes
+that are not UTF-8 kept as the file system encoding keeps them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from incus_borg import mounts
+
+
+@pytest.mark.parametrize(
+    ("field", "path"),
+    [
+        (rb"/tmp/plain", "/tmp/plain"),
+        (rb"/tmp/with\040space", "/tmp/with space"),
+        (rb"/tmp/tab\011and\012newline", "/tmp/tab\tand\nnewline"),
+        (rb"/tmp/back\134slash", "/tmp/back\\slash"),
+        ("/tmp/stagé".encode(), "/tmp/stagé"),
+        (b"/tmp/not-utf8-\xff", os.fsdecode(b"/tmp/not-utf8-\xff")),
+    ],
+)
+def test_mountinfo_paths_are_decoded_exactly(field: bytes, path: str) -> None:
+    assert mounts.unescape(field) == path
+    assert Path(mounts.unescape(field)) == Path(os.fsdecode(os.fsencode(path)))
+
+
+def test_mounts_below_match_whole_components(monkeypatch: pytest.MonkeyPatch) -> None:
+    points = ["/s/stagé", "/s/stagé/incus", "/s/stagé-other", "/s/stagé/a/b"]
+    monkeypatch.setattr(mounts, "mount_points", lambda: points)
+    below = mounts.mounts_below(Path("/s/stagé"))
+    assert below == [Path("/s/stagé/a/b"), Path("/s/stagé/incus"), Path("/s/stagé")]
