@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test unit check deps venv demo clean
+.PHONY: test unit check deps venv demo dist clean
 
 ## test: install what is missing (system packages, venv), then ruff, mypy and pytest
 test: deps venv check
@@ -22,6 +22,12 @@ check: venv
 demo: deps venv
 	$(BIN)/python scripts/demo.py
 
+## dist: the sdist and the wheel in dist/, with the standard `build` frontend (the wheel holds
+## the hooks, installed beside incus-borg, and the examples, under <venv>/share/incus-borg)
+dist: venv
+	rm -rf dist build incus_borg.egg-info
+	$(BIN)/python -m build --outdir dist .
+
 ## deps: system packages (Incus from backports, busybox-static, btrfs-progs, borg's build libraries, ...)
 deps:
 	bash scripts/install-system-deps.sh
@@ -36,4 +42,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build incus_borg.egg-info

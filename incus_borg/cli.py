@@ -16,6 +16,7 @@ from .actions import configuration, list_runs
 from .actions import hook as hook_action
 from .actions import init as init_action
 from .actions import prune as prune_action
+from .actions import version as version_action
 from .context import Context
 from .errors import EXIT_ERROR, UserError
 from .restore import config as config_kind
@@ -44,6 +45,13 @@ repository_option = click.option(
 )
 
 
+def show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """--version: the three versions (borg missing or Incus down is said, not an error)."""
+    if value and not ctx.resilient_parsing:
+        click.echo(version_action.report(ctx.params.get("config_file")))
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-c",
@@ -51,11 +59,19 @@ repository_option = click.option(
     "config_file",
     metavar="FILE",
     help="Configuration file (default: $INCUS_BORG_CONFIG, then /etc/incus-borg/config.yaml).",
+    is_eager=True,  # before --version, which names the configured Incus
 )
 @click.option(
     "-v", "--verbose", "--debug", "debug", is_flag=True, help="Show details and tracebacks."
 )
-@click.version_option(package_name="incus-borg")
+@click.option(
+    "--version",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=show_version,
+    help="Show the versions of incus-borg, of its borg and of the Incus server, and exit.",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, debug: bool) -> None:
     """Consistent, deduplicated Borg backups of a whole Incus server, and their restore."""
@@ -342,7 +358,8 @@ def generate(options: Options, for_borgmatic: bool) -> None:
 @click.argument("file", required=False)
 @pass_options
 def validate(options: Options, file: str | None) -> None:
-    """Check a configuration file (default: the one -c or the environment names)."""
+    """Check a configuration file (default: the one -c or the environment names; `-` reads
+    standard input)."""
     click.echo(configuration.validate(file or options.config_file))
 
 

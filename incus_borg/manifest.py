@@ -60,6 +60,8 @@ class Manifest:
     # Not the whole server: instances were named (--instance, `instances:`) or left out.
     partial: bool = False
     format: int = FORMAT_VERSION
+    # The incus-borg that wrote the run ("" in runs of 0.1.0 and older, which did not record it).
+    incus_borg_version: str = ""
 
     def to_json(self) -> str:
         """Serialise as indented JSON."""

@@ -13,6 +13,9 @@ import yaml
 from .. import config, preflight
 from ..context import Context
 
+STDIN = "-"  # `config validate -` reads the configuration from standard input
+STDIN_NAME = "standard input"
+
 
 def command_prefix(ctx: Context) -> str:
     """How borgmatic's shell should call this incus-borg, with this configuration."""
@@ -51,7 +54,12 @@ def generate(ctx: Context, for_borgmatic: bool) -> str:
 
 
 def validate(file: str | None) -> str:
-    """Check a configuration file, and what a run would trip over; says which one was valid."""
-    loaded, path = config.load(file)
-    preflight.check(loaded, path)
-    return f"{path or 'built-in defaults'}: valid"
+    """Check a configuration file (`-`: standard input), and what a run would trip over;
+    says which one was valid."""
+    if file == STDIN:
+        loaded, source = config.parse(sys.stdin.read(), STDIN_NAME), STDIN_NAME
+    else:
+        loaded, path = config.load(file)
+        source = str(path or "built-in defaults")
+    preflight.check(loaded, source)
+    return f"{source}: valid"

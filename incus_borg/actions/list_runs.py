@@ -13,6 +13,7 @@ from ..context import Context
 from ..restore.source import Source, definitions, open_run
 
 ENTITY_KINDS = ("projects", "profiles", "networks", "storage-pools", "images")
+OLDEST = "0.1.0 or older"  # manifests began to name the incus-borg that wrote them after 0.1.0
 
 
 def run(ctx: Context, archive: str | None, label: str | None, as_json: bool) -> None:
@@ -71,7 +72,8 @@ def show(source: Source, as_json: bool) -> None:
         f"run {manifest.run} from {manifest.hostname}, {manifest.created} ({source.description})"
     )
     click.echo(
-        f"incus {manifest.incus_version}, mode {manifest.mode}, database {manifest.database}"
+        f"incus {manifest.incus_version}, mode {manifest.mode}, database {manifest.database}, "
+        f"written by incus-borg {manifest.incus_borg_version or OLDEST}"
     )
     click.echo(
         f"{'KIND':9} {'PROJECT':10} {'NAME':20} {'POOL':10} {'DRIVER':7} {'TYPE':10} {'STATE':8} SNAPSHOTS"

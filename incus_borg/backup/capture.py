@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import layout
+from .. import __version__, layout
 from ..manifest import Item, Manifest
 from .journal import Step
 from .plan import Plan
@@ -165,4 +165,5 @@ class Capture:
             volumes=plan.volumes,
             timings=self.timings,
             partial=plan.partial or any(item.failed for item in plan.items),
+            incus_borg_version=__version__,
         )
