@@ -124,9 +124,14 @@ def test_freeze_follows_the_read(env: Env, tmp_path: Path) -> None:
     done = threading.Event()
 
     def sample() -> None:
+        """A and C are sampled between two samples of B: when B was frozen at both, A and
+        C were seen while B was frozen (each sample takes a moment)."""
         while not done.is_set():
             try:
-                samples.append(env.states([a, b, c]))
+                first = env.server.state(b)
+                seen = {a: env.server.state(a), c: env.server.state(c)}
+                if first == env.server.state(b):
+                    samples.append({b: first, **seen})
             except IncusError:  # the daemon is down while its database is copied
                 continue
 

@@ -4,6 +4,7 @@ quiesced only while it is read (see backup/reader.py)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,10 +86,16 @@ def run(ctx: Context, options: BackupOptions) -> int:
             print_plan(the_plan, config, repos, session.report)
             return 0
         outcome = Outcome()
-        live = check_repositories(borg, repos, outcome, warnings)
         capture = Capture(session)
-        with session.holding("backup"):
-            write_run(capture, the_plan, borg, live, outcome, options.progress)
+        with session.holding("backup"), ThreadPoolExecutor(1) as background:
+            # The repositories are checked while the metadata is written, and before the
+            # first quiesce (the daemon's stop).
+            checked = background.submit(check_repositories, borg, repos, outcome, warnings)
+            with capture.timed("capture"):
+                capture.capture_metadata(the_plan)
+                live = checked.result()
+                database = capture.capture_state()
+            write_run(capture, the_plan, database, borg, live, outcome, options.progress)
     if options.as_json:
         click.echo(json.dumps(summary(capture, the_plan, outcome, warnings), indent=2))
     if not outcome.archives:
@@ -117,15 +124,15 @@ def check_repositories(
 def write_run(
     capture: Capture,
     the_plan: Plan,
+    database: str,
     borg: Borg,
     repos: list[Repository],
     outcome: Outcome,
     progress: bool,
 ) -> None:
-    """Capture the server, then read the staging tree into every repository: side by side
-    (one quiesce of each instance for all), or one repository after another."""
+    """Read the staging tree into every repository: side by side (one quiesce of each
+    instance for all), or one repository after another."""
     session = capture.session
-    database = capture.capture_server(the_plan)
 
     def manifest_content() -> bytes:  # once every borg has read everything else
         return capture.manifest(the_plan, database, borg.version, False).to_json().encode()
@@ -137,7 +144,7 @@ def write_run(
         calls = [(repo, create_args(session.run, the_plan, repo)) for repo in group]
         # Closing the gate lets every held open through: nothing may open a gated path
         # of this process's own (such as emptying staging) before it is closed.
-        with Gate() as gate:
+        with Gate() as gate, capture.timed("read"):
             reader = Reader(
                 capture, the_plan.items, gate, config.max_window, config.stall_timeout, progress
             )
@@ -229,6 +236,7 @@ def summary(
         "changed_files": outcome.changed_files,
         "failed_repositories": outcome.failed,
         "daemon_downtime": capture.daemon_downtime,
+        "timings": capture.timings,
         "items": [
             {
                 "kind": i.kind,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,13 +20,15 @@ from .session import Session
 
 @dataclass
 class Held:
-    """The quiesce steps holding one item, and since when."""
+    """What holds one item (its temporary snapshot, its mounts, the instances frozen or
+    stopped for it), and since when."""
 
     item: Item
-    steps: list[Step] = field(default_factory=list)
+    snapshot: Step | None = None
+    mounts: list[Step] = field(default_factory=list)
+    refs: list[str] = field(default_factory=list)  # instances frozen or stopped for it
     started: float = field(default_factory=time.monotonic)
     quiesced: float = 0.0  # when the quiesce itself was in place (a snapshot exists)
-    refs: list[str] = field(default_factory=list)  # instances frozen or stopped for it
 
 
 class Capture:
@@ -37,21 +41,36 @@ class Capture:
         # Instances this run froze or stopped: the step, and how many held items need it.
         self.held: dict[str, list[Any]] = {}
 
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        """Add the time the block takes to the run's timing of `what`."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[what] = self.timings.get(what, 0.0) + time.monotonic() - started
+
     # --- the server ------------------------------------------------------------------------
 
     def capture_server(self, plan: Plan) -> str:
-        """Definitions, dumps, host files, the database and the Incus directory.
+        """The server's metadata, then its state (see `capture_state`)."""
+        self.capture_metadata(plan)
+        return self.capture_state()
 
-        Returns "exact" when the database was copied with the daemon stopped, else "dumps-only".
-        """
+    def capture_metadata(self, plan: Plan) -> None:
+        """Definitions, dumps, host files and import indexes (nothing quiesced)."""
         s = self.session
-        started = time.monotonic()
-        s.stage.prepare()
-        s.stage.write_definitions(s.incus)
-        s.stage.write_dumps(s.incus)
-        s.stage.copy_host_files(Path(s.config.incus.subuid), Path(s.config.incus.subgid))
-        s.stage.write_plan_indexes(s.incus, plan)
-        self.timings["metadata"] = time.monotonic() - started
+        with self.timed("metadata"):
+            s.stage.prepare()
+            s.stage.write_definitions(s.incus)
+            s.stage.write_dumps(s.incus)
+            s.stage.copy_host_files(Path(s.config.incus.subuid), Path(s.config.incus.subgid))
+            s.stage.write_plan_indexes(s.incus, plan)
+
+    def capture_state(self) -> str:
+        """The database and the Incus directory. Returns "exact" when the database was
+        copied with the daemon stopped, else "dumps-only"."""
+        s = self.session
         database = self._capture_database()
         s.quiescer.bind({s.stage.path(layout.INCUS): Path(s.config.incus.dir)})
         return database
@@ -74,28 +93,37 @@ class Capture:
 
     # --- instances and volumes -------------------------------------------------------------
 
-    def hold(self, item: Item) -> Held:
-        """Quiesce one item per its mode and bind-mount its data at stable paths; on a
-        failure, what it took so far is released."""
-        held = Held(item)
+    def hold(self, item: Item, taken: Held | None = None) -> Held:
+        """Quiesce one item per its mode (unless `taken` holds its snapshot already, see
+        `take_snapshot`) and bind-mount its data at stable paths; on a failure, what it took
+        so far is released."""
+        held = taken or Held(item)
         try:
-            self._quiesce(held)
-            held.quiesced = time.monotonic()
+            if taken is None:
+                self._quiesce(held)
+                held.quiesced = time.monotonic()
             mounts = self._mounts(item).items()
             stage = self.session.stage
-            held.steps += self.session.quiescer.bind({stage.path(r): src for r, src in mounts})
+            held.mounts = self.session.quiescer.bind({stage.path(r): src for r, src in mounts})
         except BaseException:
             self.release(held)
             raise
+        return held
+
+    def take_snapshot(self, item: Item) -> Held:
+        """Only the temporary snapshot of a snapshot-mode item (mounted later by `hold`)."""
+        held = Held(item)
+        self._quiesce(held)
+        held.quiesced = time.monotonic()
         return held
 
     def _quiesce(self, held: Held) -> None:
         item, q = held.item, self.session.quiescer
         snap = self.session.snapshot_name
         if item.mode == "snapshot" and item.kind == "instance":
-            held.steps.append(q.snapshot_instance(item.project, item.name, snap))
+            held.snapshot = q.snapshot_instance(item.project, item.name, snap)
         elif item.mode == "snapshot":
-            held.steps.append(q.snapshot_volume(item.pool, item.project, item.name, snap))
+            held.snapshot = q.snapshot_volume(item.pool, item.project, item.name, snap)
         elif item.mode in ("freeze", "stop"):
             # A volume freezes (or stops) the running instances using it; an instance held
             # for two items at once is released when neither needs it any more.
@@ -110,24 +138,33 @@ class Capture:
                 f"{item.kind} {item.ref} is read live: it may be inconsistent"
             )
 
-    def release(self, held: Held) -> float:
-        """Undo one item's mounts and quiesce; returns its quiesce window in seconds.
+    def release(self, held: Held, keep_snapshot: bool = False) -> float:
+        """Undo one item's mounts and quiesce (but its snapshot, with `keep_snapshot`: see
+        `drop_snapshot`); returns its quiesce window in seconds.
 
         The window is how long the instance could not run freely: from freeze (or stop) to
         its release; for a snapshot, the snapshot's creation; nothing when idle or live.
         """
-        for step in reversed(held.steps):
-            self.session.quiescer.release(step)
-        held.steps.clear()
+        q = self.session.quiescer
+        q.release(*reversed(held.mounts))
+        held.mounts.clear()
+        if not keep_snapshot:
+            self.drop_snapshot(held)
         for ref in held.refs:
             self.held[ref][1] -= 1
             if not self.held[ref][1]:
-                self.session.quiescer.release(self.held.pop(ref)[0])
+                q.release(self.held.pop(ref)[0])
         held.refs.clear()
         mode = held.item.mode
         if mode in ("freeze", "stop"):
             return time.monotonic() - held.started
         return held.quiesced - held.started if mode == "snapshot" else 0.0
+
+    def drop_snapshot(self, held: Held) -> None:
+        """Delete the item's temporary snapshot, if it has one."""
+        if held.snapshot is not None:
+            self.session.quiescer.release(held.snapshot)
+            held.snapshot = None
 
     def _mounts(self, item: Item) -> dict[PurePosixPath, Path]:
         incus_dir = Path(self.session.config.incus.dir)

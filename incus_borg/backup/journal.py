@@ -115,10 +115,10 @@ class Journal:
                 self._next_id += 1
             self._append({"add": list(steps)})
 
-    def remove(self, step: Step) -> None:
-        """Forget a step once it is undone."""
+    def remove(self, *steps: Step) -> None:
+        """Forget steps once they are undone."""
         with self._lock:
-            self._append({"done": step["id"]})
+            self._append({"done": [step["id"] for step in steps]})
 
     def mark(self, phase: str) -> None:
         """Record that the run reached a phase (such as "ready" at the end of `hook pre`)."""
@@ -178,7 +178,9 @@ def _parse(raw: bytes) -> tuple[dict[str, Any], int, int]:
             pending.update((step["id"], step) for step in record["add"])
             next_id = max([next_id, *(step["id"] + 1 for step in record["add"])])
         elif "done" in record:
-            pending.pop(record["done"], None)
+            done = record["done"]
+            for key in done if isinstance(done, list) else [done]:
+                pending.pop(key, None)
         elif "phase" in record:
             state["phase"] = record["phase"]
     state["steps"] = [pending[key] for key in sorted(pending)]

@@ -100,10 +100,13 @@ class Quiescer:
 
     # --- undoing -------------------------------------------------------------------------
 
-    def release(self, step: Step) -> None:
-        """Undo one step (if it still needs undoing), then forget it."""
-        self._undo(step)
-        self.journal.remove(step)
+    def release(self, *steps: Step) -> None:
+        """Undo steps in the order given (those that still need undoing), then forget them
+        (one journal record for all)."""
+        for step in steps:
+            self._undo(step)
+        if steps:
+            self.journal.remove(*steps)
 
     def _undo(self, step: Step) -> None:
         op = step["op"]

@@ -32,6 +32,7 @@ from ..errors import UserError
 from ..manifest import Item
 from .capture import Capture, Held
 from .gate import Gate, Opening
+from .snapshots import Snapshots
 
 TICK = 0.05  # seconds between checks of the bounds while no lane opens anything
 STOP_GRACE = 10  # seconds a stopped borg has to clean up before it is killed
@@ -69,6 +70,9 @@ class Reader:
     lanes: list[Lane] = field(default_factory=list)
     held: tuple[int, Held] | None = None  # the item quiesced now
 
+    def __post_init__(self) -> None:
+        self.snapshots = Snapshots(self.capture, self.items)
+
     def read(
         self,
         borg: Borg,
@@ -88,6 +92,7 @@ class Reader:
         try:
             for path in [*self._paths, self._manifest]:
                 self.gate.mark(Path(path))
+            self.snapshots.start()
             for repo, args in calls:
                 self.lanes.append(Lane(repo, args, borg.spawn(args, repo, env, stage_root)))
             while any(lane.live for lane in self.lanes):
@@ -101,6 +106,7 @@ class Reader:
             os.close(self._manifest_fd)
             self._stop_lanes()
             self._release()
+            self.snapshots.close()
         return self.lanes
 
     # --- the gate --------------------------------------------------------------------------
@@ -125,6 +131,7 @@ class Reader:
         k = live[0].position
         if any(lane.position != k for lane in live):
             return
+        self.snapshots.reached(k)
         self._release()
         if k == len(self.items):
             self._write_manifest()
@@ -138,7 +145,9 @@ class Reader:
     def _hold(self, k: int) -> None:
         item = self.items[k]
         try:
-            self.held = (k, self.capture.hold(item))
+            with self.capture.timed("quiesce"):
+                taken = self.snapshots.take(k) if item.mode == "snapshot" else None
+                self.held = (k, self.capture.hold(item, taken))
         except UserError as exc:  # read nothing of it, and say so
             item.failed = f"could not be quiesced: {exc}"
             self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")
@@ -147,7 +156,9 @@ class Reader:
         if self.held is not None:
             _, held = self.held
             self.held = None
-            held.item.window = self.capture.release(held)
+            with self.capture.timed("release"):
+                held.item.window = self.capture.release(held, keep_snapshot=True)
+            self.snapshots.drop(held)
 
     def _write_manifest(self) -> None:
         content = self._manifest_content()
