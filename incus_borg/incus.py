@@ -308,13 +308,27 @@ class Incus:
     def instance_busy(self, project: str, name: str) -> bool:
         """Whether a running operation works on instance `project/name` (such as an import
         that goes on after its client was killed)."""
+        return bool(self._operations_on("instances", project, name))
+
+    def settle(self, kind: str, project: str, name: str, timeout: int = 120) -> None:
+        """Wait until no running operation works on the instance (`kind` "instances") or
+        custom volume ("storage_volumes") named `name`: a request a dead run sent (a freeze,
+        a snapshot) may still be under way, and would take effect after it is undone."""
+        for operation in self._operations_on(kind, project, name):
+            waiting = api_path("operations", operation, "wait", timeout=str(timeout))
+            self._exchange("GET", waiting, None, timeout + 30)
+
+    def _operations_on(self, kind: str, project: str, name: str) -> list[str]:
+        """The ids of the running operations whose resources of `kind` name `name`."""
         operations = self._get("operations", recursion="1", **{"all-projects": "true"}) or {}
-        urls = [
-            url
-            for operation in operations.get("running") or []
-            for url in (operation.get("resources") or {}).get("instances") or []
-        ]
-        return (project, name) in instances_using(urls)
+        found = []
+        for operation in operations.get("running") or []:
+            for url in (operation.get("resources") or {}).get(kind) or []:
+                segments, of_project = parse_url(url)
+                if segments and segments[-1] == name and of_project == project:
+                    found.append(str(operation["id"]))
+                    break
+        return found
 
     def rename_instance(self, project: str, name: str, new: str) -> None:
         """Rename a stopped instance (with its snapshots and volumes)."""

@@ -40,7 +40,7 @@ def stop_in_phase(
     waited for again. Fails the test when `proc` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "incus-borg ended before the phase"
+        assert proc.poll() is None, f"incus-borg ended (exit {proc.returncode}) before the phase"
         if not reached():
             continue
         os.kill(proc.pid, signal.SIGSTOP)

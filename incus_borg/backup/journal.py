@@ -71,7 +71,7 @@ class Journal:
         """What the journal says: kind, run, pid, started, phase and the steps still to undo
         (oldest first); None when there is no journal."""
         try:
-            raw = self.path.read_bytes()
+            raw = _used_part(self.path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -149,7 +149,19 @@ class Journal:
 
     def _resume(self) -> None:
         """Continue after the end of a log an earlier run left."""
-        _, self._offset, self._next_id = _parse(self.path.read_bytes())
+        _, self._offset, self._next_id = _parse(_used_part(self.path))
+
+
+def _used_part(path: Path) -> bytes:
+    """The journal up to the end of its log (its reserved space is zeros)."""
+    parts = []
+    with path.open("rb") as f:
+        while block := f.read(1 << 16):
+            end = block.find(b"\0")
+            parts.append(block if end < 0 else block[:end])
+            if end >= 0:
+                break
+    return b"".join(parts)
 
 
 def _last_byte(path: Path, offset: int) -> bytes:

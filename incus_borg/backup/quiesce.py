@@ -129,6 +129,13 @@ class Quiescer:
         else:
             raise UserError(f"unknown step {op!r} in {self.journal.path}: remove it by hand")
 
+    def _settle(self, step: Step) -> None:
+        """Wait for what a dead run may have left under way in Incus on the step's instance
+        or volume (a freeze or snapshot it requested), so that undoing it is not undone."""
+        if "name" in step and step["op"] != "unmount":
+            kind = "storage_volumes" if step["op"] == "delete_volume_snapshot" else "instances"
+            self.incus.settle(kind, step["project"], step["name"])
+
     def _change_back(self, project: str, name: str, action: str) -> None:
         """Unfreeze (or start) an instance this run froze (or stopped); nothing to do when
         it is no longer frozen (or stopped)."""
@@ -160,6 +167,7 @@ class Quiescer:
         left = []
         for step in ordered:
             try:
+                self._settle(step)
                 self._undo(step)
             except Exception as exc:
                 warnings.add(f"could not undo {describe(step)}: {exc}")

@@ -29,6 +29,9 @@ class FakeIncus:
     def instance_status(self, project: str, name: str) -> str:
         return "Frozen"
 
+    def settle(self, kind: str, project: str, name: str) -> None:
+        """Nothing is under way."""
+
 
 def quiescer(tmp_path: Path, broken: set[str]) -> tuple[Quiescer, FakeIncus, Journal]:
     incus = FakeIncus(broken)
