@@ -240,6 +240,7 @@ def test_skip_leaves_the_instance_out_and_the_run_complete(env: Env) -> None:
     assert "po-skip" not in listed.stdout and "po-vskip" not in listed.stdout
     assert recorded["partial"] is False
     assert comment(env.root / "repo", env.run) == "incus-borg run=complete"
+    assert "instance default/po-skip: skipped (mode skip from instance)" in env.stderr
 
 
 def test_exclude_leaves_paths_out_and_the_restored_instance_starts(env: Env) -> None:

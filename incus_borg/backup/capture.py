@@ -47,11 +47,13 @@ class Capture:
     # --- pre commands ----------------------------------------------------------------------
 
     def run_pres(self, plan: Plan) -> None:
-        """Run every planned instance's pre command, before anything is quiesced. An
-        instance whose pre fails (or times out) is left out of the run, with a warning, once
-        its post ran; the run is then partial. Stopped instances run none: they are read as
-        they are."""
+        """Say what the policy skips, and run every planned instance's pre command, before
+        anything is quiesced. An instance whose pre fails (or times out) is left out of the
+        run, with a warning, once its post ran; the run is then partial. Stopped instances run
+        none: they are read as they are."""
         s = self.session
+        for item in plan.skipped:
+            s.report(f"{item.kind} {item.ref}: skipped (mode skip from {item.mode_source})")
         for item in plan.instances:
             if not (item.pre or item.post):
                 continue
