@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import shlex
 import socket
@@ -110,6 +111,15 @@ class Incus:
         return answer.get("metadata")
 
     def _exchange(self, method: str, path: str, body: Any, timeout: float) -> dict[str, Any]:
+        raw = self._send(method, path, body, timeout)
+        try:
+            answer: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            raise UserError(f"Incus answered {method} {path} with something not JSON") from None
+        return answer
+
+    def _send(self, method: str, path: str, body: Any, timeout: float) -> bytes:
+        """One HTTP exchange; returns the raw answer."""
         conn = _UnixConnection(self.socket, timeout)
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": "application/json"} if data is not None else {}
@@ -127,11 +137,7 @@ class Incus:
             raise UserError(f"Incus at {self.socket}: {method} {path}: {exc}") from None
         finally:
             conn.close()
-        try:
-            answer: dict[str, Any] = json.loads(raw)
-        except ValueError:
-            raise UserError(f"Incus answered {method} {path} with something not JSON") from None
-        return answer
+        return raw
 
     def _wait(self, method: str, path: str, operation: str) -> Any:
         segments, _ = parse_url(operation)
@@ -363,6 +369,59 @@ class Incus:
         """`incus storage volume import`: a custom volume from a backup tarball."""
         args = ["storage", "volume", "import", pool, "/dev/stdin", name, "--project", project]
         self.feed(args, stream)
+
+    # --- commands inside instances ---------------------------------------------------------
+
+    def exec_start(
+        self, project: str, name: str, command: Sequence[str], environment: dict[str, str]
+    ) -> str:
+        """Start `command` inside a running instance as `incus exec` does (with the instance's
+        `environment.*` keys, then `environment`), without input, its output recorded.
+
+        Returns the operation to wait for with `exec_wait`.
+        """
+        body = {
+            "command": list(command),
+            "environment": environment,
+            "interactive": False,
+            "wait-for-websocket": False,
+            "record-output": True,
+        }
+        path = api_path("instances", name, "exec", project=project)
+        answer = self._exchange("POST", path, body, self.timeout)
+        if answer.get("type") == "error":
+            raise self._api_error("POST", path, str(answer.get("error", "")))
+        return str(answer["operation"])
+
+    def exec_wait(
+        self, project: str, name: str, operation: str, timeout: float
+    ) -> tuple[int, str] | None:
+        """Wait up to `timeout` s for a command `exec_start` started: its exit code and its
+        stderr once it ended (its recorded output is then deleted), None while it runs."""
+        segments, _ = parse_url(operation)
+        limit = max(1, math.ceil(timeout))
+        done = self._exchange(
+            "GET", api_path(*segments, "wait", timeout=str(limit)), None, limit + 30
+        )
+        what = f"/1.0/instances/{name}/exec"
+        if done.get("type") == "error":
+            current = self._exchange("GET", api_path(*segments), None, self.timeout)
+            if (current.get("metadata") or {}).get("status") == "Running":
+                return None
+            raise self._api_error("POST", what, str(done.get("error", "")))
+        meta = done.get("metadata") or {}
+        if meta.get("status_code") != 200:
+            raise self._api_error("POST", what, str(meta.get("err") or meta.get("status")))
+        result = meta.get("metadata") or {}
+        logs = ("instances", name, "logs", "exec-output")
+        outputs = {
+            fd: api_path(*logs, url.rsplit("/", 1)[-1], project=project)
+            for fd, url in (result.get("output") or {}).items()
+        }
+        stderr = self._send("GET", outputs["2"], None, self.timeout) if "2" in outputs else b""
+        for path in outputs.values():
+            self.request("DELETE", path)
+        return int(result.get("return", -1)), stderr.decode("utf-8", "replace")
 
     # --- the client and the daemon's service ------------------------------------------------
 

@@ -126,6 +126,12 @@ def volume_snapshot_data(
     return path / "root.img" if block else path
 
 
+def excludes_file(staging_dir: Path) -> Path:
+    """Where `hook pre` writes the instances' exclude patterns for another program's Borg
+    (beside the staging tree, not in it)."""
+    return staging_dir.with_name(staging_dir.name + ".excludes")
+
+
 def instance_stage(project: str, name: str) -> PurePosixPath:
     """An instance's subtree in staging and in the archive."""
     return INSTANCES / project / name

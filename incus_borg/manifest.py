@@ -34,6 +34,16 @@ class Item:
     changed_files: int | None = None  # files that missed Borg's files cache
     users: list[str] = field(default_factory=list)  # running instances (P/NAME) using a volume
     failed: str | None = None  # why it was left out of the run (its data is not in it)
+    # Its policy (`user.incus-borg.*`, see backup/policy.py) and what its commands did.
+    mode_source: str = ""  # configuration, instance, profile NAME, volume or command line
+    excludes: list[str] = field(default_factory=list)  # Borg patterns, relative to its root
+    pre: str | None = None
+    post: str | None = None
+    timeout: int | None = None  # seconds each of pre and post may take
+    pre_exit: int | None = None  # None: not run, timed out, or could not be run
+    pre_duration: float | None = None
+    post_exit: int | None = None
+    post_duration: float | None = None
 
     @property
     def ref(self) -> str:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
 
 from .. import layout, preflight
-from ..backup import plan
+from ..backup import plan, policy
 from ..backup.capture import Capture
 from ..backup.gate import Gate
 from ..backup.plan import Plan
@@ -81,7 +82,7 @@ def run(ctx: Context, options: BackupOptions) -> int:
     repos = config.select_repositories(options.label)
     selection = list(options.instances) or config.instances
     with session.locked("backup"):
-        the_plan = plan.build(session.incus, session.mode, selection)
+        the_plan = plan.build(session.incus, session.mode, selection, command_line=options.mode)
         if options.dry_run:
             print_plan(the_plan, config, repos, session.report)
             return 0
@@ -91,6 +92,7 @@ def run(ctx: Context, options: BackupOptions) -> int:
             # The repositories are checked while the metadata is written, and before the
             # first quiesce (the daemon's stop).
             checked = background.submit(check_repositories, borg, repos, outcome, warnings)
+            capture.run_pres(the_plan)  # before anything is quiesced
             with capture.timed("capture"):
                 capture.capture_metadata(the_plan)
                 live = checked.result()
@@ -131,16 +133,19 @@ def write_run(
     progress: bool,
 ) -> None:
     """Read the staging tree into every repository: side by side (one quiesce of each
-    instance for all), or one repository after another."""
+    instance for all), or one repository after another. An instance's post command runs
+    once it is released for the last time."""
     session = capture.session
 
     def manifest_content() -> bytes:  # once every borg has read everything else
+        session.quiescer.wait()  # the post commands started so far
         return capture.manifest(the_plan, database, borg.version, False).to_json().encode()
 
     config = session.config
     groups = [[repo] for repo in repos] if config.quiesce_per_repository else [repos]
     env = {"BORG_FILES_CACHE_SUFFIX": FILES_CACHE_SUFFIX}
     for group in groups:
+        capture.post_on_release = group is groups[-1]
         calls = [(repo, create_args(session.run, the_plan, repo)) for repo in group]
         # Closing the gate lets every held open through: nothing may open a gated path
         # of this process's own (such as emptying staging) before it is closed.
@@ -167,6 +172,7 @@ def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
     server = [str(p) for p in layout.SERVER_PATHS if p != layout.MANIFEST]
     paths = [*server, *(item.path for item in the_plan.items), str(layout.MANIFEST)]
     excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
+    excludes += [p for item in the_plan.items for p in policy.item_excludes(item)]
     return create_argv(
         repo,
         run,
@@ -218,8 +224,20 @@ def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: 
     report("repositories: " + ", ".join(f"{r.name} ({r.path})" for r in repos))
     for item in the_plan.items:
         report(
-            f"{item.kind} {item.ref} on {item.pool} ({item.driver}): {item.mode}, "
-            f"snapshots {item.snapshots or 'none'} -> {item.path}"
+            f"{item.kind} {item.ref} on {item.pool} ({item.driver}): {item.mode} "
+            f"(mode from {item.mode_source}), snapshots {item.snapshots or 'none'} -> {item.path}"
+        )
+        for line in policy.describe(item):
+            report(f"  {line}")
+    for item in the_plan.skipped:
+        report(
+            f"{item.kind} {item.ref} on {item.pool}: skipped (mode skip from {item.mode_source})"
+        )
+    if any(item.excludes for item in the_plan.items):
+        report(
+            "excludes are applied by `backup`; in hook mode `hook pre` writes them to "
+            f"{layout.excludes_file(Path(config.staging_dir))}: name it in borgmatic's "
+            "`exclude_from`"
         )
 
 

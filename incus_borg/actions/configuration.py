@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import config, preflight
+from .. import config, layout, preflight
 from ..context import Context
 
 STDIN = "-"  # `config validate -` reads the configuration from standard input
@@ -31,8 +31,11 @@ def fragment(ctx: Context) -> str:
     prefix = command_prefix(ctx)
     # A warning (exit 1) leaves a complete staging tree: do not fail borgmatic's run for it.
     tolerate = " || test $? -eq 1"
+    staging = Path(ctx.config.staging_dir)
     data = {
-        "source_directories": [f"{Path(ctx.config.staging_dir)}/./"],
+        "source_directories": [f"{staging}/./"],
+        # The instances' `user.incus-borg.exclude` patterns, written by `hook pre`.
+        "exclude_from": [str(layout.excludes_file(staging))],
         "files_cache": "mtime,size",
         "numeric_ids": True,
         "commands": [

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import click
 
 from .. import layout, preflight
-from ..backup import plan
+from ..backup import plan, policy
 from ..backup.capture import Capture
+from ..backup.plan import Plan
 from ..backup.session import Session
 from ..borg import checked_version, find_borg
 from ..context import Context
@@ -34,17 +36,18 @@ def pre(ctx: Context, options: PreOptions) -> int:
     warnings = Warnings()
     session = _session(ctx, options.mode, warnings)
     with session.locked("hook pre"):
-        the_plan = plan.build(
-            session.incus, session.mode, list(options.instances) or ctx.config.instances
-        )
+        selection = list(options.instances) or ctx.config.instances
+        the_plan = plan.build(session.incus, session.mode, selection, command_line=options.mode)
         capture = Capture(session)
         with session.holding("hook", release=False):
+            capture.run_pres(the_plan)  # their post commands run at `hook post`
             database = capture.capture_server(the_plan)
             for item in the_plan.items:
                 capture.hold(item)
                 session.report(f"{item.kind} {item.ref}: {item.mode}, held until `hook post`")
             manifest = capture.manifest(the_plan, database, _borg_version(), True)
             session.stage.write(layout.MANIFEST, manifest.to_json())
+            write_excludes(session, the_plan)
     session.report(
         f"staging tree ready at {session.stage.root}; run `incus-borg hook post` after the backup"
     )
@@ -60,6 +63,21 @@ def post(ctx: Context, failed: bool) -> int:
     outcome = "after a failed backup" if failed else "after the backup"
     session.report(f"released every quiesce {outcome}; staging emptied")
     return warnings.exit_code
+
+
+def write_excludes(session: Session, the_plan: Plan) -> None:
+    """The instances' excludes as Borg patterns for the other program (borgmatic's
+    `exclude_from`), in a file beside the staging tree; empty when there are none."""
+    root = str(session.stage.root)
+    lines = [p for item in the_plan.items for p in policy.item_excludes(item, root)]
+    path = layout.excludes_file(session.stage.root)
+    header = "# user.incus-borg.exclude of the instances in staging (incus-borg hook pre)\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(header + "".join(f"{line}\n" for line in lines))
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _borg_version() -> str:

@@ -81,7 +81,8 @@ def show(source: Source, as_json: bool) -> None:
     for item in manifest.instances + manifest.volumes:
         click.echo(
             f"{item.kind:9} {item.project:10} {item.name:20} {item.pool:10} {item.driver:7} "
-            f"{item.type:10} {item.state or '-':8} {', '.join(item.snapshots) or '-'}"
+            f"{item.type:10} {'FAILED' if item.failed else item.state or '-':8} "
+            f"{', '.join(item.snapshots) or '-'}"
         )
     for kind, names in entities.items():
         click.echo(f"{kind}: {', '.join(names) or '-'}")

@@ -1,5 +1,6 @@
-"""One run's quiesce-and-stage work, shared by `backup` and `hook pre`: the server's own
-state, and each instance or volume held (quiesced and mounted) while it is read."""
+"""One run's quiesce-and-stage work, shared by `backup` and `hook pre`: the instances' pre
+commands, the server's own state, and each instance or volume held (quiesced and mounted)
+while it is read, then released (and its post command run)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 from .. import __version__, layout
 from ..manifest import Item, Manifest
+from . import commands
+from .commands import Outcome
 from .journal import Step
 from .plan import Plan
 from .session import Session
@@ -40,6 +43,60 @@ class Capture:
         self.daemon_downtime: float | None = None
         # Instances this run froze or stopped: the step, and how many held items need it.
         self.held: dict[str, list[Any]] = {}
+        # Instances whose pre ran (or that have a post), by item path: the step that ends
+        # their commands and runs their post.
+        self.guards: dict[str, Step] = {}
+        self.post_on_release = False  # run an instance's post as soon as it is released
+
+    # --- pre commands ----------------------------------------------------------------------
+
+    def run_pres(self, plan: Plan) -> None:
+        """Say what the policy skips, and run every planned instance's pre command, before
+        anything is quiesced. An instance whose pre fails (or times out) is left out of the
+        run, with a warning, once its post ran; the run is then partial. Stopped instances run
+        none: they are read as they are."""
+        s = self.session
+        for item in plan.skipped:
+            s.report(f"{item.kind} {item.ref}: skipped (mode skip from {item.mode_source})")
+        for item in plan.instances:
+            if not (item.pre or item.post):
+                continue
+            if item.state != "Running":
+                s.report(
+                    f"instance {item.ref} is {item.state.lower()}: its pre and post commands "
+                    "are not run; it is read as it is"
+                )
+                continue
+            assert item.timeout is not None
+            step = s.quiescer.guard(item.project, item.name, item.post, item.timeout)
+            if item.pre and not self._pre(item, step):
+                _record_post(item, s.quiescer.release(step))
+                plan.partial = True
+                continue
+            self.guards[item.path] = step
+
+    def _pre(self, item: Item, step: Step) -> bool:
+        """Run one instance's pre command; whether it succeeded (else the item is failed)."""
+        s = self.session
+        assert item.pre is not None and item.timeout is not None
+        outcome = commands.run(
+            s.incus, item.project, item.name, item.pre, item.timeout, step["token"]
+        )
+        item.pre_exit, item.pre_duration = outcome.exit_code, outcome.duration
+        if outcome.ok:
+            s.report(f"instance {item.ref}: pre command ran in {outcome.duration:.1f} s")
+            return True
+        item.failed = f"its pre command {outcome.problem}"
+        s.warnings.add(
+            f"instance {item.ref} left out of this run: its pre command {outcome.failure()}"
+        )
+        return False
+
+    def _post_soon(self, item: Item) -> None:
+        """Run an instance's post command in the background (the session waits for it)."""
+        step = self.guards.pop(item.path, None)
+        if step is not None:
+            self.session.quiescer.release_later(step, lambda done: _record_post(item, done))
 
     @contextmanager
     def timed(self, what: str) -> Iterator[None]:
@@ -155,6 +212,8 @@ class Capture:
             if not self.held[ref][1]:
                 q.release(self.held.pop(ref)[0])
         held.refs.clear()
+        if self.post_on_release:
+            self._post_soon(held.item)
         mode = held.item.mode
         if mode in ("freeze", "stop"):
             return time.monotonic() - held.started
@@ -204,3 +263,9 @@ class Capture:
             partial=plan.partial or any(item.failed for item in plan.items),
             incus_borg_version=__version__,
         )
+
+
+def _record_post(item: Item, outcome: Outcome | None) -> None:
+    """Note what an instance's post command did."""
+    if outcome is not None:
+        item.post_exit, item.post_duration = outcome.exit_code, outcome.duration

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import layout
 from ..errors import UserError
 from ..incus import Incus, instances_using
 from ..manifest import Item
+from . import policy
+from .policy import Policy
 
 # Drivers whose snapshots are atomic copy-on-write: `auto` snapshots instead of freezing.
 ATOMIC_SNAPSHOT_DRIVERS = {"btrfs", "zfs", "lvm", "ceph"}
@@ -22,17 +24,19 @@ class Plan:
     volumes: list[Item]
     pools: dict[str, str]  # name -> driver
     partial: bool = False  # only the named instances, not the whole server
+    skipped: list[Item] = field(default_factory=list)  # left out by their policy (mode skip)
 
     @property
     def items(self) -> list[Item]:
-        """Instances, then volumes, in the order they are read."""
-        return self.instances + self.volumes
+        """Instances, then volumes, in the order they are read (not those left out of the
+        run before it began, such as an instance whose pre command failed)."""
+        return [i for i in self.instances + self.volumes if i.failed is None]
 
 
 def effective_mode(requested: str, driver: str, running: bool) -> str:
     """The quiesce mode for one item: `auto` resolved, nothing to do when not running."""
-    if requested == "none":
-        return "none"
+    if requested in ("none", "skip"):
+        return requested
     if not running:
         return "idle"
     if requested == "auto":
@@ -45,24 +49,64 @@ def user_snapshots(names: list[str]) -> list[str]:
     return [n for n in names if not n.startswith(layout.SNAPSHOT_PREFIX)]
 
 
-def build(incus: Incus, requested_mode: str, selection: list[str]) -> Plan:
-    """Query Incus for every instance and custom volume, narrowed by `selection`."""
+def build(
+    incus: Incus, requested_mode: str, selection: list[str], command_line: str | None = None
+) -> Plan:
+    """Query Incus for every instance and custom volume, narrowed by `selection`, each with
+    its policy (`command_line`: --mode, overriding every other source); a bad policy key is
+    refused here, before anything is quiesced."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances()
     chosen = _select(raw, selection)
-    instances = [_instance_item(i, pools, requested_mode) for i in chosen]
+    profiles = _profile_configs(incus, chosen)
+    modes = (requested_mode, command_line)
+    planned = [_instance_item(i, pools, _policy(i, profiles, *modes)) for i in chosen]
+    instances = [i for i in planned if i.mode != "skip"]
     unreadable = [
         i.ref for i in instances if i.driver not in layout.READABLE_DRIVERS or i.type != "container"
     ]
     if unreadable:
         raise UserError(
             f"cannot back up {', '.join(unreadable)}: only containers on dir and btrfs pools "
-            "are read in place; exclude them with `instances:` and use `incus export`"
+            "are read in place; leave them out with `instances:` or the key "
+            "user.incus-borg.mode=skip, and use `incus export`"
         )
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
-    volumes = _volumes(incus, pools, requested_mode, running, wanted)
-    return Plan(instances, volumes, pools, partial=bool(selection))
+    volumes = _volumes(incus, pools, modes, running, wanted)
+    skipped = [i for i in planned + volumes if i.mode == "skip"]
+    volumes = [v for v in volumes if v.mode != "skip"]
+    return Plan(instances, volumes, pools, partial=bool(selection), skipped=skipped)
+
+
+def _profile_configs(incus: Incus, raw: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+    """Every profile's config by (project, name), when an instance inherits a policy key
+    from one (else nothing is asked)."""
+    inherits = any(
+        key.startswith(policy.PREFIX) and key not in (i.get("config") or {})
+        for i in raw
+        for key in i.get("expanded_config") or {}
+    )
+    if not inherits:
+        return {}
+    return {(p["project"], p["name"]): p.get("config") or {} for p in incus.entities("profiles")}
+
+
+def _policy(
+    raw: dict[str, Any],
+    profiles: dict[tuple[str, str], Any],
+    requested: str,
+    command_line: str | None,
+) -> Policy:
+    """An instance's policy; its profiles are its project's, or the default project's for a
+    project without profiles of its own."""
+    project = raw["project"]
+    mine = [
+        (name, profiles.get((project, name), profiles.get(("default", name), {})))
+        for name in raw.get("profiles") or []
+    ]
+    ref = f"{project}/{raw['name']}"
+    return policy.instance_policy(ref, raw, mine, requested, command_line)
 
 
 def _select(raw: list[dict[str, Any]], selection: list[str]) -> list[dict[str, Any]]:
@@ -83,7 +127,7 @@ def _select(raw: list[dict[str, Any]], selection: list[str]) -> list[dict[str, A
     return chosen
 
 
-def _instance_item(raw: dict[str, Any], pools: dict[str, str], requested: str) -> Item:
+def _instance_item(raw: dict[str, Any], pools: dict[str, str], wanted: Policy) -> Item:
     pool = raw["expanded_devices"].get("root", {}).get("pool", "")
     driver = pools.get(pool, "")
     status = raw["status"]
@@ -96,19 +140,25 @@ def _instance_item(raw: dict[str, Any], pools: dict[str, str], requested: str) -
         type=raw["type"],
         snapshots=user_snapshots([s["name"] for s in raw.get("snapshots") or []]),
         state=status,
-        mode=effective_mode(requested, driver, status == "Running"),
+        mode=effective_mode(wanted.mode, driver, status == "Running"),
         path=str(layout.instance_stage(raw["project"], raw["name"])),
+        mode_source=wanted.mode_source,
+        excludes=wanted.excludes,
+        pre=wanted.pre,
+        post=wanted.post,
+        timeout=wanted.timeout if wanted.pre or wanted.post else None,
     )
 
 
 def _volumes(
     incus: Incus,
     pools: dict[str, str],
-    requested: str,
+    modes: tuple[str, str | None],
     running: set[str],
     wanted: set[str] | None,
 ) -> list[Item]:
-    """Custom volumes: all, or (when instances were named) those the named instances use."""
+    """Custom volumes: all, or (when instances were named) those the named instances use,
+    each with its policy (skipped ones too)."""
     items = []
     for pool, driver in sorted(pools.items()):
         raw = incus.custom_volumes(pool)
@@ -121,25 +171,39 @@ def _volumes(
             users = [f"{p}/{n}" for p, n in instances_using(vol.get("used_by") or [])]
             if "/" in vol["name"] or (wanted is not None and not wanted & set(users)):
                 continue
-            if driver not in layout.READABLE_DRIVERS:
+            ref = f"{pool}/{vol['project']}/{vol['name']}"
+            chosen = policy.volume_policy(ref, vol, *modes)
+            if driver not in layout.READABLE_DRIVERS and chosen.mode != "skip":
                 raise UserError(
                     f"cannot back up volume {pool}/{vol['name']}: only dir and btrfs pools "
-                    "are read in place"
+                    "are read in place; leave it out with user.incus-borg.mode=skip"
                 )
-            users = [u for u in users if u in running]
-            items.append(
-                Item(
-                    kind="volume",
-                    project=vol["project"],
-                    name=vol["name"],
-                    pool=pool,
-                    driver=driver,
-                    type=vol["content_type"],
-                    snapshots=user_snapshots(snaps.get((vol["project"], vol["name"]), [])),
-                    state="",
-                    mode=effective_mode(requested, driver, bool(users)),
-                    path=str(layout.volume_stage(pool, vol["project"], vol["name"])),
-                    users=users,
-                )
-            )
+            snapshots = user_snapshots(snaps.get((vol["project"], vol["name"]), []))
+            running_users = [u for u in users if u in running]
+            items.append(_volume_item(vol, pool, driver, snapshots, running_users, chosen))
     return sorted(items, key=lambda i: (i.pool, i.project, i.name))
+
+
+def _volume_item(
+    raw: dict[str, Any],
+    pool: str,
+    driver: str,
+    snapshots: list[str],
+    users: list[str],
+    wanted: Policy,
+) -> Item:
+    return Item(
+        kind="volume",
+        project=raw["project"],
+        name=raw["name"],
+        pool=pool,
+        driver=driver,
+        type=raw["content_type"],
+        snapshots=snapshots,
+        state="",
+        mode=effective_mode(wanted.mode, driver, bool(users)),
+        path=str(layout.volume_stage(pool, raw["project"], raw["name"])),
+        users=users,
+        mode_source=wanted.mode_source,
+        excludes=wanted.excludes,
+    )

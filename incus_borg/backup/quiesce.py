@@ -3,27 +3,47 @@
 Every action is journalled before it is taken; `release` undoes one step and `undo_all`
 undoes whatever a run (this one or a dead one) left behind. Undoing is idempotent, and
 `undo_all` never stops half-way: every step is tried whatever happened to the others.
+Commands run inside an instance (its policy's `pre`) are journalled the same way: the undo
+ends what is left of them and runs the instance's `post`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .. import mounts
 from ..config import IncusSettings
 from ..errors import UserError, Warnings
 from ..incus import Incus
+from . import commands
+from .commands import Outcome
 from .journal import Journal, Step
+
+POST_WORKERS = 4  # post commands run side by side while a run goes on
+START_RETRY = 75  # seconds an instance's start is tried again while Incus says "unavailable"
 
 
 class Quiescer:
     """Takes quiesce actions through Incus, journalling how to undo each."""
 
-    def __init__(self, incus: Incus, settings: IncusSettings, journal: Journal) -> None:
+    def __init__(
+        self,
+        incus: Incus,
+        settings: IncusSettings,
+        journal: Journal,
+        warnings: Warnings | None = None,
+        report: commands.Say | None = None,
+    ) -> None:
         self.incus = incus
         self.settings = settings
         self.journal = journal
+        self.warnings = warnings or Warnings()
+        self.report = report or (lambda line: None)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
 
     # --- taking actions ------------------------------------------------------------------
 
@@ -70,6 +90,15 @@ class Quiescer:
                 raise
         return steps
 
+    def guard(self, project: str, name: str, post: str | None, timeout: int) -> Step:
+        """Journal, before a command runs inside an instance, how to end it: kill what is
+        left of the instance's commands, then run `post` (timeout: each command's bound).
+        Its `token` marks the commands' processes."""
+        step: Step = {"op": "run_post", "project": project, "name": name}
+        step |= {"token": commands.new_token(), "post": post, "timeout": timeout}
+        self.journal.add(step)
+        return step
+
     def stop_daemon(self) -> Step:
         """Stop the Incus daemon only (instances keep running)."""
         return self._take({"op": "start_daemon"}, self._stop_daemon)
@@ -100,16 +129,40 @@ class Quiescer:
 
     # --- undoing -------------------------------------------------------------------------
 
-    def release(self, *steps: Step) -> None:
+    def release(self, *steps: Step) -> Outcome | None:
         """Undo steps in the order given (those that still need undoing), then forget them
-        (one journal record for all)."""
+        (one journal record for all); returns what a `post` command among them did."""
+        outcome = None
         for step in steps:
-            self._undo(step)
+            outcome = self._undo(step) or outcome
         if steps:
             self.journal.remove(*steps)
+        return outcome
 
-    def _undo(self, step: Step) -> None:
+    def release_later(self, step: Step, then: Callable[[Outcome | None], None]) -> None:
+        """Undo one step in the background (a `post` command, while the run goes on), then
+        pass what its command did to `then`. `wait` and `undo_all` wait for it; a step
+        whose undo failed stays journalled, and `undo_all` tries it again."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(POST_WORKERS, thread_name_prefix="incus-borg-post")
+        self._pending.append(self._pool.submit(lambda: then(self.release(step))))
+
+    def wait(self) -> None:
+        """Wait for the steps being undone in the background."""
+        for future in self._pending:
+            try:
+                future.result()
+            except Exception:  # still journalled: undo_all tries it again
+                continue
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _undo(self, step: Step) -> Outcome | None:
         op = step["op"]
+        if op == "run_post":
+            return commands.finish(self.incus, step, self.report, self.warnings.add)
         if op == "start_daemon":
             if not self.incus.reachable():
                 self.incus.run_daemon_command(self.settings.start_command, "start_command")
@@ -128,6 +181,7 @@ class Quiescer:
             mounts.unmount(Path(step["path"]))
         else:
             raise UserError(f"unknown step {op!r} in {self.journal.path}: remove it by hand")
+        return None
 
     def _settle(self, step: Step) -> None:
         """Wait for what a dead run may have left under way in Incus on the step's instance
@@ -141,10 +195,27 @@ class Quiescer:
         it is no longer frozen (or stopped)."""
         undone = "Frozen" if action == "unfreeze" else "Stopped"
         try:
-            self.incus.change_state(project, name, action)
+            if action == "start":
+                self._start(project, name)
+            else:
+                self.incus.change_state(project, name, action)
         except UserError:
             if self.incus.instance_status(project, name) == undone:
                 raise
+
+    def _start(self, project: str, name: str) -> None:
+        """Start an instance again; while a network or pool it needs is still unavailable
+        (after the daemon's restart, Incus retries one it could not start once a minute),
+        try again."""
+        deadline = time.monotonic() + START_RETRY
+        while True:
+            try:
+                self.incus.change_state(project, name, "start")
+                return
+            except UserError as exc:
+                if "unavailable" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(1)
 
     @staticmethod
     def _delete(delete: Callable[[], None], snap: str, existing: Callable[[], list[str]]) -> None:
@@ -161,6 +232,7 @@ class Quiescer:
 
         Returns what could not be undone (it stays journalled for the next run).
         """
+        self.wait()
         steps = self.journal.steps()
         ordered = [s for s in steps if s["op"] == "start_daemon"]
         ordered += [s for s in reversed(steps) if s["op"] != "start_daemon"]
@@ -193,4 +265,5 @@ def describe(step: Step) -> str:
         "delete_instance_snapshot": f"snapshot {target}/{step.get('snap')}",
         "delete_volume_snapshot": f"volume snapshot {step.get('pool')}/{target}/{step.get('snap')}",
         "unmount": f"the mount at {step.get('path')}",
+        "run_post": f"the commands of {target} (ending them, then its post command)",
     }.get(op, str(op))

@@ -31,7 +31,7 @@ class Session:
         self.warnings = warnings
         self.report = report
         self.journal = Journal(Path(config.staging_dir))
-        self.quiescer = Quiescer(incus, config.incus, self.journal)
+        self.quiescer = Quiescer(incus, config.incus, self.journal, warnings, report)
         self.stage = Stage(Path(config.staging_dir))
         now = datetime.now()
         self.created = now.astimezone().isoformat(timespec="seconds")

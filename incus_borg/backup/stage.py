@@ -152,11 +152,12 @@ class Stage:
         self.write(PurePosixPath(item.path) / "backup" / "index.yaml", to_yaml(index))
 
     def write_plan_indexes(self, incus: Incus, plan: Plan) -> None:
-        """Import indexes for every planned instance and volume."""
-        for item in plan.instances:
-            self.write_instance_index(item)
-        for item in plan.volumes:
-            self.write_volume_index(incus, item)
+        """Import indexes for every instance and volume the run reads."""
+        for item in plan.items:
+            if item.kind == "instance":
+                self.write_instance_index(item)
+            else:
+                self.write_volume_index(incus, item)
 
 
 def import_index(item: Item, kind: str) -> dict[str, Any]:

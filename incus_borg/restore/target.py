@@ -24,6 +24,13 @@ def find_item(source: Source, kind: str, ref: str) -> Item:
     if problem:
         raise UserError(problem)
     found = matching(source.manifest, kind, ref)
+    held = [i for i in found if i.failed is None]
+    if found and not held:
+        raise UserError(
+            f"{kind} {ref!r} was left out of {source.description} ({found[0].failed}): "
+            "restore it from another run"
+        )
+    found = held
     if not found:
         items = source.manifest.instances if kind == "instance" else source.manifest.volumes
         known = ", ".join(i.ref if kind == "instance" else f"{i.pool}/{i.ref}" for i in items)
@@ -71,7 +78,9 @@ def holding(ref: str, *kinds: str) -> Latest:
     if not fitting:
         raise UserError(str(_ref_problem(kinds[0], ref)))
     return Latest(
-        holds=lambda manifest: any(matching(manifest, kind, ref) for kind in fitting),
+        holds=lambda manifest: any(
+            i.failed is None for kind in fitting for i in matching(manifest, kind, ref)
+        ),
         what=f"{' or '.join(fitting)} {ref!r} in any run",
     )
 
