@@ -229,7 +229,7 @@ class Incus:
 
     def pools(self) -> list[dict[str, Any]]:
         """Every storage pool."""
-        return list(self._get("storage-pools", recursion="1"))
+        return list(self._get("storage-pools", recursion="1") or [])  # null when there is none
 
     def pool(self, name: str) -> dict[str, Any]:
         """One storage pool."""

@@ -11,18 +11,26 @@ rebuilds A's run onto one of them through the real command line.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Callable
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cli import incus_config, one_line_error, run_cli
+from cli import incus_config, one_line_error, run_cli, write_config
 from harness.incusd import PrivateIncus
 from harness.server import BTRFS_POOL, DEFAULT_POOL, SECOND_PROJECT, IncusServer, prepare_server
 from test_restore import tree
+from test_restore_server import damage_segment
+
+from incus_borg import mounts
 
 pytestmark = pytest.mark.incus
 
@@ -37,6 +45,7 @@ POOL_MAP = (
 )
 MAPPED = {DEFAULT_POOL: NEW_DIR, BTRFS_POOL: NEW_BTRFS}
 BLOCK = os.urandom(1 << 20)
+BIG = os.urandom(1 << 20)  # in f1 only: the bytes a test damages in the repository
 FILES = {
     "/root/data.bin": (os.urandom(300_000), 0, 0, 0o600),
     "/home/user/owned.txt": (b"owned by 1000\n", 1000, 1000, 0o640),
@@ -52,6 +61,7 @@ class World:
     server: IncusServer
     root: Path
     config: Path
+    scratch: Path  # where drills put their scratch Incus
     sums: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     entities: dict[str, Any] = field(default_factory=dict)
 
@@ -90,6 +100,7 @@ def populate(server: IncusServer) -> None:
     incus("config", "set", "f1", f"boot.autostart.priority={PRIORITY['f1']}")
     incus("snapshot", "create", "f1", "fs1")
     server.push_file("f1", "/root/v", b"two\n")
+    server.push_file("f1", "/root/big.bin", BIG)
     server.launch("p1", project=SECOND_PROJECT, files={"/root/p": (b"second\n", 0, 0, 0o644)})
     image = server.daemon.incus_dir / "storage-pools" / BTRFS_POOL / "custom" / "default_blk"
     with (image / "root.img").open("r+b") as f:
@@ -145,21 +156,30 @@ def entities(daemon: PrivateIncus, pools: dict[str, str] | None = None) -> dict[
 
 
 @pytest.fixture(scope="module")
-def world(module_incus_factory: Factory, tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(
+    module_incus_factory: Factory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
     daemon = module_incus_factory()
     daemon.start()
     server = prepare_server(daemon)
     populate(server)
     root = tmp_path_factory.mktemp("recovery")
-    config = incus_config(server, root)
-    world = World(server, root, config)
+    repo = {"path": str(root / "repo"), "label": "local", "encryption": "none"}
+    config = incus_config(server, root, repositories=[repo])  # unencrypted: one test damages it
+    # Drills go below a directory that container uids may enter (pytest's are 0700).
+    scratch = Path(tempfile.mkdtemp(prefix="incus-borg-test-drill-", dir="/tmp"))
+    scratch.chmod(0o711)
+    world = World(server, root, config, scratch)
     for project, name in (("default", "d1"), ("default", "f1"), (SECOND_PROJECT, "p1")):
         world.sums[(project, name)] = server.checksums(name, project=_project(project))
     world.entities = entities(daemon, MAPPED)
     assert run_cli("init", config=config).returncode == 0
     done = run_cli("backup", config=config)
     assert done.returncode == 0, done.stderr
-    return world
+    try:
+        yield world
+    finally:
+        scratch.rmdir()  # fails (loudly) if a drill left anything in it
 
 
 def new_b(factory: Factory) -> IncusServer:
@@ -373,3 +393,113 @@ def test_failure_part_way_names_what_was_created_and_a_fixed_map_completes(
     rebuilt = entities(b.daemon)
     assert rebuilt["instances"] == world.entities["instances"]
     assert rebuilt["volumes"] == world.entities["volumes"]
+
+
+# --- check --drill -------------------------------------------------------------------------------
+
+
+def host_links(bridge: str) -> dict[str, tuple[Any, ...]]:
+    """`ip link` of the host's loopback and physical interfaces, A's bridge and what is
+    attached to it (other daemons on this machine may add and remove interfaces meanwhile)."""
+    links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, check=True).stdout)
+    return {
+        link["ifname"]: (link["ifindex"], link.get("address"), link.get("master"), link["flags"])
+        for link in links
+        if link["ifname"] in ("lo", bridge)
+        or link.get("master") == bridge
+        or Path("/sys/class/net", link["ifname"], "device").exists()
+    }
+
+
+def drilled(done: subprocess.CompletedProcess[str]) -> tuple[Path, int]:
+    """The scratch directory and network namespace a drill reported."""
+    found = re.search(r"scratch Incus started in (\S+) \(network namespace (\d+)\)", done.stdout)
+    assert found, done.stdout
+    return Path(found[1]), int(found[2])
+
+
+def assert_nothing_left(scratch: Path, netns: int) -> None:
+    """No scratch daemon, process, mount, network namespace, loop device or directory."""
+    assert not scratch.exists()
+    assert not mounts.mounts_below(scratch.parent)
+    in_namespace = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.stat(entry / "ns" / "net").st_ino == netns:
+                in_namespace.append(entry.name)
+        except OSError:
+            continue
+    assert not in_namespace
+    backing = [p.read_text() for p in Path("/sys/block").glob("loop*/loop/backing_file")]
+    assert not [b for b in backing if b.startswith(str(scratch))]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert str(scratch) not in ps
+
+
+def test_drill_restores_starts_and_compares_without_touching_the_host(world: World) -> None:
+    links = host_links(world.server.bridge)
+    before = entities(world.daemon)
+    states = world.daemon.query("/1.0/instances?recursion=1&all-projects=true")
+    done = run_cli("check", "--drill", "--scratch", str(world.scratch), config=world.config)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(re.match(r"drill: needs about \d+ MiB in ", line) for line in lines), done.stdout
+    for ref in ("default/d1", "default/f1", f"{SECOND_PROJECT}/p1"):
+        wanted = (
+            rf"drill: instance {ref}: restored in [\d.]+ s, \d+ files match, started in [\d.]+ s$"
+        )
+        assert any(re.match(wanted, line) for line in lines), (ref, done.stdout)
+    clash = r"drill: instance default/clash: restored in [\d.]+ s, \d+ files match, not started"
+    assert any(re.match(clash, line) for line in lines), done.stdout
+    for ref in (f"{DEFAULT_POOL}/default/vol", f"{BTRFS_POOL}/default/blk"):
+        wanted = rf"drill: volume {ref}: restored in [\d.]+ s, [1-9]\d* files match$"
+        assert any(re.match(wanted, line) for line in lines), (ref, done.stdout)
+    assert re.search(r"drill: passed: local::\S+: 4 instance\(s\) restored", done.stdout)
+    assert_nothing_left(*drilled(done))
+    assert host_links(world.server.bridge) == links
+    assert entities(world.daemon) == before
+    assert world.daemon.query("/1.0/instances?recursion=1&all-projects=true") == states
+
+
+def test_drill_of_a_damaged_run_names_the_instance_and_leaves_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(world.root / "repo", damaged)
+    damage_segment(damaged, BIG[1000:1064])  # f1's data only
+    data = yaml.safe_load(world.config.read_text())
+    data["repositories"] = [{"path": str(damaged), "label": "damaged", "encryption": "none"}]
+    config = write_config(tmp_path / "damaged.yaml", data)
+    done = run_cli(
+        "check",
+        "--drill",
+        "--scratch",
+        str(world.scratch),
+        config=config,
+        env={"BORG_BASE_DIR": str(tmp_path / "borg")},  # the copy is a repository of its own
+    )
+    error = one_line_error(done)
+    assert "drill of damaged::" in error and "instance default/f1: not restored" in error, error
+    assert "instance default/d1" not in error, error
+    assert "drill: instance default/f1: NOT restored" in done.stdout
+    assert re.search(r"drill: instance default/d1: restored .* files match, started", done.stdout)
+    assert "drill: FAILED" in done.stdout
+    assert_nothing_left(*drilled(done))
+
+
+def test_drill_without_the_space_is_refused_up_front_with_the_figure(world: World) -> None:
+    small = Path(tempfile.mkdtemp(prefix="incus-borg-test-small-", dir="/tmp"))
+    small.chmod(0o711)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        small.chmod(0o711)
+        done = run_cli("check", "--drill", "--scratch", str(small), config=world.config)
+        error = one_line_error(done)
+        found = re.search(rf"needs about (\d+) MiB in {small}, which has (\d+) MiB free", error)
+        assert found, error
+        assert int(found[1]) > 16 >= int(found[2])
+        assert "scratch Incus started" not in done.stdout
+        assert not list(small.iterdir())
+    finally:
+        mounts.unmount(small)
+        small.rmdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ def exercise(
     and the problems, each item reported."""
     scratch.start()
     journal.record(JOURNAL_KEY, {"dir": str(scratch.root), "netns": scratch.netns})
-    say(f"scratch Incus started in {scratch.root}")
+    say(f"scratch Incus started in {scratch.root} (network namespace {scratch.netns})")
     clock.lap("daemon")
     incus = scratch.incus
     whole, nodes = selection
@@ -138,11 +139,18 @@ def exercise(
 
 
 def check_space(source: BorgSource, items: list[Item], parent: Path) -> None:
-    """Say how much disk the drill needs, and refuse when `parent` lacks it."""
+    """Say how much disk the drill needs, and refuse when `parent` lacks it (or when
+    containers could not reach their files below it)."""
     if not parent.is_dir():
         raise UserError(
             f"drill: {parent} is not a directory: create it, or name one with --scratch"
         )
+    for directory in [parent.resolve(), *parent.resolve().parents]:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            raise UserError(
+                f"drill: containers could not reach their files below {parent}: {directory} "
+                "may not be entered by others (chmod o+x), or name another directory with --scratch"
+            )
     needed = space_needed(source, items)
     free = shutil.disk_usage(parent).free
     say(f"needs about {mib(needed)} in {parent} ({mib(free)} free)")
