@@ -210,7 +210,7 @@ def _refs(kind: str, definition: dict[str, Any], owners: Owners) -> list[Node]:
 
 
 def closure(graph: Graph, roots: Iterable[Node]) -> set[Node]:
-    """The roots and everything they need, directly or not."""
+    """The roots and everything they need, directly or not (an ACL with its rules)."""
     wanted: set[Node] = set()
     todo = list(roots)
     while todo:
@@ -218,6 +218,8 @@ def closure(graph: Graph, roots: Iterable[Node]) -> set[Node]:
         if node not in wanted:
             wanted.add(node)
             todo += graph.deps[node]
+            if node.kind == "network-acls":
+                todo.append(Node("network-acl-rules", node.project, node.name))
     return wanted
 
 
