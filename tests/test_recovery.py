@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 from cli import incus_config, one_line_error, run_cli, write_config
-from harness.incusd import PrivateIncus
+from harness.incusd import PrivateIncus, wait_for
 from harness.server import BTRFS_POOL, DEFAULT_POOL, SECOND_PROJECT, IncusServer, prepare_server
 from test_restore import tree
 from test_restore_server import damage_segment
@@ -373,6 +375,27 @@ def test_failure_part_way_names_what_was_created_and_a_fixed_map_completes(
 ) -> None:
     b = new_b(private_incus_factory)
     config = b_config(world, b, "b2")
+    # --project: that project's entities and what they need, nothing else.
+    only = run_cli(
+        "restore",
+        "all",
+        "latest",
+        *POOL_MAP,
+        "--project",
+        SECOND_PROJECT,
+        "--dry-run",
+        config=config,
+    )
+    assert only.returncode == 0, only.stderr
+    steps = [line.split(None, 1) for line in only.stdout.splitlines() if line.startswith("  ")]
+    assert [(action, what.split(":")[0].split(" onto")[0]) for action, what in steps] == [
+        ("exists", "project default"),
+        ("create", f"project {SECOND_PROJECT}"),
+        ("exists", f"storage pool {DEFAULT_POOL} as {NEW_DIR}"),
+        ("create", f"network default/{world.server.bridge}"),
+        ("fill", "profile default/default"),
+        ("create", f"instance {SECOND_PROJECT}/p1"),
+    ]
     broken = (
         "--pool-map",
         f"{DEFAULT_POOL}={NEW_DIR}",
@@ -411,10 +434,11 @@ def host_links(bridge: str) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def drilled(done: subprocess.CompletedProcess[str]) -> tuple[Path, int]:
+def drilled(done: subprocess.CompletedProcess[str] | str) -> tuple[Path, int]:
     """The scratch directory and network namespace a drill reported."""
-    found = re.search(r"scratch Incus started in (\S+) \(network namespace (\d+)\)", done.stdout)
-    assert found, done.stdout
+    stdout = done if isinstance(done, str) else done.stdout
+    found = re.search(r"scratch Incus started in (\S+) \(network namespace (\d+)\)", stdout)
+    assert found, stdout
     return Path(found[1]), int(found[2])
 
 
@@ -475,6 +499,10 @@ def test_drill_of_a_damaged_run_names_the_instance_and_leaves_nothing(
         "--drill",
         "--scratch",
         str(world.scratch),
+        "--instances",
+        "default/f1",
+        "--instances",
+        "d1",
         config=config,
         env={"BORG_BASE_DIR": str(tmp_path / "borg")},  # the copy is a repository of its own
     )
@@ -503,3 +531,66 @@ def test_drill_without_the_space_is_refused_up_front_with_the_figure(world: Worl
     finally:
         mounts.unmount(small)
         small.rmdir()
+
+
+def start_drill(world: World, *args: str) -> subprocess.Popen[str]:
+    """`check --drill` in the background, its output unbuffered."""
+    argv = [sys.executable, "-m", "incus_borg", "-c", str(world.config), "check", "--drill"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BORG_", "INCUS_BORG"))}
+    return subprocess.Popen(
+        [*argv, "--scratch", str(world.scratch), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def read_until(proc: subprocess.Popen[str], text: str) -> str:
+    """What a background drill printed, up to the first line holding `text`."""
+    assert proc.stdout is not None
+    seen = ""
+    while text not in seen.rpartition("\n")[0]:
+        line = proc.stdout.readline()
+        assert line, f"the drill ended before printing {text!r}: {seen}"
+        seen += line
+    return seen
+
+
+def no_borg_on(repo: Path) -> bool:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    return str(repo) not in ps
+
+
+def test_interrupted_or_killed_drill_leaves_nothing(world: World) -> None:
+    # SIGTERM (as systemd stops a unit) while it restores: everything is torn down.
+    proc = start_drill(world)
+    seen = read_until(proc, "restored as")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted" in stderr, stderr
+    assert_nothing_left(*drilled(seen))
+
+    # SIGKILL: the daemon outlives incus-borg; the next drill removes it first.
+    proc = start_drill(world)
+    seen = read_until(proc, "scratch Incus started")
+    proc.kill()
+    proc.communicate(timeout=60)
+    scratch, netns = drilled(seen)
+    assert scratch.exists()
+    assert wait_for(lambda: no_borg_on(world.root / "repo"), 60)
+    done = run_cli(
+        "check",
+        "--drill",
+        "--scratch",
+        str(world.scratch),
+        "--instance",
+        f"{SECOND_PROJECT}/p1",
+        config=world.config,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"drill: removing what a killed drill left in {scratch}" in done.stdout
+    assert_nothing_left(scratch, netns)
+    assert_nothing_left(*drilled(done))
+    assert re.search(rf"drill: instance {SECOND_PROJECT}/p1: restored .*, started in", done.stdout)
+    assert "instance default/d1" not in done.stdout  # only p1, and what it needs

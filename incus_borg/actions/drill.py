@@ -82,15 +82,15 @@ def run(config: Config, borg: Borg, repo: Repository, options: DrillOptions) -> 
     pools = {old: PoolMap(old, old, "dir") for old in rebuild.complete_map(whole, {})}
     items = [whole.items[n] for n in nodes if n in whole.items]
     parent = options.scratch or Path(config.staging_dir).parent
-    check_space(source, items, parent)
-    clock.lap("space")
     journal = RestoreJournal.of(config)
     clear_dead_drill(journal)
+    check_space(source, items, parent)
+    clock.lap("space")
     scratch = Scratch.create(parent)
-    journal.record(JOURNAL_KEY, {"dir": str(scratch.root)})
     left: list[str] = []
     try:
         with signals.interruptible():
+            journal.record(JOURNAL_KEY, {"dir": str(scratch.root)})
             outcome, problems = exercise(scratch, source, (whole, nodes), pools, journal, clock)
     finally:
         with signals.shielded():

@@ -232,7 +232,7 @@ def apply(incus: Incus, plan: Plan, step: Step, journal: RestoreJournal) -> int:
     if node.kind == "instances" and item is not None:
         return instance.restore(incus, plan.source, instance_options(plan, item), journal)
     if node.kind == "storage-volumes" and item is not None:
-        volume.restore(incus, plan.source, item, None, plan.pool(item.pool), None)
+        restore_volume(incus, plan, item)
         return 0
     if node.kind == "storage-pools":
         incus.create_pool(creation(plan.graph.definitions[node], plan.pools[node.name]))
@@ -251,10 +251,19 @@ def apply(incus: Incus, plan: Plan, step: Step, journal: RestoreJournal) -> int:
     return 0
 
 
+# Each instance and volume is restored with the options made by the two functions below:
+# options that apply to every object (such as the cluster member it goes to) are added there.
+
+
 def instance_options(plan: Plan, item: Item) -> instance.InstanceOptions:
     """How one instance is restored: onto the pool its own maps to, its devices' pools
-    mapped. (Options that apply to every object, such as a cluster member, go here.)"""
+    mapped."""
     return instance.InstanceOptions(item.ref, pool=plan.pool(item.pool), pool_map=plan.renamed)
+
+
+def restore_volume(incus: Incus, plan: Plan, item: Item) -> None:
+    """Restore one custom volume, with its snapshots, onto the pool its own maps to."""
+    volume.restore(incus, plan.source, item, None, plan.pool(item.pool), None)
 
 
 def carry_out(
