@@ -376,13 +376,15 @@ def _missing_volumes(incus: Incus, volumes: list[str], here: list[str], project:
 def _renamed_pools(
     definition: dict[str, Any], options: InstanceOptions, driver: str, ref: str
 ) -> dict[str, str]:
-    """The pools the instance's devices name that --pool-map renames (old -> new); refused
-    where only the streamed import can be used, which takes the archived devices as they are."""
+    """The pools --pool-map renames (old -> new), for the devices of the definition Incus
+    imports; refused where only the streamed import can be used, which takes the archived
+    devices as they are."""
+    renamed = {old: new for old, new in options.pool_map.items() if old != new}
     disks = [d for d in (definition.get("devices") or {}).values() if d.get("type") == "disk"]
-    named = {d["pool"] for d in disks if d.get("pool")}
-    renamed = {p: options.pool_map[p] for p in named if options.pool_map.get(p, p) != p}
     # Incus moves the root disk to the pool it imports onto by itself; not the others.
-    others = sorted({d["pool"] for d in disks if d.get("path") != "/"} & renamed.keys())
+    others = sorted(
+        {d["pool"] for d in disks if d.get("pool") and d.get("path") != "/"} & renamed.keys()
+    )
     if others and (options.stream or driver not in layout.READABLE_DRIVERS):
         raise UserError(
             f"instance {ref} has volumes on pools {', '.join(others)}, which are mapped to "

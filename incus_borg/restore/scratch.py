@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -152,7 +153,11 @@ class Scratch:
         """Processes in the daemon's network namespace, or whose command line, working
         directory, root or executable lies below its directory; with their descendants."""
         table = _process_table()
-        mine = {os.getpid(), os.getppid()}
+        mine: set[int] = set()  # this process and its ancestors (a shell may name the directory)
+        pid = os.getpid()
+        while pid in table and pid not in mine:
+            mine.add(pid)
+            pid = table[pid]
         hits = {pid for pid in table if pid not in mine and self._belongs(pid)}
         todo = list(hits)
         while todo:
@@ -164,7 +169,7 @@ class Scratch:
         return sorted(hits)
 
     def _belongs(self, pid: int) -> bool:
-        top = str(self.root)
+        below = re.compile(re.escape(str(self.root)) + r"(?=[/\s]|$)")
         try:
             if self.netns is not None and os.stat(f"/proc/{pid}/ns/net").st_ino == self.netns:
                 return True
@@ -173,13 +178,10 @@ class Scratch:
             return False
         links = []
         for name in ("cwd", "root", "exe"):
-            try:
+            with contextlib.suppress(OSError):
                 links.append(os.readlink(f"/proc/{pid}/{name}"))
-            except OSError:
-                continue
-        return any(w == top or w.startswith(top + "/") or f"={top}/" in w for w in words) or any(
-            link == top or link.startswith(top + "/") for link in links
-        )
+        # An argument may hold the directory anywhere: `[lxc monitor] <dir>/containers NAME`.
+        return any(below.search(word) for word in words) or any(below.match(link) for link in links)
 
     def loops(self) -> list[str]:
         """Loop devices whose backing file is below the directory."""
