@@ -122,7 +122,6 @@ def exercise(
     """Start the scratch daemon, rebuild the run into it, compare, start; what was restored
     and the problems, each item reported."""
     scratch.start()
-    journal.record(JOURNAL_KEY, {"dir": str(scratch.root), "netns": scratch.netns})
     say(f"scratch Incus started in {scratch.root} (network namespace {scratch.netns})")
     clock.lap("daemon")
     incus = scratch.incus
@@ -193,7 +192,7 @@ def clear_dead_drill(journal: RestoreJournal) -> None:
     if alive(entry):
         raise UserError(f"a drill (pid {entry['pid']}) is under way: wait for it to finish")
     say(f"removing what a killed drill left in {entry['dir']}")
-    left = Scratch(Path(entry["dir"]), entry.get("netns")).teardown()
+    left = Scratch(Path(entry["dir"])).teardown()
     if left:
         raise UserError(f"a killed drill left {', '.join(left)}: remove them by hand")
     journal.clear(JOURNAL_KEY)

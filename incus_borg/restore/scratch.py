@@ -6,10 +6,9 @@ never meet the host's; its mount namespace only gives it a `/sys` of that networ
 (namespaces.py). The directory is bind-mounted onto itself as a shared mount first, so that
 the pools the daemon mounts below it show on the host too (restores write into them).
 
-`teardown` removes everything, and works from the directory alone (and the network
-namespace's inode, when known), so that the leftovers of a killed drill are removed by the
-next one: the daemon and every process in its network namespace or below its directory,
-mounts, loop devices, and the directory.
+`teardown` removes everything, and works from the directory alone, so that the leftovers of
+a killed drill are removed by the next one: the daemon and every process naming the
+directory (with their descendants), mounts, loop devices, and the directory.
 """
 
 from __future__ import annotations
@@ -66,10 +65,12 @@ def incusd() -> str:
 class Scratch:
     """One scratch daemon: `root` holds its Incus directory (`root/incus`), log and output."""
 
-    def __init__(self, root: Path, netns: int | None = None) -> None:
+    def __init__(self, root: Path) -> None:
+        if not root.is_absolute() or not root.name.startswith(PREFIX):
+            raise UserError(f"{root} is not a scratch directory of a drill ({PREFIX}...)")
         self.root = root
         self.dir = root / "incus"
-        self.netns = netns  # inode of its network namespace, once started
+        self.netns: int | None = None  # inode of its network namespace, once started (shown)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -150,8 +151,9 @@ class Scratch:
         return left
 
     def processes(self) -> list[int]:
-        """Processes in the daemon's network namespace, or whose command line, working
-        directory, root or executable lies below its directory; with their descendants."""
+        """Processes whose command line, working directory, root or executable lies below the
+        directory (the daemon, container monitors, containers), with their descendants (what
+        the daemon runs, such as dnsmasq)."""
         table = _process_table()
         mine: set[int] = set()  # this process and its ancestors (a shell may name the directory)
         pid = os.getpid()
@@ -169,10 +171,10 @@ class Scratch:
         return sorted(hits)
 
     def _belongs(self, pid: int) -> bool:
+        """Whether a process names the directory (never judged by its network namespace: a
+        namespace's inode may be another's once it is gone)."""
         below = re.compile(re.escape(str(self.root)) + r"(?=[/\s]|$)")
         try:
-            if self.netns is not None and os.stat(f"/proc/{pid}/ns/net").st_ino == self.netns:
-                return True
             words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             return False
