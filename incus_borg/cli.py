@@ -13,12 +13,14 @@ from . import config as config_module
 from .actions import backup as backup_action
 from .actions import check as check_action
 from .actions import configuration, list_runs
+from .actions import drill as drill_action
 from .actions import hook as hook_action
 from .actions import init as init_action
 from .actions import prune as prune_action
 from .actions import version as version_action
 from .context import Context
 from .errors import EXIT_ERROR, UserError
+from .restore import all as all_kind
 from .restore import config as config_kind
 from .restore import files as files_kind
 from .restore import instance as instance_kind
@@ -113,10 +115,40 @@ def prune(options: Options, label: str | None, dry_run: bool) -> int:
     is_flag=True,
     help="Import the newest run's instances into a scratch project and compare every file.",
 )
+@click.option(
+    "--drill",
+    is_flag=True,
+    help="Restore the newest complete run whole into a scratch Incus (own network namespace), "
+    "compare every file, start what ran, tear it all down.",
+)
+@click.option(
+    "--instance",
+    "--instances",
+    "drill_instances",
+    multiple=True,
+    metavar="[P/]NAME",
+    help="With --drill: only this instance and what it needs (repeatable).",
+)
+@click.option(
+    "--scratch",
+    metavar="DIR",
+    help="With --drill: where the scratch Incus goes (default: beside staging_dir).",
+)
 @pass_options
-def check(options: Options, label: str | None, verify_data: bool, restore_test: bool) -> int:
+def check(
+    options: Options,
+    label: str | None,
+    verify_data: bool,
+    restore_test: bool,
+    drill: bool,
+    drill_instances: tuple[str, ...],
+    scratch: str | None,
+) -> int:
     """Check the repositories, and optionally that the newest run really restores."""
-    wanted = check_action.CheckOptions(label, verify_data, restore_test)
+    if (drill_instances or scratch) and not drill:
+        raise UserError("--instance and --scratch go with --drill")
+    drilled = drill_action.DrillOptions(drill_instances, Path(scratch) if scratch else None)
+    wanted = check_action.CheckOptions(label, verify_data, restore_test, drilled if drill else None)
     return check_action.run(options.context(), wanted)
 
 
@@ -265,6 +297,41 @@ def restore_volume(
     """Restore one custom volume (filesystem or block) with its snapshots."""
     wanted = volume_kind.VolumeOptions(archive, name, new_name, pool, label)
     volume_kind.run(options.context(), wanted)
+
+
+@restore.command(name="all")
+@click.argument("archive")
+@click.option(
+    "--pool-map",
+    "pool_map",
+    multiple=True,
+    metavar="OLD=NEW[:DRIVER[:KEY=VALUE,...]]",
+    help="Put archived pool OLD's volumes onto pool NEW (created with DRIVER and settings when "
+    "given and missing; repeatable).",
+)
+@click.option(
+    "--project", "projects", multiple=True, metavar="P", help="Only this project (repeatable)."
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan and every collision; change nothing.")
+@click.option("--start", is_flag=True, help="Start what was running at backup time.")
+@repository_option
+@pass_options
+def restore_all(
+    options: Options,
+    archive: str,
+    pool_map: tuple[str, ...],
+    projects: tuple[str, ...],
+    dry_run: bool,
+    start: bool,
+    label: str | None,
+) -> int:
+    """Rebuild a whole run onto this server: projects, pools, networks, profiles, volumes and
+    instances, in dependency order; what exists is left alone.
+
+    `latest` is the newest complete run.
+    """
+    wanted = all_kind.AllOptions(archive, pool_map, projects, dry_run, start, label)
+    return all_kind.run(options.context(), wanted)
 
 
 @restore.command(name="config")

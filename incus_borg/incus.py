@@ -235,7 +235,7 @@ class Incus:
 
     def pools(self) -> list[dict[str, Any]]:
         """Every storage pool."""
-        return list(self._get("storage-pools", recursion="1"))
+        return list(self._get("storage-pools", recursion="1") or [])  # null when there is none
 
     def pool(self, name: str) -> dict[str, Any]:
         """One storage pool."""
@@ -422,6 +422,29 @@ class Incus:
         for path in outputs.values():
             self.request("DELETE", path)
         return int(result.get("return", -1)), stderr.decode("utf-8", "replace")
+
+    # --- rebuilding a server (restore all): pools, network ACLs and zones --------------------
+
+    def storage_drivers(self) -> set[str]:
+        """The storage drivers this server can create pools with."""
+        drivers = self.server()["environment"].get("storage_supported_drivers") or []
+        return {str(d.get("Name") or d.get("name")) for d in drivers}  # 6.0 spells it "Name"
+
+    def create_pool(self, body: dict[str, Any]) -> None:
+        """Create a storage pool (name, driver, config, description)."""
+        self.request("POST", api_path("storage-pools"), body)
+
+    def create_network_zone(self, project: str, body: dict[str, Any]) -> None:
+        """Create a network (DNS) zone in a project."""
+        self.request("POST", api_path("network-zones", project=project), body)
+
+    def create_network_acl(self, project: str, body: dict[str, Any]) -> None:
+        """Create a network ACL in a project."""
+        self.request("POST", api_path("network-acls", project=project), body)
+
+    def update_network_acl(self, project: str, name: str, body: dict[str, Any]) -> None:
+        """Replace a network ACL's rules, config and description."""
+        self.request("PUT", api_path("network-acls", name, project=project), body)
 
     # --- the client and the daemon's service ------------------------------------------------
 

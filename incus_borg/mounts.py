@@ -18,6 +18,8 @@ from .errors import UserError
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -76,10 +78,20 @@ def bind_readonly(source: Path, target: Path) -> None:
         raise UserError(f"cannot make the mount at {target} read-only: {os.strerror(errno)}")
 
 
-def unmount(target: Path) -> None:
-    """Unmount `target` (every mount stacked there) if something is mounted there."""
+def unmount(target: Path, lazy: bool = False) -> None:
+    """Unmount `target` (every mount stacked there) if something is mounted there; `lazy`
+    detaches a mount that is still busy."""
     while is_mounted(target):
-        _call("unmount", _libc.umount2(os.fsencode(target), 0), target)
+        flags = MNT_DETACH if lazy else 0
+        _call("unmount", _libc.umount2(os.fsencode(target), flags), target)
+
+
+def share(path: Path) -> None:
+    """Bind-mount a directory onto itself as a shared mount: what a process in another mount
+    namespace (made with its propagation unchanged) mounts below it then shows here too."""
+    where = os.fsencode(path)
+    _call("bind-mount", _libc.mount(where, where, None, MS_BIND, None), path)
+    _call("share the mount at", _libc.mount(None, where, None, MS_SHARED, None), path)
 
 
 def remove_tree(path: Path, keep: tuple[str, ...] = ()) -> None:

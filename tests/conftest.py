@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from harness.incusd import INCUS, INCUSD, PrivateIncus
@@ -20,7 +21,7 @@ from harness.server import IncusServer, prepare_server
 
 log = logging.getLogger(__name__)
 
-INCUS_FIXTURES = frozenset({"incus_server", "private_incus_factory"})
+INCUS_FIXTURES = frozenset({"incus_server", "private_incus_factory", "module_incus_factory"})
 
 _daemons: list[PrivateIncus] = []  # every daemon this session created
 _leftovers: list[str] = []  # what the session-finish check found
@@ -54,9 +55,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-def _new_daemon() -> PrivateIncus:
-    """A fresh (not started) daemon, registered for the atexit fallback and final check."""
-    daemon = PrivateIncus()
+def _new_daemon(netns: bool = False) -> PrivateIncus:
+    """A fresh (not started) daemon, registered for the atexit fallback and final check;
+    with `netns`, in a network namespace of its own."""
+    daemon = PrivateIncus(netns=netns)
     _daemons.append(daemon)
     atexit.register(daemon.shutdown)
     return daemon
@@ -82,16 +84,17 @@ def incus_server() -> Iterator[IncusServer]:
         _teardown(daemon)
 
 
-@pytest.fixture
-def private_incus_factory() -> Iterator[Callable[[], PrivateIncus]]:
-    """Make extra (not yet started) private daemons; each is shut down after the test."""
+@contextmanager
+def _factory() -> Iterator[Callable[..., PrivateIncus]]:
+    """Make (not yet started) private daemons, `make(netns=True)` in a network namespace of
+    their own; each is shut down at the end."""
     reason = incus_unavailable()
     if reason:
         pytest.skip(reason)
     made: list[PrivateIncus] = []
 
-    def make() -> PrivateIncus:
-        made.append(_new_daemon())
+    def make(netns: bool = False) -> PrivateIncus:
+        made.append(_new_daemon(netns))
         return made[-1]
 
     try:
@@ -99,6 +102,20 @@ def private_incus_factory() -> Iterator[Callable[[], PrivateIncus]]:
     finally:
         for daemon in made:
             _teardown(daemon)
+
+
+@pytest.fixture
+def private_incus_factory() -> Iterator[Callable[..., PrivateIncus]]:
+    """Make extra private daemons; each is shut down after the test."""
+    with _factory() as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def module_incus_factory() -> Iterator[Callable[..., PrivateIncus]]:
+    """Make private daemons shared by a module's tests; each is shut down after the module."""
+    with _factory() as make:
+        yield make
 
 
 @pytest.hookimpl(trylast=True)

@@ -208,6 +208,8 @@ def test_readme_snippets_equal_examples() -> None:
         "examples/restic/incus-restic-backup",
         "examples/systemd/incus-borg.service",
         "examples/systemd/incus-borg.timer",
+        "examples/systemd/incus-borg-drill.service",
+        "examples/systemd/incus-borg-drill.timer",
     }
     for name, text in blocks:
         assert (ROOT / name).read_text() == text, f"README's copy of {name} differs from the file"

@@ -9,13 +9,10 @@ time. Each instance is deleted once compared, and the scratch projects afterward
 
 from __future__ import annotations
 
-import hashlib
 import json
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -26,9 +23,11 @@ from ..context import Context
 from ..errors import UserError
 from ..incus import Incus
 from ..manifest import Item
+from ..restore.compare import same
 from ..restore.journal import RestoreJournal
 from ..restore.rollback import refuse_pending_server
 from ..restore.source import BorgSource
+from . import drill as drill_action
 
 MAX_REPORTED = 5  # mismatching files named per instance
 
@@ -40,12 +39,13 @@ class CheckOptions:
     label: str | None = None
     verify_data: bool = False
     restore_test: bool = False
+    drill: drill_action.DrillOptions | None = None  # `--drill`: what it restores, and where
 
 
 def run(ctx: Context, options: CheckOptions) -> int:
     """Check every selected repository; any problem is an error naming what is wrong."""
     config, borg = ctx.config, ctx.borg()
-    if options.restore_test:
+    if options.restore_test or options.drill:
         refuse_pending_server(RestoreJournal.of(config), ctx.path)
     problems: list[str] = []
     for repo in config.select_repositories(options.label):
@@ -60,6 +60,8 @@ def run(ctx: Context, options: CheckOptions) -> int:
             problems.append(str(exc))
         if options.restore_test:
             problems += test_restore(config, borg, repo)
+        if options.drill:
+            problems += drill_action.run(config, borg, repo, options.drill)
     if problems:
         raise UserError("; ".join(problems))
     return 0
@@ -117,7 +119,7 @@ def _check_instance(
         relative
         for entry in map(json.loads, listing.splitlines())
         if (relative := entry["path"].removeprefix(rootfs).lstrip("/"))
-        and not _same(entry, on_disk / relative)
+        and not same(entry, on_disk / relative)
     ]
     incus.delete_instance(project, item.name)  # the disk it takes, back before the next one
     if wrong:
@@ -127,20 +129,3 @@ def _check_instance(
         ]
     click.echo(f"restore test: instance {item.ref}: every file identical")
     return []
-
-
-def _same(entry: dict[str, Any], path: Path) -> bool:
-    """Whether a restored file has the archived content, mode and owner."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    if (stat.filemode(st.st_mode), st.st_uid, st.st_gid) != (
-        entry["mode"],
-        entry["uid"],
-        entry["gid"],
-    ):
-        return False
-    if stat.S_ISREG(st.st_mode):
-        return bool(hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"])
-    return True

@@ -19,7 +19,7 @@ import secrets
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import click
@@ -32,6 +32,7 @@ from ..manifest import Item
 from . import config, unpack, volume
 from .config import owner_project
 from .journal import Entry, RestoreJournal, alive, instance_key, when
+from .poolmap import map_device_pools
 from .pools import Pool
 from .rollback import refuse_pending_server
 from .source import Source, definitions, open_run
@@ -52,6 +53,7 @@ class InstanceOptions:
     start: bool = False
     with_volumes: bool = False
     stream: bool = False
+    pool_map: dict[str, str] = field(default_factory=dict)  # archived pool -> pool here
 
 
 @dataclass
@@ -64,6 +66,7 @@ class _Target:
     new_project: list[dict[str, Any]]  # the project's archived definition, when it is missing
     definition: dict[str, Any]  # the instance's archived definition
     volumes: list[Item]  # custom volumes it uses that must be restored first
+    renamed: dict[str, str]  # pools its devices name -> the pools they map to here
 
 
 def run(ctx: Context, archive: str, label: str | None, options: InstanceOptions) -> int:
@@ -88,7 +91,8 @@ def restore(incus: Incus, source: Source, options: InstanceOptions, journal: Res
         config.recreate(incus, {"projects": target.new_project}, False, report)
         _ensure_dependencies(incus, source, target.definition, target.project)
         for vol_item in target.volumes:
-            volume.restore(incus, source, vol_item, None, None, target.project)
+            mapped = options.pool_map.get(vol_item.pool)
+            volume.restore(incus, source, vol_item, None, mapped, target.project)
         count = _create(incus, source, item, target, options.stream, journal)
     name, project, pool = target.name, target.project, target.pool["name"]
     report(
@@ -121,7 +125,7 @@ def _create(
                 incus.import_instance(tarball, temporary, target.pool["name"], project)
         else:
             pool = Pool(incus.dir, target.pool)
-            _unpack_into_pool(incus, source, item, pool, project, temporary)
+            _unpack_into_pool(incus, source, item, pool, project, temporary, target.renamed)
         restored = incus.instance(project, temporary, recursion="1")
         snapshots = [s["name"] for s in restored.get("snapshots") or []]
         check_snapshots(f"instance {project}/{name}", snapshots, item.snapshots)
@@ -227,7 +231,9 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
         )
     definition = _definition(source, "instances", item)
     volumes = _attached_volumes(definition)
-    missing = volumes if new_project else _missing_volumes(incus, volumes, project)
+    renamed = _renamed_pools(definition, options, pool["driver"], item.ref)
+    mapped = [f"{options.pool_map.get(p, p)}/{n}" for p, n in (v.split("/", 1) for v in volumes)]
+    missing = volumes if new_project else _missing_volumes(incus, volumes, mapped, project)
     if missing and not options.with_volumes:
         raise UserError(
             f"instance {item.ref} uses custom volumes that do not exist: "
@@ -237,24 +243,32 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
         find_item(source, "volume", f"{vol_pool}/{item.project}/{vol_name}")
         for vol_pool, vol_name in (ref.split("/", 1) for ref in missing)
     ]
-    return _Target(name, project, pool, new_project, definition, volume_items)
+    return _Target(name, project, pool, new_project, definition, volume_items, renamed)
 
 
 def _unpack_into_pool(
-    incus: Incus, source: Source, item: Item, pool: Pool, project: str, name: str
+    incus: Incus,
+    source: Source,
+    item: Item,
+    pool: Pool,
+    project: str,
+    name: str,
+    renamed: dict[str, str],
 ) -> None:
     """Have Incus import the instance without its data, then extract the data straight into
     the volumes it made (in parallel), and check every archived item is in place.
 
     The import alone builds the instance, its snapshots and their database records from the
-    archived backup.yaml; the data then never passes through a temporary file.
+    archived backup.yaml (its devices' pools renamed as `renamed` says); the data then never
+    passes through a temporary file.
     """
     index, config = layout.instance_import_files(item.path)
     files, entries = source.inspect(item, [index, config])
     if not files[index] or not files[config]:
         raise UserError(f"{item.ref} in {source.description} lacks its index.yaml or backup.yaml")
     with tempfile.TemporaryFile() as stub:
-        _write_stub(stub, files[index], files[config], item.snapshots)
+        backup_yaml = map_device_pools(files[config], renamed)
+        _write_stub(stub, files[index], backup_yaml, item.snapshots)
         stub.seek(0)
         incus.import_instance(stub, name, pool.name, project)
     extractions, checked = _extract_into(source, item, entries, pool, project, name)
@@ -348,14 +362,35 @@ def _attached_volumes(definition: dict[str, Any]) -> list[str]:
     )
 
 
-def _missing_volumes(incus: Incus, volumes: list[str], project: str) -> list[str]:
-    """The volumes (pool/name) that do not exist in `project`."""
+def _missing_volumes(incus: Incus, volumes: list[str], here: list[str], project: str) -> list[str]:
+    """The volumes (archived pool/name) whose pool/name on this server (`here`, in the same
+    order) does not exist in `project`."""
     missing = []
-    for ref in volumes:
-        pool, name = ref.split("/", 1)
+    for ref, mapped in zip(volumes, here, strict=True):
+        pool, name = mapped.split("/", 1)
         if name not in incus.custom_volume_names(pool, project):
             missing.append(ref)
     return missing
+
+
+def _renamed_pools(
+    definition: dict[str, Any], options: InstanceOptions, driver: str, ref: str
+) -> dict[str, str]:
+    """The pools --pool-map renames (old -> new), for the devices of the definition Incus
+    imports; refused where only the streamed import can be used, which takes the archived
+    devices as they are."""
+    renamed = {old: new for old, new in options.pool_map.items() if old != new}
+    disks = [d for d in (definition.get("devices") or {}).values() if d.get("type") == "disk"]
+    # Incus moves the root disk to the pool it imports onto by itself; not the others.
+    others = sorted(
+        {d["pool"] for d in disks if d.get("pool") and d.get("path") != "/"} & renamed.keys()
+    )
+    if others and (options.stream or driver not in layout.READABLE_DRIVERS):
+        raise UserError(
+            f"instance {ref} has volumes on pools {', '.join(others)}, which are mapped to "
+            "other pools: restore it onto a dir or btrfs pool, without --stream"
+        )
+    return renamed
 
 
 def _ensure_dependencies(

@@ -23,6 +23,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from incus_borg import mounts
+from incus_borg.restore.scratch import OWN_NAMESPACES
+
 log = logging.getLogger(__name__)
 
 INCUSD = Path("/usr/libexec/incus/incusd")
@@ -231,7 +234,7 @@ _CTL_START = """# Start the daemon fully detached (unless it runs), then wait un
 set -e
 if ! running; then
     cd /
-    {proxies} setsid nohup {incusd} --logfile "$logfile" </dev/null >>"$outfile" 2>&1 &
+    {proxies} setsid nohup {launcher}{incusd} --logfile "$logfile" </dev/null >>"$outfile" 2>&1 &
     echo "$!" >"$pidfile.tmp"
     mv "$pidfile.tmp" "$pidfile"
 fi
@@ -245,9 +248,17 @@ class PrivateIncus:
     Layout: ``root/incus`` is INCUS_DIR; the log, pidfile, ``ctl/{stop,start}`` scripts and
     client config sit beside it, so they survive a restore that moves INCUS_DIR aside (to a
     sibling such as ``root/incus.incus-borg-old-*``, which teardown also removes).
+
+    With ``netns``, the daemon runs in network and mount namespaces of its own, as the
+    drill's scratch daemon does (`incus_borg.restore.scratch`): it may create bridges of the
+    same names as another daemon's, and none of them shows on the host; its root is a shared
+    mount, so that its pools show here.
     """
 
-    def __init__(self, root: Path | None = None, *, prefix: str = PREFIX) -> None:
+    def __init__(
+        self, root: Path | None = None, *, prefix: str = PREFIX, netns: bool = False
+    ) -> None:
+        self.netns = netns
         if root is None:
             root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.root = root.resolve()
@@ -375,9 +386,11 @@ class PrivateIncus:
     def start(self, timeout: float = 60) -> None:
         """Start incusd (unless it runs) in its own session and wait until it answers."""
         if not self.running():
+            if self.netns and not mounts.is_mounted(self.root):
+                mounts.share(self.root)
             with self.outfile.open("ab") as out:
                 self._proc = subprocess.Popen(
-                    [str(INCUSD), "--logfile", str(self.logfile)],
+                    [*self.launcher, str(INCUSD), "--logfile", str(self.logfile)],
                     env={**self.env, **NO_INTERNET},
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -389,6 +402,11 @@ class PrivateIncus:
             tmp.write_text(f"{self._proc.pid}\n")
             tmp.replace(self.pidfile)
         self.wait_ready(timeout)
+
+    @property
+    def launcher(self) -> tuple[str, ...]:
+        """What runs incusd: nothing, or a new network namespace."""
+        return OWN_NAMESPACES if self.netns else ()
 
     def start_daemon(self, timeout: float = 60) -> None:
         """Start the daemon again after `stop_daemon()`; it re-attaches to running instances."""
@@ -425,7 +443,14 @@ class PrivateIncus:
         self.ctl_dir.mkdir(exist_ok=True)
         for name, body in (
             ("stop", _CTL_STOP),
-            ("start", _CTL_START.format(incusd=INCUSD, proxies=proxies)),
+            (
+                "start",
+                _CTL_START.format(
+                    incusd=INCUSD,
+                    proxies=proxies,
+                    launcher="".join(q(word) + " " for word in self.launcher),
+                ),
+            ),
         ):
             script = self.ctl_dir / name
             script.write_text(head + body)
@@ -490,7 +515,10 @@ class PrivateIncus:
             log.warning("incusd in %s still alive after admin shutdown", self.root)
 
     def _remember_bridges(self) -> None:
-        """Record the managed bridges of this daemon, so teardown can delete them."""
+        """Record the managed bridges of this daemon, so teardown can delete them (those in a
+        namespace of its own go with it, and another daemon's may have the same names)."""
+        if self.netns:
+            return
         for path in ("/1.0/networks?recursion=1&all-projects=true", "/1.0/networks?recursion=1"):
             try:
                 networks = self.query(path)

@@ -33,6 +33,11 @@ class FakeIncus:
             raise UserError("Incus is not reachable")
         return self.status
 
+    def settle(self, kind: str, project: str, name: str) -> None:
+        """Nothing is under way (and nothing answers while Incus is down)."""
+        if not self.up:
+            raise UserError("Incus is not reachable")
+
     def reachable(self) -> bool:
         return self.up
 

@@ -1,0 +1,169 @@
+"""`incus-borg restore all`: a whole run rebuilt onto an existing server through its API.
+
+In dependency order: projects; storage pools that do not exist yet (mapped by --pool-map,
+possibly onto another driver); network zones, ACLs and networks; profiles, their devices on
+the mapped pools; custom volumes with their snapshots; every instance with its snapshots
+(through `restore instance`). What exists is left alone and reported; --dry-run prints the
+whole plan first. A failure stops with exit 2 naming what was created, so that running the
+same command again continues. --start starts what was running at backup time, in
+`boot.autostart.priority` order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .. import signals
+from ..context import Context
+from ..errors import UserError
+from ..incus import Incus
+from . import graph, poolmap, rebuild
+from .graph import Graph, Node
+from .journal import RestoreJournal
+from .poolmap import PoolMap
+from .rebuild import EXISTS, Plan
+from .rollback import refuse_pending_server
+from .source import NEWEST_COMPLETE, Source, open_run
+from .target import matching, report
+
+START_TIMEOUT = 60  # seconds an instance may take to report Running once started
+
+
+@dataclass
+class AllOptions:
+    """What `restore all` was asked for."""
+
+    archive: str
+    pool_map: tuple[str, ...] = ()  # OLD=NEW[:DRIVER[:key=value,...]]
+    projects: tuple[str, ...] = ()
+    dry_run: bool = False
+    start: bool = False
+    label: str | None = None
+
+
+def run(ctx: Context, options: AllOptions) -> int:
+    """Rebuild the run the options name onto the configured server; the exit code."""
+    journal = RestoreJournal.of(ctx.config)
+    refuse_pending_server(journal, ctx.path)
+    maps = poolmap.parse(options.pool_map)
+    source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)
+    incus = ctx.incus()
+    plan = prepare(incus, source, maps, projects=options.projects)
+    show(plan, options.dry_run)
+    if options.dry_run:
+        return 0
+    with signals.interruptible():
+        outcome = rebuild.carry_out(incus, plan, journal)
+    kept = f", {len(outcome.kept)} already here and left alone" if outcome.kept else ""
+    report(f"restore all: {len(outcome.created)} created{kept}")
+    if options.start:
+        started = start_running(incus, plan, outcome.created)
+        failed = [f"{node.label}: {why}" for node, why in started.items() if isinstance(why, str)]
+        if failed:
+            raise UserError(f"restored, but not every instance starts: {'; '.join(failed)}")
+    return outcome.exit_code
+
+
+def prepare(
+    incus: Incus,
+    source: Source,
+    maps: dict[str, PoolMap],
+    projects: Iterable[str] = (),
+    instances: Iterable[str] = (),
+) -> Plan:
+    """The plan for the run: everything, or the named projects' entities, or the named
+    instances ([P/]NAME), each with what it needs."""
+    whole = rebuild.read_graph(source)
+    pools = rebuild.complete_map(whole, maps)
+    return rebuild.make_plan(
+        incus, source, whole, pools, selected(source, whole, projects, instances)
+    )
+
+
+def selected(
+    source: Source, whole: Graph, projects: Iterable[str], instances: Iterable[str]
+) -> set[Node]:
+    """The nodes a selection needs: the named projects' entities and the named instances,
+    with everything they refer to; all of them when nothing is named."""
+    projects, instances = list(projects), list(instances)
+    if not projects and not instances:
+        return set(whole.definitions)
+    known = {n.name for n in whole.of_kind("projects")}
+    unknown = sorted(set(projects) - known)
+    if unknown:
+        raise UserError(
+            f"--project {unknown[0]}: the run has no such project (it has: {', '.join(sorted(known))})"
+        )
+    roots = [
+        n
+        for n in whole.definitions
+        if n.project in projects or (n.kind == "projects" and n.name in projects)
+    ]
+    for ref in instances:
+        found = matching(source.manifest, "instance", ref)
+        if len(found) != 1:
+            held = ", ".join(i.ref for i in source.manifest.instances) or "none"
+            why = (
+                "is ambiguous: add the project"
+                if found
+                else f"is not in the run (it holds: {held})"
+            )
+            raise UserError(f"instance {ref!r} {why}")
+        roots.append(Node("instances", found[0].project, found[0].name))
+    return graph.closure(whole, roots)
+
+
+def show(plan: Plan, dry_run: bool) -> None:
+    """The plan: in a dry run every step, else what is left alone."""
+    todo = [s for s in plan.steps if s.action != EXISTS]
+    kept = [s for s in plan.steps if s.action == EXISTS]
+    what = " (dry run: nothing is changed)" if dry_run else ""
+    report(
+        f"restore all from {plan.source.description}{what}: {len(todo)} to create, "
+        f"{len(kept)} already here (left alone)"
+    )
+    for step in plan.steps if dry_run else kept:
+        report(step.line())
+
+
+def priority(plan: Plan, node: Node) -> int:
+    """An instance's `boot.autostart.priority` (0 when unset or not a number)."""
+    definition = plan.graph.definitions.get(node, {})
+    config = definition.get("expanded_config") or definition.get("config") or {}
+    try:
+        return int(config.get("boot.autostart.priority", 0))
+    except ValueError:
+        return 0
+
+
+def start_running(incus: Incus, plan: Plan, created: list[Node]) -> dict[Node, float | str]:
+    """Start the created instances that were running at backup time, highest
+    `boot.autostart.priority` first, each waited for until it runs; per instance the
+    seconds it took, or why it did not start."""
+    wanted = [
+        n for n in created if n.kind == "instances" and plan.graph.items[n].state == "Running"
+    ]
+    wanted.sort(key=lambda n: (-priority(plan, n), n.project, n.name))
+    results: dict[Node, float | str] = {}
+    for node in wanted:
+        began = time.monotonic()
+        try:
+            incus.change_state(node.project, node.name, "start")
+            _wait_running(incus, node)
+        except UserError as exc:
+            results[node] = str(exc)
+            report(f"{node.label}: does not start: {exc}")
+            continue
+        results[node] = time.monotonic() - began
+        report(f"{node.label}: started")
+    return results
+
+
+def _wait_running(incus: Incus, node: Node) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while (status := incus.instance_status(node.project, node.name)) != "Running":
+        if time.monotonic() > deadline:
+            raise UserError(f"it is {status} {START_TIMEOUT} s after its start")
+        time.sleep(0.2)
