@@ -60,6 +60,8 @@ class Manifest:
     # Not the whole server: instances were named (--instance, `instances:`) or left out.
     partial: bool = False
     format: int = FORMAT_VERSION
+    member: str | None = None  # the cluster member that made the run; None: not clustered
+    database_note: str = ""  # why the database is `dumps-only`, when it is
 
     def to_json(self) -> str:
         """Serialise as indented JSON."""

@@ -15,12 +15,14 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
+from harness.cluster import Cluster
 from harness.incusd import INCUS, INCUSD, PrivateIncus
 from harness.server import IncusServer, prepare_server
 
 log = logging.getLogger(__name__)
 
-INCUS_FIXTURES = frozenset({"incus_server", "private_incus_factory"})
+INCUS_FIXTURES = frozenset({"incus_server", "private_incus_factory", "incus_cluster"})
+CLUSTER_SIZE = 3  # members of `incus_cluster` (measured to fit 2 cores: see README, Tests)
 
 _daemons: list[PrivateIncus] = []  # every daemon this session created
 _leftovers: list[str] = []  # what the session-finish check found
@@ -99,6 +101,22 @@ def private_incus_factory() -> Iterator[Callable[[], PrivateIncus]]:
     finally:
         for daemon in made:
             _teardown(daemon)
+
+
+@pytest.fixture(scope="module")
+def incus_cluster() -> Iterator[Cluster]:
+    """A prepared cluster of private daemons on 127.0.0.2, .3, ... built once per module."""
+    reason = incus_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(_new_daemon)
+    try:
+        cluster.form(CLUSTER_SIZE)
+        yield cluster
+    finally:
+        cluster.shutdown()
+        for daemon in cluster.daemons:
+            atexit.unregister(daemon.shutdown)
 
 
 @pytest.hookimpl(trylast=True)

@@ -80,7 +80,7 @@ def run(ctx: Context, options: BackupOptions) -> int:
     repos = config.select_repositories(options.label)
     selection = list(options.instances) or config.instances
     with session.locked("backup"):
-        the_plan = plan.build(session.incus, session.mode, selection)
+        the_plan = plan.build(session.incus, session.mode, selection, session.member)
         if options.dry_run:
             print_plan(the_plan, config, repos, session.report)
             return 0
@@ -126,6 +126,7 @@ def write_run(
     (one quiesce of each instance for all), or one repository after another."""
     session = capture.session
     database = capture.capture_server(the_plan)
+    exact = database == "exact"
 
     def manifest_content() -> bytes:  # once every borg has read everything else
         return capture.manifest(the_plan, database, borg.version, False).to_json().encode()
@@ -134,7 +135,10 @@ def write_run(
     groups = [[repo] for repo in repos] if config.quiesce_per_repository else [repos]
     env = {"BORG_FILES_CACHE_SUFFIX": FILES_CACHE_SUFFIX}
     for group in groups:
-        calls = [(repo, create_args(session.run, the_plan, repo)) for repo in group]
+        calls = [
+            (repo, create_args(session.run, the_plan, repo, session.member, exact))
+            for repo in group
+        ]
         # Closing the gate lets every held open through: nothing may open a gated path
         # of this process's own (such as emptying staging) before it is closed.
         with Gate() as gate:
@@ -146,10 +150,18 @@ def write_run(
             report_lane(capture, the_plan, lane, outcome)
 
 
-def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
-    """`borg create` of the whole staging tree: the server's files, every item in the
-    plan's order, the manifest last."""
-    server = [str(p) for p in layout.SERVER_PATHS if p != layout.MANIFEST]
+def create_args(
+    run: str,
+    the_plan: Plan,
+    repo: Repository,
+    member: str | None = None,
+    database: bool = True,
+) -> list[str]:
+    """`borg create` of the whole staging tree: the server's files (the database copy only
+    when `database`), every item in the plan's order, the manifest last (`member`: the
+    cluster member making the run)."""
+    left_out = {layout.MANIFEST} | (set() if database else {layout.DATABASE})
+    server = [str(p) for p in layout.SERVER_PATHS if p not in left_out]
     paths = [*server, *(item.path for item in the_plan.items), str(layout.MANIFEST)]
     excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
     return create_argv(
@@ -159,7 +171,7 @@ def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
         excludes=excludes,
         files_cache=FILES_CACHE,
         progress=True,  # its regular lines show that borg is not stalled
-        comment=layout.run_comment(the_plan.partial),
+        comment=layout.run_comment(the_plan.partial, member),
     )
 
 
@@ -206,6 +218,8 @@ def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: 
             f"{item.kind} {item.ref} on {item.pool} ({item.driver}): {item.mode}, "
             f"snapshots {item.snapshots or 'none'} -> {item.path}"
         )
+    for other in the_plan.elsewhere:
+        report(f"{other}: on another cluster member, skipped (its member's run holds it)")
 
 
 def summary(
@@ -214,6 +228,7 @@ def summary(
     """The machine-readable summary printed by --json."""
     return {
         "run": capture.session.run,
+        "member": capture.session.member,
         "archives": outcome.archives,
         "bytes_read": outcome.read,
         "deduplicated_bytes_added": outcome.added,

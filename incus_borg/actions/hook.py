@@ -34,9 +34,8 @@ def pre(ctx: Context, options: PreOptions) -> int:
     warnings = Warnings()
     session = _session(ctx, options.mode, warnings)
     with session.locked("hook pre"):
-        the_plan = plan.build(
-            session.incus, session.mode, list(options.instances) or ctx.config.instances
-        )
+        selection = list(options.instances) or ctx.config.instances
+        the_plan = plan.build(session.incus, session.mode, selection, session.member)
         capture = Capture(session)
         with session.holding("hook", release=False):
             database = capture.capture_server(the_plan)

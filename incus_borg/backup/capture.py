@@ -15,6 +15,12 @@ from .journal import Step
 from .plan import Plan
 from .session import Session
 
+# Why a cluster member's run holds no copy of the database.
+CLUSTER_DATABASE = (
+    "a cluster's global database is a raft replica: one member's copy is not a valid "
+    "database alone, and stopping a member disturbs the quorum of a small cluster"
+)
+
 
 @dataclass
 class Held:
@@ -34,6 +40,7 @@ class Capture:
         self.session = session
         self.timings: dict[str, float] = {}
         self.daemon_downtime: float | None = None
+        self.database_note = ""  # why the database is only in the SQL dumps, when it is
         # Instances this run froze or stopped: the step, and how many held items need it.
         self.held: dict[str, list[Any]] = {}
 
@@ -47,10 +54,10 @@ class Capture:
         s = self.session
         started = time.monotonic()
         s.stage.prepare()
-        s.stage.write_definitions(s.incus)
+        s.stage.write_definitions(s.incus, clustered=s.member is not None)
         s.stage.write_dumps(s.incus)
         s.stage.copy_host_files(Path(s.config.incus.subuid), Path(s.config.incus.subgid))
-        s.stage.write_plan_indexes(s.incus, plan)
+        s.stage.write_plan_indexes(s.incus, plan, s.member)
         self.timings["metadata"] = time.monotonic() - started
         database = self._capture_database()
         s.quiescer.bind({s.stage.path(layout.INCUS): Path(s.config.incus.dir)})
@@ -58,7 +65,12 @@ class Capture:
 
     def _capture_database(self) -> str:
         s = self.session
+        if s.member is not None:
+            self.database_note = CLUSTER_DATABASE
+            s.report(f"database: SQL dumps only, the daemon keeps running ({CLUSTER_DATABASE})")
+            return "dumps-only"
         if not s.config.quiesce_daemon:
+            self.database_note = "quiesce_daemon is false"
             s.warnings.add(
                 "quiesce_daemon is false: only SQL dumps of the database are backed up, so "
                 "`restore server` has no exact database"
@@ -95,7 +107,8 @@ class Capture:
         if item.mode == "snapshot" and item.kind == "instance":
             held.steps.append(q.snapshot_instance(item.project, item.name, snap))
         elif item.mode == "snapshot":
-            held.steps.append(q.snapshot_volume(item.pool, item.project, item.name, snap))
+            volume = (item.pool, item.project, item.name)
+            held.steps.append(q.snapshot_volume(*volume, snap, self.session.member))
         elif item.mode in ("freeze", "stop"):
             # A volume freezes (or stops) the running instances using it; an instance held
             # for two items at once is released when neither needs it any more.
@@ -165,4 +178,6 @@ class Capture:
             volumes=plan.volumes,
             timings=self.timings,
             partial=plan.partial,
+            member=s.member,
+            database_note=self.database_note,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import layout
@@ -22,6 +22,8 @@ class Plan:
     volumes: list[Item]
     pools: dict[str, str]  # name -> driver
     partial: bool = False  # only the named instances, not the whole server
+    # On a cluster: what other members hold (read by their own runs), as "kind ref (member)".
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def items(self) -> list[Item]:
@@ -45,11 +47,16 @@ def user_snapshots(names: list[str]) -> list[str]:
     return [n for n in names if not n.startswith(layout.SNAPSHOT_PREFIX)]
 
 
-def build(incus: Incus, requested_mode: str, selection: list[str]) -> Plan:
-    """Query Incus for every instance and custom volume, narrowed by `selection`."""
+def build(
+    incus: Incus, requested_mode: str, selection: list[str], member: str | None = None
+) -> Plan:
+    """Query Incus for every instance and custom volume, narrowed by `selection`; on a
+    cluster (`member` is this member's name), to those located on this member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances()
     chosen = _select(raw, selection)
+    elsewhere = [i for i in chosen if member is not None and i["location"] != member]
+    chosen = [i for i in chosen if i not in elsewhere]
     instances = [_instance_item(i, pools, requested_mode) for i in chosen]
     unreadable = [
         i.ref for i in instances if i.driver not in layout.READABLE_DRIVERS or i.type != "container"
@@ -61,8 +68,9 @@ def build(incus: Incus, requested_mode: str, selection: list[str]) -> Plan:
         )
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
-    volumes = _volumes(incus, pools, requested_mode, running, wanted)
-    return Plan(instances, volumes, pools, partial=bool(selection))
+    volumes, other_volumes = _volumes(incus, pools, requested_mode, running, wanted, member)
+    others = [f"instance {i['project']}/{i['name']} ({i['location']})" for i in elsewhere]
+    return Plan(instances, volumes, pools, bool(selection), others + other_volumes)
 
 
 def _select(raw: list[dict[str, Any]], selection: list[str]) -> list[dict[str, Any]]:
@@ -107,11 +115,14 @@ def _volumes(
     requested: str,
     running: set[str],
     wanted: set[str] | None,
-) -> list[Item]:
-    """Custom volumes: all, or (when instances were named) those the named instances use."""
-    items = []
+    member: str | None = None,
+) -> tuple[list[Item], list[str]]:
+    """Custom volumes: all, or (when instances were named) those the named instances use;
+    on a cluster, those on `member`, and the others named as "volume ref (member)"."""
+    items: list[Item] = []
+    elsewhere: list[str] = []
     for pool, driver in sorted(pools.items()):
-        raw = incus.custom_volumes(pool)
+        raw = _located(incus.custom_volumes(pool), member, pool, elsewhere)
         snaps: dict[tuple[str, str], list[str]] = {}
         for vol in raw:
             parent, _, snap = vol["name"].partition("/")
@@ -142,4 +153,20 @@ def _volumes(
                     users=users,
                 )
             )
-    return sorted(items, key=lambda i: (i.pool, i.project, i.name))
+    return sorted(items, key=lambda i: (i.pool, i.project, i.name)), elsewhere
+
+
+def _located(
+    volumes: list[dict[str, Any]], member: str | None, pool: str, elsewhere: list[str]
+) -> list[dict[str, Any]]:
+    """The volumes (and snapshots) on `member` (all when not clustered); the volumes on other
+    members are named in `elsewhere`. Volumes of one name may lie on several members."""
+    if member is None:
+        return volumes
+    here = [v for v in volumes if v.get("location") in (member, "")]
+    elsewhere += [
+        f"volume {pool}/{v['project']}/{v['name']} ({v['location']})"
+        for v in volumes
+        if v not in here and "/" not in v["name"]
+    ]
+    return here
