@@ -35,15 +35,26 @@ class Options:
     config_file: str | None
     debug: bool
 
-    def context(self) -> Context:
-        """The validated configuration these options point at, ready for an action."""
+    def context(self, member: str | None = None) -> Context:
+        """The validated configuration these options point at, ready for an action
+        (`member`: whose runs `latest` and `prune` mean, from --member)."""
         config, path = config_module.load(self.config_file)
-        return Context(config, path, self.debug)
+        return Context(config, path, self.debug, member)
 
 
 pass_options = click.make_pass_decorator(Options)
 repository_option = click.option(
     "--repository", "label", metavar="LABEL", help="Only the repository with this label."
+)
+member_option = click.option(
+    "--member",
+    metavar="NAME",
+    help="On a cluster: `latest` means this member's newest run (default: this member's).",
+)
+target_option = click.option(
+    "--target",
+    metavar="MEMBER",
+    help="On a cluster: restore onto this member (default: the one running the command).",
 )
 
 
@@ -91,20 +102,33 @@ def init(options: Options, label: str | None) -> None:
 @cli.command(name="list")
 @click.argument("archive", required=False)
 @repository_option
+@member_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @pass_options
-def list_command(options: Options, archive: str | None, label: str | None, as_json: bool) -> None:
+def list_command(
+    options: Options, archive: str | None, label: str | None, member: str | None, as_json: bool
+) -> None:
     """List the runs in the repositories, or what one run (ARCHIVE) holds."""
-    list_runs.run(options.context(), archive, label, as_json)
+    list_runs.run(options.context(member), archive, label, as_json)
 
 
 @cli.command()
 @repository_option
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted, delete nothing.")
+@click.option(
+    "--member", metavar="NAME", help="On a cluster: prune this member's runs (default: this one's)."
+)
+@click.option("--all-members", is_flag=True, help="On a cluster: prune every member's runs.")
 @pass_options
-def prune(options: Options, label: str | None, dry_run: bool) -> int:
-    """Delete incus-borg's runs beyond the retention (never other archives), then compact."""
-    return prune_action.run(options.context(), label, dry_run)
+def prune(
+    options: Options, label: str | None, dry_run: bool, member: str | None, all_members: bool
+) -> int:
+    """Delete incus-borg's runs beyond the retention (never other archives), then compact.
+
+    On a cluster the retention applies to each member's runs apart, and only this member's
+    runs are pruned unless --member or --all-members says otherwise.
+    """
+    return prune_action.run(options.context(member), label, dry_run, all_members)
 
 
 @cli.command()
@@ -254,7 +278,9 @@ def restore() -> None:
     help="Stream the data through `incus import` instead of extracting it into the pool "
     "(always done for pools other than dir and btrfs).",
 )
+@target_option
 @repository_option
+@member_option
 @pass_options
 def restore_instance(
     options: Options,
@@ -266,7 +292,9 @@ def restore_instance(
     start: bool,
     with_volumes: bool,
     stream: bool,
+    target: str | None,
     label: str | None,
+    member: str | None,
 ) -> int:
     """Restore one instance with its snapshots.
 
@@ -274,9 +302,9 @@ def restore_instance(
     volumes on dir and btrfs pools, and streamed into `incus import` on other pools.
     """
     wanted = instance_kind.InstanceOptions(
-        name, new_name, pool, project, start, with_volumes, stream
+        name, new_name, pool, project, start, with_volumes, stream, target=target
     )
-    return instance_kind.run(options.context(), archive, label, wanted)
+    return instance_kind.run(options.context(member), archive, label, wanted)
 
 
 @restore.command(name="volume")
@@ -284,7 +312,9 @@ def restore_instance(
 @click.argument("name", metavar="POOL/[P/]NAME")
 @as_option
 @pool_option
+@target_option
 @repository_option
+@member_option
 @pass_options
 def restore_volume(
     options: Options,
@@ -292,11 +322,13 @@ def restore_volume(
     name: str,
     new_name: str | None,
     pool: str | None,
+    target: str | None,
     label: str | None,
+    member: str | None,
 ) -> None:
     """Restore one custom volume (filesystem or block) with its snapshots."""
-    wanted = volume_kind.VolumeOptions(archive, name, new_name, pool, label)
-    volume_kind.run(options.context(), wanted)
+    wanted = volume_kind.VolumeOptions(archive, name, new_name, pool, label, target)
+    volume_kind.run(options.context(member), wanted)
 
 
 @restore.command(name="all")
@@ -340,8 +372,10 @@ def restore_all(
 @click.option("--profiles", is_flag=True, help="Profiles.")
 @click.option("--networks", is_flag=True, help="Managed networks.")
 @click.option("--projects", is_flag=True, help="Projects.")
+@click.option("--pools", is_flag=True, help="Storage pools.")
 @click.option("--replace", is_flag=True, help="Overwrite entities that exist.")
 @repository_option
+@member_option
 @pass_options
 def restore_config(
     options: Options,
@@ -350,17 +384,17 @@ def restore_config(
     profiles: bool,
     networks: bool,
     projects: bool,
+    pools: bool,
     replace: bool,
     label: str | None,
+    member: str | None,
 ) -> None:
-    """Recreate projects, networks and profiles from the archive's definitions."""
-    kinds = [
-        k
-        for k, on in (("projects", projects), ("networks", networks), ("profiles", profiles))
-        if on
-    ]
+    """Recreate projects, pools, networks and profiles from the archive's definitions (on a
+    cluster, pools and networks with each member's own config)."""
+    chosen = (("projects", projects), ("networks", networks), ("profiles", profiles))
+    kinds = [k for k, on in (*chosen, ("storage-pools", pools)) if on]
     wanted = config_kind.ConfigOptions(archive, kinds, names, replace, label)
-    config_kind.run(options.context(), wanted)
+    config_kind.run(options.context(member), wanted)
 
 
 @restore.command(name="files")
@@ -370,6 +404,7 @@ def restore_config(
 @click.option("--to", "dest", required=True, metavar="DIR", help="Where to write them.")
 @click.option("--overwrite", is_flag=True, help="Replace files that exist under DIR.")
 @repository_option
+@member_option
 @pass_options
 def restore_files(
     options: Options,
@@ -379,10 +414,11 @@ def restore_files(
     dest: str,
     overwrite: bool,
     label: str | None,
+    member: str | None,
 ) -> None:
     """Copy files or directories out of an instance (or POOL/[P/]NAME volume) into DIR."""
     wanted = files_kind.FilesOptions(archive, name, paths, Path(dest), label, overwrite)
-    files_kind.run(options.context(), wanted)
+    files_kind.run(options.context(member), wanted)
 
 
 @restore.command(name="server")

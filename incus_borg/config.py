@@ -150,9 +150,11 @@ class Config:
         "repository is slow; each repository still holds a consistent state.",
     )
     archive_name_format: str = key(
-        "{hostname}-{now:%Y-%m-%dT%H:%M:%S}",
+        "{member}-{now:%Y-%m-%dT%H:%M:%S}",
         "Name of each run's archive: {now} or {utcnow} (optionally {now:strftime format}), "
-        "{hostname}, {fqdn} and {member} are replaced; no '/', '@' or '::'.",
+        "{hostname}, {fqdn} and {member} are replaced; no '/', '@' or '::'. {member} is the "
+        "cluster member's name, or the hostname when not clustered; on a cluster a format "
+        "without {member} gets '-{member}' appended, so that members never collide.",
     )
     instances: list[str] = key(
         [], "Instances to back up, as name or project/name; empty means all, in all projects."

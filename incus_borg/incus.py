@@ -35,9 +35,14 @@ def _segment(name: str) -> str:
     return quote(name, safe="")
 
 
-def api_path(*segments: str, project: str | None = None, **params: str) -> str:
-    """`/1.0/<segments...>?project=...&<params>`, every segment quoted."""
+def api_path(
+    *segments: str, project: str | None = None, target: str | None = None, **params: str
+) -> str:
+    """`/1.0/<segments...>?project=...&target=...&<params>`, every segment quoted; `target`
+    names the cluster member a request is about (None: none, or the one that answers)."""
     path = "/".join(["/1.0", *(_segment(s) for s in segments)])
+    if target is not None:
+        params = {"target": target, **params}
     if project is not None:
         params = {"project": project, **params}
     return f"{path}?{urlencode(params)}" if params else path
@@ -159,8 +164,10 @@ class Incus:
         what = path.split("?")[0].removeprefix("/1.0/")
         return UserError(f"Incus refused {method} {what}: {message}")
 
-    def _get(self, *segments: str, project: str | None = None, **params: str) -> Any:
-        return self.request("GET", api_path(*segments, project=project, **params))
+    def _get(
+        self, *segments: str, project: str | None = None, target: str | None = None, **params: str
+    ) -> Any:
+        return self.request("GET", api_path(*segments, project=project, target=target, **params))
 
     def _list(self, kind: str, project: str | None = None, recursion: str = "1") -> Any:
         """A collection, of one project or (kinds that have projects, `project` None) of all."""
@@ -198,6 +205,34 @@ class Incus:
         """`incus admin sql local|global .dump`: the database as SQL text."""
         return self.run(["admin", "sql", scope, ".dump"])
 
+    # --- the cluster -----------------------------------------------------------------------
+
+    def cluster(self) -> dict[str, Any]:
+        """GET /1.0/cluster: whether the server is clustered, and this member's name."""
+        return dict(self._get("cluster"))
+
+    def member(self) -> str | None:
+        """This cluster member's name; None when the server is not clustered."""
+        cluster = self.cluster()
+        return str(cluster["server_name"]) if cluster.get("enabled") else None
+
+    def cluster_members(self) -> list[dict[str, Any]]:
+        """Every cluster member, with its status and roles."""
+        return list(self._get("cluster", "members", recursion="1"))
+
+    def cluster_groups(self) -> list[dict[str, Any]]:
+        """Every cluster group, with its members."""
+        return list(self._get("cluster", "groups", recursion="1"))
+
+    def member_answers(self, name: str, timeout: float = 30) -> str | None:
+        """Ask member `name` for its server record (forwarded by this member): None when it
+        answers, else why it does not."""
+        try:
+            self.request("GET", api_path(target=name), timeout=timeout)
+        except UserError as exc:
+            return str(exc).rpartition(": ")[2] or str(exc)
+        return None
+
     # --- entities --------------------------------------------------------------------------
 
     def entities(self, kind: str, project: str | None = None) -> list[dict[str, Any]]:
@@ -209,15 +244,35 @@ class Incus:
         """Names of the entities of a kind in a project (kinds without projects: None)."""
         return set(names_of(self._get(kind, project=project)))
 
-    def create_entity(self, kind: str, project: str | None, body: dict[str, Any]) -> None:
-        """Create a project, network or profile."""
-        self.request("POST", api_path(kind, project=project), body)
+    def entity(
+        self, kind: str, project: str | None, name: str, target: str | None = None
+    ) -> dict[str, Any]:
+        """One entity; a network's or pool's with the config of cluster member `target`
+        (its member-specific keys, such as a pool's `source`, show only then)."""
+        return dict(self._get(kind, name, project=project, target=target))
+
+    def create_entity(
+        self, kind: str, project: str | None, body: dict[str, Any], target: str | None = None
+    ) -> None:
+        """Create a project, pool, network or profile; with `target`, a network or pool
+        pending on that cluster member (created everywhere once created without target)."""
+        self.request("POST", api_path(kind, project=project, target=target), body)
 
     def update_entity(
-        self, kind: str, project: str | None, name: str, body: dict[str, Any]
+        self,
+        kind: str,
+        project: str | None,
+        name: str,
+        body: dict[str, Any],
+        target: str | None = None,
     ) -> None:
-        """Replace a project's, network's or profile's writable fields."""
-        self.request("PUT", api_path(kind, name, project=project), body)
+        """Replace a project's, pool's, network's or profile's writable fields (with
+        `target`, a network's or pool's config on that cluster member)."""
+        self.request("PUT", api_path(kind, name, project=project, target=target), body)
+
+    def delete_entity(self, kind: str, project: str | None, name: str) -> None:
+        """Delete a pool or network (also one still pending on cluster members)."""
+        self.request("DELETE", api_path(kind, name, project=project))
 
     def project(self, name: str) -> dict[str, Any]:
         """One project."""
@@ -249,36 +304,53 @@ class Incus:
             return list(self._get(*segments, recursion="1", **{"all-projects": "true"}))
         return list(self._get(*segments, project=project, recursion="1"))
 
-    def custom_volume_names(self, pool: str, project: str) -> set[str]:
-        """Names of a pool's custom volumes in a project (snapshots left out)."""
+    # A volume of a pool local to each cluster member is named per member: volumes of one
+    # name may lie on several members, and `target` says which one a call is about.
+
+    def custom_volume_names(self, pool: str, project: str, target: str | None = None) -> set[str]:
+        """Names of a pool's custom volumes in a project (snapshots left out); with `target`,
+        only those on that cluster member."""
         segments = ("storage-pools", pool, "volumes", "custom")
-        return {n for n in names_of(self._get(*segments, project=project)) if "/" not in n}
+        if target is None:
+            return {n for n in names_of(self._get(*segments, project=project)) if "/" not in n}
+        volumes = self._get(*segments, project=project, recursion="1")
+        here = (target, "")  # a volume of a pool shared by all members has no location
+        return {v["name"] for v in volumes if "/" not in v["name"] and v["location"] in here}
 
-    def custom_volume(self, pool: str, project: str, name: str) -> dict[str, Any]:
+    def custom_volume(
+        self, pool: str, project: str, name: str, target: str | None = None
+    ) -> dict[str, Any]:
         """One custom volume."""
-        return dict(self._get("storage-pools", pool, "volumes", "custom", name, project=project))
+        segments = ("storage-pools", pool, "volumes", "custom", name)
+        return dict(self._get(*segments, project=project, target=target))
 
-    def volume_snapshot_records(self, pool: str, project: str, name: str) -> list[dict[str, Any]]:
+    def volume_snapshot_records(
+        self, pool: str, project: str, name: str, target: str | None = None
+    ) -> list[dict[str, Any]]:
         """A custom volume's snapshots, in full."""
         segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots")
-        return list(self._get(*segments, project=project, recursion="1"))
+        return list(self._get(*segments, project=project, target=target, recursion="1"))
 
-    def volume_snapshots(self, pool: str, project: str, name: str) -> list[str]:
+    def volume_snapshots(
+        self, pool: str, project: str, name: str, target: str | None = None
+    ) -> list[str]:
         """Names of a custom volume's snapshots, oldest first."""
         segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots")
-        return names_of(self._get(*segments, project=project))
+        return names_of(self._get(*segments, project=project, target=target))
 
-    def create_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
+    def create_volume_snapshot(
+        self, pool: str, project: str, name: str, snap: str, target: str | None = None
+    ) -> None:
         """Take a snapshot of a custom volume."""
-        path = api_path(
-            "storage-pools", pool, "volumes", "custom", name, "snapshots", project=project
-        )
-        self.request("POST", path, {"name": snap})
+        segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots")
+        self.request("POST", api_path(*segments, project=project, target=target), {"name": snap})
 
-    def delete_volume_snapshot(self, pool: str, project: str, name: str, snap: str) -> None:
+    def delete_volume_snapshot(
+        self, pool: str, project: str, name: str, snap: str, target: str | None = None
+    ) -> None:
         """Delete one snapshot of a custom volume."""
         segments = ("storage-pools", pool, "volumes", "custom", name, "snapshots", snap)
-        self.request("DELETE", api_path(*segments, project=project))
+        self.request("DELETE", api_path(*segments, project=project, target=target))
 
     def image_volumes(self, pool: str) -> list[dict[str, Any]]:
         """A pool's image volumes (unpacked images that instances are cloned from)."""
@@ -360,15 +432,24 @@ class Incus:
         """Delete one snapshot of an instance."""
         self.request("DELETE", api_path("instances", name, "snapshots", snap, project=project))
 
+    def move_instance(self, project: str, name: str, target: str) -> None:
+        """Move a stopped instance (with its snapshots) to cluster member `target`."""
+        path = api_path("instances", name, project=project, target=target)
+        self.request("POST", path, {"name": name, "migration": True}, timeout=OPERATION_TIMEOUT)
+
     def import_instance(self, stream: IO[bytes], name: str, pool: str, project: str) -> None:
-        """`incus import`: an instance from a backup tarball read from `stream`."""
+        """`incus import`: an instance from a backup tarball read from `stream`. On a cluster
+        it lands on this member (Incus 6.0 has no target for it: see `move_instance`)."""
         args = ["import", "-", name, "--storage", pool, "--project", project]
         self.feed(args, stream)
 
-    def import_volume(self, stream: IO[bytes], pool: str, name: str, project: str) -> None:
-        """`incus storage volume import`: a custom volume from a backup tarball."""
+    def import_volume(
+        self, stream: IO[bytes], pool: str, name: str, project: str, target: str | None = None
+    ) -> None:
+        """`incus storage volume import`: a custom volume from a backup tarball (onto cluster
+        member `target`, when given)."""
         args = ["storage", "volume", "import", pool, "/dev/stdin", name, "--project", project]
-        self.feed(args, stream)
+        self.feed(args + (["--target", target] if target else []), stream)
 
     # --- commands inside instances ---------------------------------------------------------
 

@@ -6,7 +6,11 @@ The staging tree, relative to `staging_dir`, is exactly what an archive holds:
     host/subuid, host/subgid             uid/gid shifting ranges
     database/                            Incus's database, copied while the daemon was stopped
     dumps/local.sql, dumps/global.sql    `incus admin sql local|global .dump`
-    definitions/<kind>.yaml              every entity's definition, as the API shows it
+    definitions/<kind>.yaml              every entity's definition, as the API shows it; on a
+                                         cluster, networks and pools carry `member_config`
+                                         (member -> its member-specific keys), and
+                                         cluster.yaml, cluster-members.yaml and
+                                         cluster-groups.yaml describe the cluster
     incus/                               the Incus directory (read-only bind mount)
     instances/<project>/<name>/backup/   laid out as `incus import` expects:
         index.yaml, container/ (bind), snapshots/<snap>/ (bind)
@@ -56,6 +60,8 @@ COMPLETE, PARTIAL, UNKNOWN = "complete", "partial", "unknown"
 READABLE_DRIVERS = frozenset({"dir", "btrfs"})
 
 PART_MARK = "@"  # part archives are named <run>@<kind>@...
+# In the archived definition of a cluster's network or pool: member -> its member-specific keys.
+MEMBER_CONFIG = "member_config"
 
 
 def instance_archive(run: str, project: str, name: str) -> str:
@@ -194,9 +200,11 @@ def volume_mounts(
     return {backup / member: path for member, path in places.items()}
 
 
-def run_comment(partial: bool) -> str:
-    """The Borg comment on every archive of a run: incus-borg's mark and the run's state."""
-    return f"{RUN_COMMENT} run={PARTIAL if partial else COMPLETE}"
+def run_comment(partial: bool, member: str | None = None) -> str:
+    """The Borg comment on every archive of a run: incus-borg's mark, the run's state and,
+    on a cluster, the member that made it."""
+    comment = f"{RUN_COMMENT} run={PARTIAL if partial else COMPLETE}"
+    return f"{comment} member={member}" if member else comment
 
 
 def parse_comment(comment: str) -> str | None:
@@ -207,6 +215,15 @@ def parse_comment(comment: str) -> str | None:
         return None
     states = [w.removeprefix("run=") for w in words[1:] if w.startswith("run=")]
     return states[0] if states and states[0] in (COMPLETE, PARTIAL) else UNKNOWN
+
+
+def comment_member(comment: str) -> str | None:
+    """The cluster member a run's comment names; None for a run of a server that was not
+    clustered (or of a version that did not record it)."""
+    words = comment.split()
+    if not words or words[0] != RUN_COMMENT:
+        return None
+    return next((w.removeprefix("member=") for w in words if w.startswith("member=")), None)
 
 
 _CHECKPOINT = re.compile(r"\.checkpoint(\.\d+)?$")
@@ -246,17 +263,30 @@ class _Fqdn:
         return format(socket.getfqdn(), spec)
 
 
-def run_name(fmt: str, now: datetime, hostname: str | None = None) -> str:
-    """A run's name: `archive_name_format` with its placeholders filled for the time `now`
-    ({member} is the hostname until runs are named per cluster member)."""
+def run_name(
+    fmt: str, now: datetime, hostname: str | None = None, member: str | None = None
+) -> str:
+    """A run's name: `archive_name_format` with its placeholders filled for the time `now`.
+
+    {member} is the cluster member's name, or the hostname when not clustered. On a cluster,
+    a format without {member} gets `-{member}` appended, so that two members (on one host,
+    or named alike) never give one name.
+    """
     host = hostname or socket.gethostname()
+    if member and "member" not in _fields(fmt):
+        fmt += "-{member}"
     return fmt.format(
         hostname=host,
         fqdn=_Fqdn(),
         now=_Time(now),
         utcnow=_Time(now.astimezone(UTC)),
-        member=host,
+        member=member or host,
     )
+
+
+def _fields(fmt: str) -> set[str]:
+    """The placeholders a (valid) name format uses."""
+    return {f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None}
 
 
 def name_format_problem(fmt: str) -> str | None:

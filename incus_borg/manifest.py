@@ -72,6 +72,8 @@ class Manifest:
     format: int = FORMAT_VERSION
     # The incus-borg that wrote the run ("" in runs of 0.1.0 and older, which did not record it).
     incus_borg_version: str = ""
+    member: str | None = None  # the cluster member that made the run; None: not clustered
+    database_note: str = ""  # why the database is `dumps-only`, when it is
 
     def to_json(self) -> str:
         """Serialise as indented JSON."""

@@ -8,6 +8,9 @@ from its manifest when it matters. What an interrupted run left (part archives w
 archive is missing, and Borg's checkpoint archives of incus-borg's archives) is an
 *incomplete* run. Archives without the mark are not incus-borg's: a run made by another
 program around `hook pre`/`hook post` can only be recognised by reading it.
+
+On a cluster, every member writes its own runs, and the comment names the member
+(`member=NAME`): `latest` and `prune` mean one member's runs (a `Scope`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Archive:
     name: str
     start: datetime
     state: str | None  # what its comment says (layout.parse_comment); None: not incus-borg's
+    member: str | None = None  # the cluster member that made it; None: not clustered
 
     @classmethod
     def from_listing(cls, entry: dict[str, Any]) -> Archive:
@@ -45,7 +49,8 @@ class Archive:
             # Borg saves checkpoints without the comment; the command line still has it.
             comment = given_comment(entry.get("command_line") or [])
         state = layout.parse_comment(comment)
-        return cls(entry["name"], datetime.fromisoformat(entry["start"]), state)
+        start = datetime.fromisoformat(entry["start"])
+        return cls(entry["name"], start, state, layout.comment_member(comment))
 
 
 def given_comment(argv: Sequence[str]) -> str:
@@ -66,6 +71,7 @@ class Run:
     start: datetime  # an incomplete run: when its newest archive was made
     state: str | None  # complete, partial, unknown, incomplete; None: not incus-borg's
     archives: list[str] = field(default_factory=list)  # the run archive first
+    member: str | None = None  # the cluster member that made it; None: not clustered
 
     @property
     def ours(self) -> bool:
@@ -82,7 +88,7 @@ def group(archives: Iterable[Archive]) -> list[Run]:
     """The runs and incomplete runs these archives make up, oldest first."""
     archives = list(archives)
     runs = {
-        a.name: Run(a.name, a.start, a.state, [a.name])
+        a.name: Run(a.name, a.start, a.state, [a.name], a.member)
         for a in archives
         if not layout.is_part(a.name) and layout.checkpoint_of(a.name) is None
     }
@@ -97,7 +103,13 @@ def group(archives: Iterable[Archive]) -> list[Run]:
         else:
             leftovers.setdefault(run, []).append(a)
     incomplete = [
-        Run(name, max(a.start for a in left), INCOMPLETE, [a.name for a in left])
+        Run(
+            name,
+            max(a.start for a in left),
+            INCOMPLETE,
+            [a.name for a in left],
+            next((a.member for a in left if a.member), None),
+        )
         for name, left in leftovers.items()
     ]
     return sorted([*runs.values(), *incomplete], key=lambda r: r.start)
@@ -110,11 +122,38 @@ def find(borg: Borg, repo: Repository) -> list[Run]:
     return group(Archive.from_listing(entry) for entry in listing)
 
 
-def candidates(runs: list[Run], complete: bool) -> list[Run]:
-    """The runs that `latest` may name, newest first: not incomplete, and with `complete`
-    not known to be partial."""
+@dataclass(frozen=True)
+class Scope:
+    """Whose runs a command means: those of one cluster member (`member`; None: of servers
+    that were not clustered), or (`every`) all of them."""
+
+    member: str | None = None
+    every: bool = False
+
+    def holds(self, run: Run) -> bool:
+        """Whether `run` is within the scope."""
+        return self.every or run.member == self.member
+
+    def describe(self) -> str:
+        """The scope, in words."""
+        if self.every:
+            return "of any member"
+        return f"of member {self.member}" if self.member else "of a server not clustered"
+
+
+EVERY = Scope(every=True)
+
+
+def members(runs: Iterable[Run]) -> list[str]:
+    """The cluster members that made some of these runs."""
+    return sorted({run.member for run in runs if run.member})
+
+
+def candidates(runs: list[Run], complete: bool, scope: Scope = EVERY) -> list[Run]:
+    """The runs that `latest` may name, newest first: within `scope`, not incomplete, and
+    with `complete` not known to be partial."""
     skip = {INCOMPLETE, PARTIAL} if complete else {INCOMPLETE}
-    return [run for run in reversed(runs) if run.state not in skip]
+    return [run for run in reversed(runs) if run.state not in skip and scope.holds(run)]
 
 
 def read_manifests(borg: Borg, repo: Repository, names: list[str]) -> list[Manifest | None]:

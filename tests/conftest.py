@@ -16,12 +16,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+from harness.cluster import Cluster
 from harness.incusd import INCUS, INCUSD, PrivateIncus
 from harness.server import IncusServer, prepare_server
 
 log = logging.getLogger(__name__)
 
-INCUS_FIXTURES = frozenset({"incus_server", "private_incus_factory", "module_incus_factory"})
+INCUS_FIXTURES = frozenset(
+    {"incus_server", "private_incus_factory", "module_incus_factory", "incus_cluster"}
+)
+CLUSTER_SIZE = 3  # members of `incus_cluster` (measured to fit 2 cores: see README, Tests)
 
 _daemons: list[PrivateIncus] = []  # every daemon this session created
 _leftovers: list[str] = []  # what the session-finish check found
@@ -116,6 +120,22 @@ def module_incus_factory() -> Iterator[Callable[..., PrivateIncus]]:
     """Make private daemons shared by a module's tests; each is shut down after the module."""
     with _factory() as make:
         yield make
+
+
+@pytest.fixture(scope="module")
+def incus_cluster() -> Iterator[Cluster]:
+    """A prepared cluster of private daemons on 127.0.0.2, .3, ... built once per module."""
+    reason = incus_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(_new_daemon)
+    try:
+        cluster.form(CLUSTER_SIZE)
+        yield cluster
+    finally:
+        cluster.shutdown()
+        for daemon in cluster.daemons:
+            atexit.unregister(daemon.shutdown)
 
 
 @pytest.hookimpl(trylast=True)

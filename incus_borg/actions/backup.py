@@ -82,7 +82,9 @@ def run(ctx: Context, options: BackupOptions) -> int:
     repos = config.select_repositories(options.label)
     selection = list(options.instances) or config.instances
     with session.locked("backup"):
-        the_plan = plan.build(session.incus, session.mode, selection, command_line=options.mode)
+        the_plan = plan.build(
+            session.incus, session.mode, selection, command_line=options.mode, member=session.member
+        )
         if options.dry_run:
             print_plan(the_plan, config, repos, session.report)
             return 0
@@ -136,6 +138,7 @@ def write_run(
     instance for all), or one repository after another. An instance's post command runs
     once it is released for the last time."""
     session = capture.session
+    exact = database == "exact"
 
     def manifest_content() -> bytes:  # once every borg has read everything else
         session.quiescer.wait()  # the post commands started so far
@@ -146,7 +149,10 @@ def write_run(
     env = {"BORG_FILES_CACHE_SUFFIX": FILES_CACHE_SUFFIX}
     for group in groups:
         capture.post_on_release = group is groups[-1]
-        calls = [(repo, create_args(session.run, the_plan, repo)) for repo in group]
+        calls = [
+            (repo, create_args(session.run, the_plan, repo, session.member, exact))
+            for repo in group
+        ]
         # Closing the gate lets every held open through: nothing may open a gated path
         # of this process's own (such as emptying staging) before it is closed.
         with Gate() as gate, capture.timed("read"):
@@ -156,20 +162,30 @@ def write_run(
             lanes = reader.read(borg, calls, session.stage.root, env, manifest_content)
         for lane in lanes:
             report_lane(capture, the_plan, lane, outcome)
-            mark_partial(borg, the_plan, lane, session.run)
+            mark_partial(borg, the_plan, lane, session.run, session.member)
 
 
-def mark_partial(borg: Borg, the_plan: Plan, lane: Lane, run: str) -> None:
+def mark_partial(borg: Borg, the_plan: Plan, lane: Lane, run: str, member: str | None) -> None:
     """A run that left an instance out while it was read (it could not be quiesced) is
     partial, although its archive was begun as a complete one: say so in its comment."""
-    if lane.result is not None and not the_plan.partial and any(i.failed for i in the_plan.items):
-        borg.run(comment_argv(lane.repo, run, layout.run_comment(True)), lane.repo)
+    left_out = any(i.failed for i in the_plan.instances + the_plan.volumes)
+    if lane.result is not None and not the_plan.partial and left_out:
+        comment = layout.run_comment(True, member)
+        borg.run(comment_argv(lane.repo, run, comment), lane.repo)
 
 
-def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
-    """`borg create` of the whole staging tree: the server's files, every item in the
-    plan's order, the manifest last."""
-    server = [str(p) for p in layout.SERVER_PATHS if p != layout.MANIFEST]
+def create_args(
+    run: str,
+    the_plan: Plan,
+    repo: Repository,
+    member: str | None = None,
+    database: bool = True,
+) -> list[str]:
+    """`borg create` of the whole staging tree: the server's files (the database copy only
+    when `database`), every item in the plan's order, the manifest last (`member`: the
+    cluster member making the run)."""
+    left_out = {layout.MANIFEST} | (set() if database else {layout.DATABASE})
+    server = [str(p) for p in layout.SERVER_PATHS if p not in left_out]
     paths = [*server, *(item.path for item in the_plan.items), str(layout.MANIFEST)]
     excludes = [f"sh:{layout.INCUS}/{pattern}" for pattern in layout.INCUS_EXCLUDES]
     excludes += [p for item in the_plan.items for p in policy.item_excludes(item)]
@@ -180,7 +196,7 @@ def create_args(run: str, the_plan: Plan, repo: Repository) -> list[str]:
         excludes=excludes,
         files_cache=FILES_CACHE,
         progress=True,  # its regular lines show that borg is not stalled
-        comment=layout.run_comment(the_plan.partial),
+        comment=layout.run_comment(the_plan.partial, member),
     )
 
 
@@ -239,6 +255,8 @@ def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: 
             f"{layout.excludes_file(Path(config.staging_dir))}: name it in borgmatic's "
             "`exclude_from`"
         )
+    for other in the_plan.elsewhere:
+        report(f"{other}: on another cluster member, skipped (its member's run holds it)")
 
 
 def summary(
@@ -247,6 +265,7 @@ def summary(
     """The machine-readable summary printed by --json."""
     return {
         "run": capture.session.run,
+        "member": capture.session.member,
         "archives": outcome.archives,
         "bytes_read": outcome.read,
         "deduplicated_bytes_added": outcome.added,

@@ -37,7 +37,9 @@ def pre(ctx: Context, options: PreOptions) -> int:
     session = _session(ctx, options.mode, warnings)
     with session.locked("hook pre"):
         selection = list(options.instances) or ctx.config.instances
-        the_plan = plan.build(session.incus, session.mode, selection, command_line=options.mode)
+        the_plan = plan.build(
+            session.incus, session.mode, selection, command_line=options.mode, member=session.member
+        )
         capture = Capture(session)
         with session.holding("hook", release=False):
             capture.run_pres(the_plan)  # their post commands run at `hook post`

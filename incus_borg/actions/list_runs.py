@@ -34,7 +34,8 @@ def run(ctx: Context, archive: str | None, label: str | None, as_json: bool) -> 
         click.echo(f"repository {name}: {count} run(s)")
         for e in entries:
             when = e["time"][:19].replace("T", " ")
-            click.echo(f"  {when}  {e['name']}  {e['state'] or '-'}  ({describe(e)})")
+            member = f"  member {e['member']}" if e["member"] else ""
+            click.echo(f"  {when}  {e['name']}  {e['state'] or '-'}{member}  ({describe(e)})")
 
 
 def entry(run: runs.Run) -> dict[str, Any]:
@@ -43,6 +44,7 @@ def entry(run: runs.Run) -> dict[str, Any]:
         "name": run.name,
         "time": run.start.isoformat(),
         "state": run.state,
+        "member": run.member,
         "parts": run.parts,
         "archives": run.archives,
     }
@@ -68,12 +70,15 @@ def show(source: Source, as_json: bool) -> None:
         data = dataclasses.asdict(manifest) | {"entities": entities}
         click.echo(json.dumps(data, indent=2))
         return
+    member = f" (cluster member {manifest.member})" if manifest.member else ""
     click.echo(
-        f"run {manifest.run} from {manifest.hostname}, {manifest.created} ({source.description})"
+        f"run {manifest.run} from {manifest.hostname}{member}, {manifest.created} "
+        f"({source.description})"
     )
+    note = f" ({manifest.database_note})" if manifest.database_note else ""
     click.echo(
-        f"incus {manifest.incus_version}, mode {manifest.mode}, database {manifest.database}, "
-        f"written by incus-borg {manifest.incus_borg_version or OLDEST}"
+        f"incus {manifest.incus_version}, mode {manifest.mode}, database {manifest.database}"
+        f"{note}, written by incus-borg {manifest.incus_borg_version or OLDEST}"
     )
     click.echo(
         f"{'KIND':9} {'PROJECT':10} {'NAME':20} {'POOL':10} {'DRIVER':7} {'TYPE':10} {'STATE':8} SNAPSHOTS"

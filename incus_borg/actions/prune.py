@@ -2,7 +2,8 @@
 
 A run is its run archive and its part archives; they are kept or deleted together (see
 retention.py for which). Archives made by anything else (a shared borgmatic repository) are
-never touched.
+never touched. On a cluster the retention applies per member: a member prunes its own runs,
+and another member's only when asked (`--member NAME`, `--all-members`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import click
 
 from .. import preflight, retention, runs
 from ..borg import Borg, BorgResult, compact_argv, delete_argv
-from ..config import Repository
+from ..config import Repository, Retention
 from ..context import Context
 from ..errors import UserError, Warnings
 
 
-def run(ctx: Context, label: str | None, dry_run: bool) -> int:
+def run(ctx: Context, label: str | None, dry_run: bool, all_members: bool = False) -> int:
     """Prune every selected repository; returns the exit code."""
     config, borg = ctx.config, ctx.borg()
+    scope = ctx.scope(every=all_members)
     warnings = Warnings()
     for repo in config.select_repositories(label):
         policy = repo.retention or config.retention
@@ -26,17 +28,38 @@ def run(ctx: Context, label: str | None, dry_run: bool) -> int:
         if problem:
             raise UserError(f"repository {repo.name}: {problem}")
         ours = [r for r in runs.find(borg, repo) if r.ours]
-        chosen = retention.select(runs.resolve(borg, repo, ours), policy)
+        doomed = select(repo, [r for r in ours if scope.holds(r)], policy, dry_run, borg)
+        others = runs.members(r for r in ours if not scope.holds(r))
+        if others:
+            click.echo(
+                f"repository {repo.name}: runs of other members ({', '.join(others)}) left "
+                "alone; --member NAME or --all-members prunes them"
+            )
+        if dry_run or not doomed:
+            continue
+        borg.run(delete_argv(repo, [a for r in doomed for a in r.archives]), repo)
+        compact(borg, repo, warnings)
+    return warnings.exit_code
+
+
+def select(
+    repo: Repository, within: list[runs.Run], policy: Retention, dry_run: bool, borg: Borg
+) -> list[runs.Run]:
+    """Apply the policy to the runs of each member (or of servers not clustered) apart,
+    printing what is kept and deleted; returns the runs to delete."""
+    doomed = []
+    groups: dict[str | None, list[runs.Run]] = {}
+    for found in within:
+        groups.setdefault(found.member, []).append(found)
+    for group in groups.values():
+        chosen = retention.select(runs.resolve(borg, repo, group), policy)
         for kept, why in chosen.keep:
             click.echo(f"repository {repo.name}: keeping {kept.name} ({why})")
         verb = "would delete" if dry_run else "deleting"
-        for doomed, why in chosen.delete:
-            click.echo(f"repository {repo.name}: {verb} {doomed.name} ({why})")
-        if dry_run or not chosen.delete:
-            continue
-        borg.run(delete_argv(repo, [a for r, _ in chosen.delete for a in r.archives]), repo)
-        compact(borg, repo, warnings)
-    return warnings.exit_code
+        for gone, why in chosen.delete:
+            click.echo(f"repository {repo.name}: {verb} {gone.name} ({why})")
+        doomed += [gone for gone, _ in chosen.delete]
+    return doomed
 
 
 def compact(borg: Borg, repo: Repository, warnings: Warnings) -> None:

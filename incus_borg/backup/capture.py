@@ -20,6 +20,12 @@ from .journal import Step
 from .plan import Plan
 from .session import Session
 
+# Why a cluster member's run holds no copy of the database.
+CLUSTER_DATABASE = (
+    "a cluster's global database is a raft replica: one member's copy is not a valid "
+    "database alone, and stopping a member disturbs the quorum of a small cluster"
+)
+
 
 @dataclass
 class Held:
@@ -41,6 +47,7 @@ class Capture:
         self.session = session
         self.timings: dict[str, float] = {}
         self.daemon_downtime: float | None = None
+        self.database_note = ""  # why the database is only in the SQL dumps, when it is
         # Instances this run froze or stopped: the step, and how many held items need it.
         self.held: dict[str, list[Any]] = {}
         # Instances whose pre ran (or that have a post), by item path: the step that ends
@@ -119,10 +126,10 @@ class Capture:
         s = self.session
         with self.timed("metadata"):
             s.stage.prepare()
-            s.stage.write_definitions(s.incus)
+            s.stage.write_definitions(s.incus, clustered=s.member is not None)
             s.stage.write_dumps(s.incus)
             s.stage.copy_host_files(Path(s.config.incus.subuid), Path(s.config.incus.subgid))
-            s.stage.write_plan_indexes(s.incus, plan)
+            s.stage.write_plan_indexes(s.incus, plan, s.member)
 
     def capture_state(self) -> str:
         """The database and the Incus directory. Returns "exact" when the database was
@@ -134,7 +141,12 @@ class Capture:
 
     def _capture_database(self) -> str:
         s = self.session
+        if s.member is not None:
+            self.database_note = CLUSTER_DATABASE
+            s.report(f"database: SQL dumps only, the daemon keeps running ({CLUSTER_DATABASE})")
+            return "dumps-only"
         if not s.config.quiesce_daemon:
+            self.database_note = "quiesce_daemon is false"
             s.warnings.add(
                 "quiesce_daemon is false: only SQL dumps of the database are backed up, so "
                 "`restore server` has no exact database"
@@ -180,7 +192,8 @@ class Capture:
         if item.mode == "snapshot" and item.kind == "instance":
             held.snapshot = q.snapshot_instance(item.project, item.name, snap)
         elif item.mode == "snapshot":
-            held.snapshot = q.snapshot_volume(item.pool, item.project, item.name, snap)
+            volume = (item.pool, item.project, item.name)
+            held.snapshot = q.snapshot_volume(*volume, snap, self.session.member)
         elif item.mode in ("freeze", "stop"):
             # A volume freezes (or stops) the running instances using it; an instance held
             # for two items at once is released when neither needs it any more.
@@ -260,8 +273,10 @@ class Capture:
             instances=plan.instances,
             volumes=plan.volumes,
             timings=self.timings,
-            partial=plan.partial or any(item.failed for item in plan.items),
+            partial=plan.partial or any(i.failed for i in plan.instances + plan.volumes),
             incus_borg_version=__version__,
+            member=s.member,
+            database_note=self.database_note,
         )
 
 

@@ -25,6 +25,8 @@ class Plan:
     pools: dict[str, str]  # name -> driver
     partial: bool = False  # only the named instances, not the whole server
     skipped: list[Item] = field(default_factory=list)  # left out by their policy (mode skip)
+    # On a cluster: what other members hold (read by their own runs), as "kind ref (member)".
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def items(self) -> list[Item]:
@@ -50,14 +52,21 @@ def user_snapshots(names: list[str]) -> list[str]:
 
 
 def build(
-    incus: Incus, requested_mode: str, selection: list[str], command_line: str | None = None
+    incus: Incus,
+    requested_mode: str,
+    selection: list[str],
+    command_line: str | None = None,
+    member: str | None = None,
 ) -> Plan:
     """Query Incus for every instance and custom volume, narrowed by `selection`, each with
     its policy (`command_line`: --mode, overriding every other source); a bad policy key is
-    refused here, before anything is quiesced."""
+    refused here, before anything is quiesced. On a cluster (`member` is this member's
+    name), only what is located on this member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances()
     chosen = _select(raw, selection)
+    elsewhere = [i for i in chosen if member is not None and i["location"] != member]
+    chosen = [i for i in chosen if i not in elsewhere]
     profiles = _profile_configs(incus, chosen)
     modes = (requested_mode, command_line)
     planned = [_instance_item(i, pools, _policy(i, profiles, *modes)) for i in chosen]
@@ -73,10 +82,18 @@ def build(
         )
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
-    volumes = _volumes(incus, pools, modes, running, wanted)
+    volumes, other_volumes = _volumes(incus, pools, modes, running, wanted, member)
     skipped = [i for i in planned + volumes if i.mode == "skip"]
     volumes = [v for v in volumes if v.mode != "skip"]
-    return Plan(instances, volumes, pools, partial=bool(selection), skipped=skipped)
+    others = [f"instance {i['project']}/{i['name']} ({i['location']})" for i in elsewhere]
+    return Plan(
+        instances,
+        volumes,
+        pools,
+        bool(selection),
+        skipped=skipped,
+        elsewhere=others + other_volumes,
+    )
 
 
 def _profile_configs(incus: Incus, raw: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
@@ -156,12 +173,15 @@ def _volumes(
     modes: tuple[str, str | None],
     running: set[str],
     wanted: set[str] | None,
-) -> list[Item]:
+    member: str | None = None,
+) -> tuple[list[Item], list[str]]:
     """Custom volumes: all, or (when instances were named) those the named instances use,
-    each with its policy (skipped ones too)."""
-    items = []
+    each with its policy (skipped ones too); on a cluster, those on `member`, and the others
+    named as "volume ref (member)"."""
+    items: list[Item] = []
+    elsewhere: list[str] = []
     for pool, driver in sorted(pools.items()):
-        raw = incus.custom_volumes(pool)
+        raw = _located(incus.custom_volumes(pool), member, pool, elsewhere)
         snaps: dict[tuple[str, str], list[str]] = {}
         for vol in raw:
             parent, _, snap = vol["name"].partition("/")
@@ -181,7 +201,7 @@ def _volumes(
             snapshots = user_snapshots(snaps.get((vol["project"], vol["name"]), []))
             running_users = [u for u in users if u in running]
             items.append(_volume_item(vol, pool, driver, snapshots, running_users, chosen))
-    return sorted(items, key=lambda i: (i.pool, i.project, i.name))
+    return sorted(items, key=lambda i: (i.pool, i.project, i.name)), elsewhere
 
 
 def _volume_item(
@@ -207,3 +227,19 @@ def _volume_item(
         mode_source=wanted.mode_source,
         excludes=wanted.excludes,
     )
+
+
+def _located(
+    volumes: list[dict[str, Any]], member: str | None, pool: str, elsewhere: list[str]
+) -> list[dict[str, Any]]:
+    """The volumes (and snapshots) on `member` (all when not clustered); the volumes on other
+    members are named in `elsewhere`. Volumes of one name may lie on several members."""
+    if member is None:
+        return volumes
+    here = [v for v in volumes if v.get("location") in (member, "")]
+    elsewhere += [
+        f"volume {pool}/{v['project']}/{v['name']} ({v['location']})"
+        for v in volumes
+        if v not in here and "/" not in v["name"]
+    ]
+    return here

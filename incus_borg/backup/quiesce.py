@@ -68,12 +68,15 @@ class Quiescer:
             lambda: self.incus.create_instance_snapshot(project, name, snap),
         )
 
-    def snapshot_volume(self, pool: str, project: str, name: str, snap: str) -> Step:
-        """Take a temporary snapshot of a custom volume."""
+    def snapshot_volume(
+        self, pool: str, project: str, name: str, snap: str, member: str | None = None
+    ) -> Step:
+        """Take a temporary snapshot of a custom volume (the one on cluster member `member`,
+        when given)."""
         step = {"op": "delete_volume_snapshot", "pool": pool, "project": project}
-        step |= {"name": name, "snap": snap}
+        step |= {"name": name, "snap": snap} | ({"member": member} if member else {})
         return self._take(
-            step, lambda: self.incus.create_volume_snapshot(pool, project, name, snap)
+            step, lambda: self.incus.create_volume_snapshot(pool, project, name, snap, member)
         )
 
     def bind(self, places: dict[Path, Path]) -> list[Step]:
@@ -174,9 +177,9 @@ class Quiescer:
             self._delete(lambda: self.incus.delete_instance_snapshot(*args), args[2],
                          lambda: self.incus.instance_snapshots(*args[:2]))  # fmt: skip
         elif op == "delete_volume_snapshot":
-            vol = (step["pool"], step["project"], step["name"])
-            self._delete(lambda: self.incus.delete_volume_snapshot(*vol, step["snap"]),
-                         step["snap"], lambda: self.incus.volume_snapshots(*vol))  # fmt: skip
+            vol, member = (step["pool"], step["project"], step["name"]), step.get("member")
+            self._delete(lambda: self.incus.delete_volume_snapshot(*vol, step["snap"], member),
+                         step["snap"], lambda: self.incus.volume_snapshots(*vol, member))  # fmt: skip
         elif op == "unmount":
             mounts.unmount(Path(step["path"]))
         else:

@@ -3,6 +3,7 @@ undoing every quiesce on every path. `backup` and `hook pre`/`hook post` all go 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -33,10 +34,19 @@ class Session:
         self.journal = Journal(Path(config.staging_dir))
         self.quiescer = Quiescer(incus, config.incus, self.journal, warnings, report)
         self.stage = Stage(Path(config.staging_dir))
-        now = datetime.now()
-        self.created = now.astimezone().isoformat(timespec="seconds")
-        self.snapshot_name = layout.SNAPSHOT_PREFIX + now.strftime("%Y%m%d%H%M%S")
-        self.run = layout.run_name(config.archive_name_format, now)
+        self.now = datetime.now()
+        self.created = self.now.astimezone().isoformat(timespec="seconds")
+        self.snapshot_name = layout.SNAPSHOT_PREFIX + self.now.strftime("%Y%m%d%H%M%S")
+
+    @functools.cached_property
+    def member(self) -> str | None:
+        """The cluster member this run backs up (None when the server is not clustered)."""
+        return self.incus.member()
+
+    @functools.cached_property
+    def run(self) -> str:
+        """The run's name (asks Incus whether it is a cluster member the first time)."""
+        return layout.run_name(self.config.archive_name_format, self.now, member=self.member)
 
     @contextmanager
     def locked(self, command: str) -> Iterator[None]:

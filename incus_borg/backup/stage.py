@@ -31,6 +31,8 @@ DEFINITIONS = (
     "instances",
     "images",
 )
+# Kinds whose config has member-specific keys on a cluster (see layout.MEMBER_CONFIG).
+MEMBER_CONFIG_KINDS = ("networks", "storage-pools")
 # A zero time: Incus crashes importing a volume snapshot whose expiry is null.
 NO_EXPIRY = "0001-01-01T00:00:00Z"
 
@@ -97,18 +99,34 @@ class Stage:
 
     # --- metadata --------------------------------------------------------------------------
 
-    def write_definitions(self, incus: Incus) -> None:
-        """Every entity's definition, as YAML, one file per kind."""
+    def write_definitions(self, incus: Incus, clustered: bool = False) -> None:
+        """Every entity's definition, as YAML, one file per kind; on a cluster, also the
+        cluster, its members and groups, and each network's and pool's per-member config."""
         self.write(layout.DEFINITIONS / "server.yaml", to_yaml(incus.server()))
+        members = self.write_cluster(incus) if clustered else []
         for kind in DEFINITIONS:
             data = incus.entities(kind)
             if kind == "networks":
                 data = [n for n in data if n.get("managed")]
+            if kind in MEMBER_CONFIG_KINDS and members:
+                data = [with_member_config(incus, kind, entity, members) for entity in data]
             self.write(layout.DEFINITIONS / f"{kind}.yaml", to_yaml(data))
         volumes = []
         for pool in incus.pools():
             volumes += [{"pool": pool["name"], **v} for v in incus.custom_volumes(pool["name"])]
         self.write(layout.DEFINITIONS / "storage-volumes.yaml", to_yaml(volumes))
+
+    def write_cluster(self, incus: Incus) -> list[str]:
+        """The cluster, its members and its groups; returns the members that are not
+        offline (whose per-member config can be asked for)."""
+        members = incus.cluster_members()
+        for name, content in (
+            ("cluster", incus.cluster()),
+            ("cluster-members", members),
+            ("cluster-groups", incus.cluster_groups()),
+        ):
+            self.write(layout.DEFINITIONS / f"{name}.yaml", to_yaml(content))
+        return [m["server_name"] for m in members if m.get("status") != "Offline"]
 
     def write_dumps(self, incus: Incus) -> None:
         """`incus admin sql local|global .dump`."""
@@ -137,11 +155,13 @@ class Stage:
             to_yaml(import_index(item, "container")),
         )
 
-    def write_volume_index(self, incus: Incus, item: Item) -> None:
-        """backup/index.yaml for `incus storage volume import`, with the volume's config."""
-        volume = incus.custom_volume(item.pool, item.project, item.name)
+    def write_volume_index(self, incus: Incus, item: Item, member: str | None = None) -> None:
+        """backup/index.yaml for `incus storage volume import`, with the volume's config (of
+        the volume on cluster member `member`, when given)."""
+        ref = (item.pool, item.project, item.name)
+        volume = incus.custom_volume(*ref, member)
         kept = []
-        for snap in incus.volume_snapshot_records(item.pool, item.project, item.name):
+        for snap in incus.volume_snapshot_records(*ref, member):
             snap["name"] = snap["name"].rsplit("/", 1)[-1]
             snap["expires_at"] = snap.get("expires_at") or NO_EXPIRY
             snap["content_type"] = snap.get("content_type") or item.type
@@ -151,13 +171,32 @@ class Stage:
         index["config"] = {"volume": volume, "volume_snapshots": kept}
         self.write(PurePosixPath(item.path) / "backup" / "index.yaml", to_yaml(index))
 
-    def write_plan_indexes(self, incus: Incus, plan: Plan) -> None:
-        """Import indexes for every instance and volume the run reads."""
+    def write_plan_indexes(self, incus: Incus, plan: Plan, member: str | None = None) -> None:
+        """Import indexes for every instance and volume the run reads (`member`: the cluster
+        member whose volumes they are)."""
         for item in plan.items:
             if item.kind == "instance":
                 self.write_instance_index(item)
             else:
-                self.write_volume_index(incus, item)
+                self.write_volume_index(incus, item, member)
+
+
+def with_member_config(
+    incus: Incus, kind: str, entity: dict[str, Any], members: list[str]
+) -> dict[str, Any]:
+    """A network's or pool's definition with `member_config`: for each cluster member that
+    answers, the keys its config there adds to the cluster-wide config (such as a pool's
+    `source` or a macvlan network's `parent`)."""
+    common = entity.get("config") or {}
+    project = entity.get("project") if kind == "networks" else None
+    config = {}
+    for member in members:
+        try:
+            there = incus.entity(kind, project, entity["name"], member).get("config") or {}
+        except UserError:  # an offline member: its keys are in the global dump only
+            continue
+        config[member] = {k: v for k, v in there.items() if k not in common}
+    return {**entity, layout.MEMBER_CONFIG: config}
 
 
 def import_index(item: Item, kind: str) -> dict[str, Any]:

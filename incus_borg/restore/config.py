@@ -1,5 +1,11 @@
-"""`incus-borg restore config`: projects, networks and profiles recreated from their archived
-definitions, in dependency order (also used by the other restores for what they need)."""
+"""`incus-borg restore config`: projects, pools, networks and profiles recreated from their
+archived definitions, in dependency order (also used by the other restores for what they need).
+
+On a cluster, a pool or network is made as Incus requires: pending on each member with that
+member's own keys (the `member_config` a member's run recorded, such as a pool's `source` or
+a macvlan network's `parent`), then created cluster-wide with the common config. If that
+fails, the pending records are deleted again.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import layout
 from ..context import Context
 from ..errors import UserError
 from ..incus import Incus
 from .source import Source, definitions, open_run
 from .target import report
 
-KINDS = ("projects", "networks", "profiles")  # dependency order
+KINDS = ("projects", "storage-pools", "networks", "profiles")  # dependency order
 # What each kind's create (POST) and update (PUT) take from a definition.
 WRITABLE = {
     "projects": ("description", "config"),
+    "storage-pools": ("description", "config"),
     "networks": ("description", "config"),
     "profiles": ("description", "config", "devices"),
 }
+# What a create takes besides, and its default: a network's type, a pool's driver.
+CREATE_ONLY = {"networks": ("type", "bridge"), "storage-pools": ("driver", "dir")}
 FEATURE = {"networks": "features.networks", "profiles": "features.profiles"}
+SERVER_WIDE = ("projects", "storage-pools")  # kinds that belong to no project
 
 
 @dataclass
@@ -42,8 +53,8 @@ def owner_project(incus: Incus, kind: str, project: str) -> str | None:
 
 def label(kind: str, definition: dict[str, Any]) -> str:
     """How an entity is named in messages."""
-    singular = kind.removesuffix("s")
-    if kind == "projects":
+    singular = kind.removesuffix("s").replace("storage-", "")
+    if kind in SERVER_WIDE:
         return f"{singular} {definition['name']}"
     return f"{singular} {definition.get('project', 'default')}/{definition['name']}"
 
@@ -55,11 +66,13 @@ def recreate(
     report: Callable[[str], None],
 ) -> Outcome:
     """Create the wanted definitions that are missing (in dependency order); with `replace`,
-    overwrite those that exist."""
+    overwrite those that exist (their cluster-wide fields: per-member keys are set only when
+    a pool or network is created)."""
     outcome = Outcome()
+    members: list[str] | None = None  # the cluster's members, asked for once when needed
     for kind in KINDS:
         for definition in wanted.get(kind, []):
-            project = None if kind == "projects" else definition.get("project", "default")
+            project = None if kind in SERVER_WIDE else definition.get("project", "default")
             name = definition["name"]
             body = {k: definition[k] for k in WRITABLE[kind] if k in definition}
             what = label(kind, definition)
@@ -72,14 +85,61 @@ def recreate(
                 incus.update_entity(kind, project, name, body)
                 outcome.replaced.append(what)
             else:
-                if kind == "networks":
-                    body["type"] = definition.get("type", "bridge")
-                incus.create_entity(kind, project, {"name": name, **body})
+                if kind in CREATE_ONLY and members is None:
+                    members = _members(incus)
+                _create(incus, kind, project, definition, body, members or [])
                 outcome.created.append(what)
             report(
                 f"{what}: {'replaced' if what in outcome.replaced else 'created'} from the archive"
             )
     return outcome
+
+
+def _members(incus: Incus) -> list[str]:
+    """The names of the cluster's members (none when the server is not clustered)."""
+    return [m["server_name"] for m in incus.cluster_members()] if incus.member() else []
+
+
+def _create(
+    incus: Incus,
+    kind: str,
+    project: str | None,
+    definition: dict[str, Any],
+    writable: dict[str, Any],
+    members: list[str],
+) -> None:
+    """Create one entity from its writable fields. A pool or network of a cluster
+    (`members`) is made pending on each member with that member's own keys, then created
+    cluster-wide; the pending records are deleted if that fails."""
+    body = {"name": definition["name"], **writable}
+    if kind not in CREATE_ONLY:
+        incus.create_entity(kind, project, body)
+        return
+    field, default = CREATE_ONLY[kind]
+    body[field] = definition.get(field, default)
+    body["config"] = _settable(body.get("config") or {})
+    archived = definition.get(layout.MEMBER_CONFIG) or {}
+    pending = False
+    try:
+        for member in members:
+            own = {"name": body["name"], field: body[field]}
+            own["config"] = _settable(archived.get(member) or {})
+            incus.create_entity(kind, project, own, target=member)
+            pending = True
+        incus.create_entity(kind, project, body)
+    except UserError as exc:
+        if not members:
+            raise
+        if pending:
+            incus.delete_entity(kind, project, body["name"])
+        unknown = [m for m in members if m not in archived]
+        hint = f" (the run has no per-member config for {', '.join(unknown)})" if unknown else ""
+        raise UserError(f"{label(kind, definition)}: {exc}{hint}; nothing was created") from None
+
+
+def _settable(config: dict[str, Any]) -> dict[str, Any]:
+    """A pool's or network's config without the keys Incus sets itself (`volatile.*`)."""
+    return {k: v for k, v in config.items() if not k.startswith("volatile.")}
 
 
 @dataclass

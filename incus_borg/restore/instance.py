@@ -5,6 +5,10 @@ its snapshots and their records; the data is then extracted straight into those 
 `dir` and `btrfs` pools by parallel borg extractions, and checked. Other pools, and
 `--stream`, get the data streamed through `incus import` instead.
 
+On a cluster, `incus import` lands on the member that runs the command (Incus 6.0 takes no
+target for it): an instance meant for another member (`--target`) is imported here, checked,
+then moved there by Incus (a cluster move of the stopped instance) before it takes its name.
+
 The instance is made under a temporary name (`NAME-restoring-XXXXXXXX`), recorded in the
 restore journal before the import, and takes its name only once checked. A failure or an
 interrupt deletes it again; one that a killed restore left is deleted by the next restore of
@@ -36,7 +40,15 @@ from .poolmap import map_device_pools
 from .pools import Pool
 from .rollback import refuse_pending_server
 from .source import Source, definitions, open_run
-from .target import check_snapshots, find_item, holding, missing_project, report, require_pool
+from .target import (
+    check_snapshots,
+    find_item,
+    holding,
+    missing_project,
+    report,
+    require_member,
+    require_pool,
+)
 
 TEMPORARY = "-restoring-"  # between the name and the token of a restore's temporary name
 SETTLE_TIMEOUT = 300  # seconds to wait for an import that goes on after its client died
@@ -54,6 +66,7 @@ class InstanceOptions:
     with_volumes: bool = False
     stream: bool = False
     pool_map: dict[str, str] = field(default_factory=dict)  # archived pool -> pool here
+    target: str | None = None  # the cluster member to restore onto (default: this one)
 
 
 @dataclass
@@ -67,12 +80,15 @@ class _Target:
     definition: dict[str, Any]  # the instance's archived definition
     volumes: list[Item]  # custom volumes it uses that must be restored first
     renamed: dict[str, str]  # pools its devices name -> the pools they map to here
+    member: str | None = None  # the cluster member it goes to (None: not clustered)
+    move_to: str | None = None  # that member, when it is not the one running the command
 
 
 def run(ctx: Context, archive: str, label: str | None, options: InstanceOptions) -> int:
     """Restore the instance the options name from ARCHIVE; the exit code."""
     journal = RestoreJournal.of(ctx.config)
     refuse_pending_server(journal, ctx.path)
+    require_member(ctx.incus(), options.target)  # before the run is read
     project, _, name = options.ref.rpartition("/")
     source = open_run(
         ctx, archive, label, (project or "default", name), holding(options.ref, "instance")
@@ -92,11 +108,12 @@ def restore(incus: Incus, source: Source, options: InstanceOptions, journal: Res
         _ensure_dependencies(incus, source, target.definition, target.project)
         for vol_item in target.volumes:
             mapped = options.pool_map.get(vol_item.pool)
-            volume.restore(incus, source, vol_item, None, mapped, target.project)
+            volume.restore(incus, source, vol_item, None, mapped, target.project, target.member)
         count = _create(incus, source, item, target, options.stream, journal)
     name, project, pool = target.name, target.project, target.pool["name"]
+    where = f" of member {target.member}" if target.member else ""
     report(
-        f"instance {item.ref} restored as {project}/{name} on pool {pool} "
+        f"instance {item.ref} restored as {project}/{name} on pool {pool}{where} "
         f"with {count} snapshot(s) from {source.description}"
     )
     if (project, name) != (item.project, item.name):
@@ -131,6 +148,8 @@ def _create(
         check_snapshots(f"instance {project}/{name}", snapshots, item.snapshots)
         if (project, name) != (item.project, item.name):
             forget_identity(incus, project, temporary, restored)
+        if target.move_to:
+            incus.move_instance(project, temporary, target.move_to)
         incus.rename_instance(project, temporary, name)
     except BaseException:
         with signals.shielded():
@@ -222,6 +241,7 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
     """Every refusal, before the first change."""
     name = options.new_name or item.name
     project = options.project or item.project
+    member = require_member(incus, options.target)
     pool = require_pool(incus, options.pool or item.pool)
     new_project = missing_project(incus, source, project)
     if not new_project and name in incus.entity_names("instances", project):
@@ -233,7 +253,7 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
     volumes = _attached_volumes(definition)
     renamed = _renamed_pools(definition, options, pool["driver"], item.ref)
     mapped = [f"{options.pool_map.get(p, p)}/{n}" for p, n in (v.split("/", 1) for v in volumes)]
-    missing = volumes if new_project else _missing_volumes(incus, volumes, mapped, project)
+    missing = volumes if new_project else _missing_volumes(incus, volumes, mapped, project, member)
     if missing and not options.with_volumes:
         raise UserError(
             f"instance {item.ref} uses custom volumes that do not exist: "
@@ -243,7 +263,10 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
         find_item(source, "volume", f"{vol_pool}/{item.project}/{vol_name}")
         for vol_pool, vol_name in (ref.split("/", 1) for ref in missing)
     ]
-    return _Target(name, project, pool, new_project, definition, volume_items, renamed)
+    move_to = member if member is not None and member != incus.member() else None
+    return _Target(
+        name, project, pool, new_project, definition, volume_items, renamed, member, move_to
+    )
 
 
 def _unpack_into_pool(
@@ -362,13 +385,15 @@ def _attached_volumes(definition: dict[str, Any]) -> list[str]:
     )
 
 
-def _missing_volumes(incus: Incus, volumes: list[str], here: list[str], project: str) -> list[str]:
+def _missing_volumes(
+    incus: Incus, volumes: list[str], here: list[str], project: str, member: str | None
+) -> list[str]:
     """The volumes (archived pool/name) whose pool/name on this server (`here`, in the same
-    order) does not exist in `project`."""
+    order) does not exist in `project` (on cluster member `member`, when given)."""
     missing = []
     for ref, mapped in zip(volumes, here, strict=True):
         pool, name = mapped.split("/", 1)
-        if name not in incus.custom_volume_names(pool, project):
+        if name not in incus.custom_volume_names(pool, project, member):
             missing.append(ref)
     return missing
 

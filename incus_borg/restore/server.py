@@ -6,6 +6,10 @@ subuid/subgid, start Incus and verify. Each step is recorded in the restore jour
 is taken (`rollback.Plan`): any failure rolls back to the moved-aside directory, and after a
 killed restore every restore refuses, naming the original directory, until
 `restore server --roll-back` puts it back.
+
+A cluster member is never restored this way: its copy of the cluster's database is a raft
+replica, useless alone. A lost member is replaced by a fresh member joined to the cluster,
+which then gets the lost member's instances and volumes (`restore all --target NEW`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ class ServerRestore:
     def check(self) -> None:
         """Refuse a run that cannot give back a working server."""
         manifest = self.source.manifest
+        if manifest.member is not None:
+            refuse_cluster(
+                f"{self.source.description} was made by cluster member {manifest.member}"
+            )
         if manifest.partial:
             newest = newest_complete(self.source)
             use = f"the newest is {newest}" if newest else "make one with `incus-borg backup`"
@@ -251,6 +259,29 @@ def paused(instances: list[dict[str, Any]]) -> None:
         )
 
 
+CLUSTER_GUIDANCE = (
+    "restore server cannot rebuild a cluster member (one member's copy of the cluster's "
+    "database is not valid alone): join a fresh member to the cluster, then run "
+    "`incus-borg restore all ARCHIVE --target NEW` to give it the lost member's instances "
+    "and volumes (README: Clusters)"
+)
+
+
+def refuse_cluster(why: str) -> None:
+    """Refuse a server restore of (or onto) a cluster member, naming the way that works."""
+    raise UserError(f"{why}: {CLUSTER_GUIDANCE}")
+
+
+def refuse_clustered(incus: Incus) -> None:
+    """Refuse when this server is a cluster member (asked of its daemon, if it answers)."""
+    try:
+        member = incus.member()
+    except UserError:
+        return
+    if member is not None:
+        refuse_cluster(f"this server is cluster member {member}")
+
+
 def require_confirmation(yes: bool) -> None:
     """Refuse to go on without --yes."""
     if not yes:
@@ -282,6 +313,7 @@ def run(ctx: Context, options: ServerOptions) -> None:
         return
     if options.archive is None:
         raise UserError("name the run to restore: restore server ARCHIVE --yes")
+    refuse_clustered(ctx.incus())
     require_confirmation(options.yes)
     refuse_pending_server(journal, ctx.path)
     source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)

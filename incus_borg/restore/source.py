@@ -6,6 +6,7 @@ an item's listing, and extraction of paths into a directory.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -94,6 +95,7 @@ class Latest:
     complete: bool = False
     holds: Callable[[Manifest], bool] | None = None
     what: str = "incus-borg run"  # "repository R holds no <what>" when no run qualifies
+    scope: runs.Scope = runs.EVERY  # whose runs (on a cluster: one member's)
 
     def accepts(self, manifest: Manifest) -> bool:
         """Whether the run with this manifest qualifies."""
@@ -139,6 +141,8 @@ def open_run(
     restore will read."""
     repo = ctx.config.select_repositories(label)[0]
     borg = None if Path(spec).is_dir() else ctx.borg()
+    if spec == "latest":
+        latest = dataclasses.replace(latest, scope=ctx.scope())
     return open_source(spec, borg, repo, expect, latest)
 
 
@@ -148,6 +152,18 @@ def newest_complete(source: Source) -> str | None:
     if isinstance(source, BorgSource):
         return runs.newest_complete(source.borg, source.repo)
     return None
+
+
+def _wanted(latest: Latest, found: list[runs.Run], names: list[str]) -> str:
+    """What `latest` looked for and did not find, and where to look instead."""
+    what = latest.what if names else "incus-borg run"
+    if latest.scope != runs.EVERY:
+        what += f" {latest.scope.describe()}"
+    what += "" if names else " yet"
+    others = [m for m in runs.members(found) if m != latest.scope.member]
+    if others:
+        what += f" (members {', '.join(others)} have runs: name one with --member)"
+    return what + ": see `incus-borg list`"
 
 
 class DirectorySource:
@@ -240,8 +256,10 @@ class BorgSource:
         self._inspected: dict[tuple[str, tuple[str, ...]], tuple[dict[str, bytes], str]] = {}
         # `latest`: manifests are read newest first until one qualifies (a shared repository
         # holds other archives). A named archive needs no listing: reading it tells.
+        found: list[runs.Run] = []
         if name == "latest":
-            names = [r.name for r in runs.candidates(runs.find(borg, repo), latest.complete)]
+            found = runs.find(borg, repo)
+            names = [r.name for r in runs.candidates(found, latest.complete, latest.scope)]
         else:
             names = [name]
         for candidate in names:
@@ -255,8 +273,7 @@ class BorgSource:
         else:
             if name != "latest":
                 raise UserError(f"repository {repo.name} holds no incus-borg run in {name!r}")
-            what = latest.what if names else "incus-borg run yet"
-            raise UserError(f"repository {repo.name} holds no {what}: see `incus-borg list`")
+            raise UserError(f"repository {repo.name} holds no {_wanted(latest, found, names)}")
         self.description = f"{repo.name}::{self.archive}"
 
     def _read_run(self, expect: tuple[str, str] | None) -> dict[str, bytes]:

@@ -95,6 +95,33 @@ def require_pool(incus: Incus, pool: str) -> dict[str, Any]:
     return dict(known[pool])
 
 
+def require_member(incus: Incus, target: str | None) -> str | None:
+    """The cluster member a restore goes to: `target` (--target), by default the member
+    where the command runs (None when the server is not clustered). Refuses a member that
+    does not exist or does not answer, before anything is made."""
+    here = incus.member()
+    if target is None:
+        return here
+    if here is None:
+        raise UserError(
+            f"--target {target}: this server is not clustered; leave --target out to restore here"
+        )
+    members = {m["server_name"]: m for m in incus.cluster_members()}
+    if target not in members:
+        raise UserError(
+            f"no cluster member {target!r}: --target takes one of {', '.join(sorted(members))}"
+        )
+    status = members[target].get("status", "")
+    why = f"its status is {status}" if status in ("Offline", "Evacuated") else None
+    why = why or (None if target == here else incus.member_answers(target))
+    if why:
+        raise UserError(
+            f"cluster member {target} cannot take the restore ({why}): bring it back, or "
+            "restore onto another member with --target"
+        )
+    return target
+
+
 def missing_project(incus: Incus, source: Source, project: str) -> list[dict[str, Any]]:
     """The archived definition of the target project when it must be created first (empty
     when it exists); refuses a project that exists neither here nor in the archive."""

@@ -468,13 +468,15 @@ class PrivateIncus:
             items.append(f"directory {self.root}")
         return items
 
-    def shutdown(self, timeout: float = 60) -> list[str]:
+    def shutdown(self, timeout: float = 60, revive: bool = True) -> list[str]:
         """Tear everything down, even if the daemon is dead; return (and log) what is left.
 
-        Idempotent and never raises (except KeyboardInterrupt and the like).
+        A stopped daemon whose instances or mounts remain is started again to shut down
+        cleanly, unless `revive` is false (a cluster member whose peers are gone would wait
+        for their quorum). Idempotent and never raises (except KeyboardInterrupt and the like).
         """
         steps: list[tuple[str, Callable[[], None]]] = [
-            ("shut down the daemon", lambda: self._shutdown_gracefully(timeout)),
+            ("shut down the daemon", lambda: self._shutdown_gracefully(timeout, revive)),
             ("kill the daemon", self._kill_daemon),
             ("kill leftover processes", self._kill_processes),
             ("unmount", self._unmount),
@@ -492,12 +494,13 @@ class PrivateIncus:
             log.warning("teardown of %s left %s", self.root, item)
         return left
 
-    def _shutdown_gracefully(self, timeout: float) -> None:
+    def _shutdown_gracefully(self, timeout: float, revive: bool = True) -> None:
         """`incus admin shutdown` (reviving a stopped daemon first if instances still run)."""
         if not self.root.exists():
             return
         if (
-            not self.running()
+            revive
+            and not self.running()
             and (self.incus_dir / "database").is_dir()
             and (processes_below(self.root) or mounts_below(self.root))
         ):
