@@ -346,7 +346,9 @@ def restore_volume(
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan and every collision; change nothing.")
 @click.option("--start", is_flag=True, help="Start what was running at backup time.")
+@target_option
 @repository_option
+@member_option
 @pass_options
 def restore_all(
     options: Options,
@@ -355,15 +357,18 @@ def restore_all(
     projects: tuple[str, ...],
     dry_run: bool,
     start: bool,
+    target: str | None,
     label: str | None,
+    member: str | None,
 ) -> int:
-    """Rebuild a whole run onto this server: projects, pools, networks, profiles, volumes and
-    instances, in dependency order; what exists is left alone.
+    """Rebuild a whole run onto this server (on a cluster: onto one member): projects,
+    pools, networks, profiles, volumes and instances, in dependency order; what exists is
+    left alone.
 
-    `latest` is the newest complete run.
+    `latest` is the newest complete run (on a cluster: of this member, or of --member).
     """
-    wanted = all_kind.AllOptions(archive, pool_map, projects, dry_run, start, label)
-    return all_kind.run(options.context(), wanted)
+    wanted = all_kind.AllOptions(archive, pool_map, projects, dry_run, start, label, target)
+    return all_kind.run(options.context(member), wanted)
 
 
 @restore.command(name="config")

@@ -371,7 +371,6 @@ def test_prune_on_a_member_keeps_the_other_members_runs(env: Env) -> None:
 # --- a lost member (last: the cluster is not the same afterwards) -------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="needs restore all")
 def test_lost_member_rebuilt_on_a_fresh_member(env: Env) -> None:
     run = env.runs["m3"]
     env.cluster.lose("m3")

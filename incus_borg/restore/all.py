@@ -26,7 +26,7 @@ from .poolmap import PoolMap
 from .rebuild import EXISTS, Plan
 from .rollback import refuse_pending_server
 from .source import NEWEST_COMPLETE, Source, open_run
-from .target import matching, report
+from .target import matching, report, require_member
 
 START_TIMEOUT = 60  # seconds an instance may take to report Running once started
 
@@ -41,6 +41,7 @@ class AllOptions:
     dry_run: bool = False
     start: bool = False
     label: str | None = None
+    target: str | None = None  # the cluster member to rebuild onto (default: this one)
 
 
 def run(ctx: Context, options: AllOptions) -> int:
@@ -48,9 +49,10 @@ def run(ctx: Context, options: AllOptions) -> int:
     journal = RestoreJournal.of(ctx.config)
     refuse_pending_server(journal, ctx.path)
     maps = poolmap.parse(options.pool_map)
-    source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)
     incus = ctx.incus()
-    plan = prepare(incus, source, maps, projects=options.projects)
+    member = require_member(incus, options.target)  # before the run is read
+    source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)
+    plan = prepare(incus, source, maps, projects=options.projects, member=member)
     show(plan, options.dry_run)
     if options.dry_run:
         return 0
@@ -72,14 +74,15 @@ def prepare(
     maps: dict[str, PoolMap],
     projects: Iterable[str] = (),
     instances: Iterable[str] = (),
+    member: str | None = None,
 ) -> Plan:
     """The plan for the run: everything, or the named projects' entities, or the named
-    instances ([P/]NAME), each with what it needs."""
+    instances ([P/]NAME), each with what it needs (its instances and volumes onto cluster
+    member `member`, when given)."""
     whole = rebuild.read_graph(source)
     pools = rebuild.complete_map(whole, maps)
-    return rebuild.make_plan(
-        incus, source, whole, pools, selected(source, whole, projects, instances)
-    )
+    nodes = selected(source, whole, projects, instances)
+    return rebuild.make_plan(incus, source, whole, pools, nodes, member)
 
 
 def selected(

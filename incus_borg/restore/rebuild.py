@@ -58,6 +58,7 @@ class Plan:
     graph: Graph
     pools: dict[str, PoolMap]  # every archived pool -> where its volumes go
     steps: list[Step]
+    member: str | None = None  # the cluster member its instances and volumes go to
 
     def pool(self, archived: str) -> str:
         """The pool here that an archived pool maps to."""
@@ -107,7 +108,7 @@ def complete_map(graph_: Graph, maps: dict[str, PoolMap]) -> dict[str, PoolMap]:
 class Here:
     """What this server holds, named as the plan names it after mapping (pools renamed)."""
 
-    def __init__(self, incus: Incus, pools: Iterable[str]) -> None:
+    def __init__(self, incus: Incus, pools: Iterable[str], member: str | None = None) -> None:
         self.found: dict[Node, dict[str, Any]] = {}
         self.drivers = incus.storage_drivers()
         for project in incus.entities("projects"):
@@ -122,13 +123,20 @@ class Here:
                     self.found[Node("network-acl-rules", node.project, node.name)] = entity
         for name in set(pools) & {n.name for n in self.found if n.kind == "storage-pools"}:
             for vol in incus.custom_volumes(name):
-                if "/" not in vol["name"]:
+                # On a cluster, a volume name is per member: one elsewhere is not here.
+                elsewhere = member is not None and vol.get("location") not in (member, "", None)
+                if "/" not in vol["name"] and not elsewhere:
                     node = Node("storage-volumes", vol["project"], vol["name"], name)
                     self.found[node] = vol
 
 
 def make_plan(
-    incus: Incus, source: Source, graph_: Graph, pools: dict[str, PoolMap], nodes: set[Node]
+    incus: Incus,
+    source: Source,
+    graph_: Graph,
+    pools: dict[str, PoolMap],
+    nodes: set[Node],
+    member: str | None = None,
 ) -> Plan:
     """Every step, in creation order, each to create or already here; refuses before
     anything changes what cannot work (a pool driver this server lacks, a mapped pool that
@@ -138,8 +146,8 @@ def make_plan(
     if lacking:
         names = ", ".join(f"{i.kind} {i.ref}" for i in lacking)
         raise UserError(f"{source.description} lacks the data of {names}: choose another run")
-    plan = Plan(source, graph_, pools, [])
-    here = Here(incus, {m.new for m in pools.values()})
+    plan = Plan(source, graph_, pools, [], member)
+    here = Here(incus, {m.new for m in pools.values()}, member)
     for node in graph.order(graph_, nodes):
         plan.steps.append(_step(plan, here, node))
     return plan
@@ -257,13 +265,16 @@ def apply(incus: Incus, plan: Plan, step: Step, journal: RestoreJournal) -> int:
 
 def instance_options(plan: Plan, item: Item) -> instance.InstanceOptions:
     """How one instance is restored: onto the pool its own maps to, its devices' pools
-    mapped."""
-    return instance.InstanceOptions(item.ref, pool=plan.pool(item.pool), pool_map=plan.renamed)
+    mapped, onto the plan's cluster member."""
+    return instance.InstanceOptions(
+        item.ref, pool=plan.pool(item.pool), pool_map=plan.renamed, target=plan.member
+    )
 
 
 def restore_volume(incus: Incus, plan: Plan, item: Item) -> None:
-    """Restore one custom volume, with its snapshots, onto the pool its own maps to."""
-    volume.restore(incus, plan.source, item, None, plan.pool(item.pool), None)
+    """Restore one custom volume, with its snapshots, onto the pool its own maps to (and
+    the plan's cluster member)."""
+    volume.restore(incus, plan.source, item, None, plan.pool(item.pool), None, plan.member)
 
 
 def carry_out(
