@@ -25,8 +25,9 @@ from harness.incusd import IncusError
 from harness.server import IncusServer
 from harness.sshd import PrivateSshd, small_disk
 
-from incus_borg import borg, mounts
+from incus_borg import mounts
 from incus_borg.borg import Borg, Secrets, Stalled, check_argv, create_argv
+from incus_borg.borg import runner as borg_runner
 from incus_borg.config import Repository
 
 NAME = "os-dir"
@@ -215,7 +216,7 @@ def test_a_changed_host_key_is_named_and_never_retried(env: Env) -> None:
     assert f"[127.0.0.1]:{env.sshd.port} has changed" in error
     assert "retrying" not in done.stderr
     # Retrying would sleep 1 s, then 2 s: the refusal takes no longer than a listing.
-    assert took < reachable + 2 * borg.RETRY_DELAY, (took, reachable)
+    assert took < reachable + 2 * borg_runner.RETRY_DELAY, (took, reachable)
 
 
 def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path) -> None:
@@ -289,7 +290,7 @@ def test_a_stalled_server_is_stopped_and_named(env: Env, tmp_path: Path) -> None
     assert isinstance(error, Stalled), error
     assert str(error).startswith("repository offsite (ssh://") and " stalled: " in str(error)
     took = outcome["ended"] - stopped
-    assert took < stall_timeout + borg.STALL_GRACE + 2, took
+    assert took < stall_timeout + borg_runner.STALL_GRACE + 2, took
     deadline = time.monotonic() + 30
     while env.sshd.serve_pids():  # the server's session ends once it runs again
         assert time.monotonic() < deadline

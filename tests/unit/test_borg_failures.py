@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from incus_borg import borg
 from incus_borg.borg import (
     Borg,
     BorgResult,
@@ -22,6 +21,7 @@ from incus_borg.borg import (
     rsh_command,
     ssh_messages,
 )
+from incus_borg.borg import runner as borg_runner
 from incus_borg.config import Repository
 from incus_borg.errors import UserError
 
@@ -273,7 +273,7 @@ def replay(where: Path, name: str) -> None:
 
 
 def test_a_host_key_failure_is_never_retried(fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(borg, "RETRY_DELAY", 10.0)
+    monkeypatch.setattr(borg_runner, "RETRY_DELAY", 10.0)
     replay(fake, "hostkey_changed_forwarded")
     started = time.monotonic()
     with pytest.raises(UserError, match="host key failed verification"):
@@ -284,17 +284,17 @@ def test_a_host_key_failure_is_never_retried(fake: Path, monkeypatch: pytest.Mon
 def test_connection_failures_are_retried_unless_retries_is_zero(
     fake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(borg, "RETRY_DELAY", 0.01)
+    monkeypatch.setattr(borg_runner, "RETRY_DELAY", 0.01)
     replay(fake, "connection_refused")
     runner = Borg(Secrets(), binary=str(fake / "borg"))
     with pytest.raises(UserError, match="cannot reach repository offsite"):
         runner.run(["info"], OFFSITE)
-    assert len(calls(fake)) == 1 + borg.CONNECTION_RETRIES
-    monkeypatch.setattr(borg, "RETRY_DELAY", 10.0)
+    assert len(calls(fake)) == 1 + borg_runner.CONNECTION_RETRIES
+    monkeypatch.setattr(borg_runner, "RETRY_DELAY", 10.0)
     started = time.monotonic()
     with pytest.raises(UserError):
         runner.run(["info"], OFFSITE, retries=0)
-    assert len(calls(fake)) == 2 + borg.CONNECTION_RETRIES
+    assert len(calls(fake)) == 2 + borg_runner.CONNECTION_RETRIES
     assert time.monotonic() - started < 5
 
 
@@ -310,7 +310,7 @@ def test_debug_shows_borgs_raw_tail(fake: Path, capsys: pytest.CaptureFixture[st
 def test_the_watchdog_stops_a_silent_borg_and_its_children(
     fake: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(borg, "STALL_GRACE", 1.0)
+    monkeypatch.setattr(borg_runner, "STALL_GRACE", 1.0)
     (fake / "body").write_text(
         'echo \'{"type": "log_message", "levelname": "INFO", "message": "started"}\' >&2\n'
         f"sleep 300 & echo $! > {fake}/child\n"
@@ -323,7 +323,7 @@ def test_the_watchdog_stops_a_silent_borg_and_its_children(
             ["create", "R::a", "p"], OFFSITE, stall_timeout=1
         )
     took = time.monotonic() - started
-    assert 1 <= took < 1 + borg.STALL_GRACE + 2, took
+    assert 1 <= took < 1 + borg_runner.STALL_GRACE + 2, took
     assert "no progress for 1 s" in str(raised.value)
     assert calls(fake) == ["--log-json --progress --lock-wait 2 create R::a p"]
     child = int((fake / "child").read_text())
