@@ -7,9 +7,11 @@ never touched.
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
-from .. import preflight, retention, runs
+from .. import monitoring, preflight, retention, runs
 from ..borg import Borg, BorgResult, compact_argv, delete_argv
 from ..config import Repository
 from ..context import Context
@@ -18,6 +20,11 @@ from ..errors import UserError, Warnings
 
 def run(ctx: Context, label: str | None, dry_run: bool) -> int:
     """Prune every selected repository; returns the exit code."""
+    action = partial(_run, ctx, label, dry_run)
+    return monitoring.watched(ctx, "prune", action, enabled=not dry_run)
+
+
+def _run(ctx: Context, label: str | None, dry_run: bool) -> int:
     config, borg = ctx.config, ctx.borg()
     warnings = Warnings()
     for repo in config.select_repositories(label):
@@ -35,6 +42,7 @@ def run(ctx: Context, label: str | None, dry_run: bool) -> int:
         if dry_run or not chosen.delete:
             continue
         borg.run(delete_argv(repo, [a for r, _ in chosen.delete for a in r.archives]), repo)
+        monitoring.forget(ctx, repo.name, [r.name for r, _ in chosen.delete])
         compact(borg, repo, warnings)
     return warnings.exit_code
 
