@@ -101,7 +101,6 @@ class Standing:
             "age_seconds": self.age(now),
             "hook_mode": run.hook_mode if run else None,
             "repositories": self.repositories,
-            "bytes_read": None,  # Borg reports per archive: see run_bytes_read
             "run_bytes_read": read,
             "run_deduplicated_bytes_added": added,
             "window": self.entry.window if self.entry else None,

@@ -133,7 +133,7 @@ class Run:
 
 
 @dataclass
-class Outcome:
+class Ending:
     """How a command last ended."""
 
     exit_code: int
@@ -148,7 +148,7 @@ class Index:
 
     runs: dict[str, Run] = field(default_factory=dict)
     foreign: dict[str, list[str]] = field(default_factory=dict)  # repository -> archives
-    commands: dict[str, Outcome] = field(default_factory=dict)
+    commands: dict[str, Ending] = field(default_factory=dict)
 
     def ordered(self) -> list[Run]:
         """The runs, oldest first."""
@@ -195,7 +195,7 @@ class Index:
         return cls(
             runs={k: Run.from_dict(v) for k, v in data.get("runs", {}).items()},
             foreign={k: list(v) for k, v in data.get("foreign", {}).items()},
-            commands={k: Outcome(**v) for k, v in data.get("commands", {}).items()},
+            commands={k: Ending(**v) for k, v in data.get("commands", {}).items()},
         )
 
 

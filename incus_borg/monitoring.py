@@ -28,16 +28,17 @@ from .backup.session import Session
 from .context import Context
 from .coverage import Standing
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, UserError, Warnings
-from .index import Entry, IndexFile, Outcome, Run, Stored
+from .index import Ending, Entry, IndexFile, Run, Stored
 from .manifest import Manifest
 from .notify import Message, Sender, tail
 
 LOG_LINES = 200  # lines of output kept for a notification's body
+PARTIAL_CHARS = 1000  # of a line still being written
 PASSPHRASE_ENV = "BORG_PASSPHRASE"
 
 
 @dataclass(frozen=True)
-class Signals:
+class Notices:
     """What a command sends: the start ping, the success or failure ping, Apprise."""
 
     start: bool = False
@@ -46,11 +47,11 @@ class Signals:
 
 
 COMMANDS = {
-    "backup": Signals(start=True, end=True),
-    "hook pre": Signals(start=True, tell=False),  # its failure is told by `hook post --failed`
-    "hook post": Signals(end=True),
-    "prune": Signals(),
-    "check": Signals(),
+    "backup": Notices(start=True, end=True),
+    "hook pre": Notices(start=True, tell=False),  # its failure is told by `hook post --failed`
+    "hook post": Notices(end=True),
+    "prune": Notices(),
+    "check": Notices(),
 }
 
 
@@ -74,8 +75,9 @@ class _Tee(io.TextIOBase):
 
     def write(self, text: str) -> int:
         self._stream.write(text)
-        *done, self._partial = (self._partial + text).split("\n")
+        *done, partial = (self._partial + text).split("\n")
         self._lines.extend(done)
+        self._partial = partial[-PARTIAL_CHARS:]  # progress lines end in \r, not \n
         return len(text)
 
     def flush(self) -> None:
@@ -108,7 +110,7 @@ class Watch:
     warnings: Warnings = field(default_factory=Warnings)
 
     def __post_init__(self) -> None:
-        self.signals = COMMANDS[self.command]
+        self.notices = COMMANDS[self.command]
         self.sender = Sender(self.ctx.config.notify)
         self._streams = (sys.stdout, sys.stderr)
 
@@ -116,7 +118,7 @@ class Watch:
         """Keep the command's output for the notification, and ping `start_url`."""
         sys.stdout = _Tee(sys.stdout, self.log)
         sys.stderr = _Tee(sys.stderr, self.log)
-        if self.signals.start:
+        if self.notices.start:
             host = socket.gethostname()
             self.sender.ping(
                 "start_url",
@@ -125,19 +127,19 @@ class Watch:
             )
 
     def end(self, code: int, error: BaseException | None = None) -> int:
-        """Notify, then record the outcome and rewrite the metrics; returns the exit code
-        (1 when something of that could not be done and the command had no error)."""
+        """Notify, then record how the command ended and rewrite the metrics; returns the
+        exit code (1 when something of that could not be done)."""
         sys.stdout, sys.stderr = self._streams
         if error is not None:
             self.log.append(f"incus-borg: error: {describe(error)}")
-        outcome_code = EXIT_ERROR if self.failed or error is not None else code
-        self._notify(outcome_code)
-        code = max(code, self.warnings.exit_code) if error is None else EXIT_ERROR
-        duration = time.monotonic() - self.started
-        result = Outcome(max(code, outcome_code), time.time(), duration)
-        for problem in record(self.ctx, self.command, result):
+            code = EXIT_ERROR
+        outcome = EXIT_ERROR if self.failed else code
+        self._notify(outcome)
+        code = max(code, self.warnings.exit_code)
+        ended = Ending(max(code, outcome), time.time(), time.monotonic() - self.started)
+        for problem in record(self.ctx, self.command, ended):
             self.warnings.add(problem)
-        return code if error is not None else max(code, self.warnings.exit_code)
+        return max(code, self.warnings.exit_code)
 
     def _notify(self, code: int) -> None:
         settings = self.ctx.config.notify
@@ -145,11 +147,11 @@ class Watch:
         host = socket.gethostname()
         title = f"incus-borg {self.command} on {host}: {outcome} (exit {code})"
         message = Message(title, tail(list(self.log), secrets(self.ctx)), outcome)
-        if self.signals.end:
+        if self.notices.end:
             failing = outcome == "failure" or (outcome in settings.when and outcome == "warning")
             key = "failure_url" if failing else "success_url"
             self.sender.ping(key, getattr(settings, key), f"{title}\n\n{message.body}")
-        if self.signals.tell and outcome in settings.when:
+        if self.notices.tell and outcome in settings.when:
             self.sender.tell(message)
         for problem in self.sender.wait(time.monotonic()):
             self.warnings.add(problem)
@@ -201,12 +203,12 @@ def index_file(ctx: Context) -> IndexFile:
     return IndexFile(ctx.config.staging_dir)
 
 
-def record(ctx: Context, command: str, result: Outcome) -> list[str]:
+def record(ctx: Context, command: str, ended: Ending) -> list[str]:
     """Remember how `command` ended and rewrite the metrics file; returns what failed."""
     problems = []
     try:
         with index_file(ctx).update() as index:
-            index.commands[command] = result
+            index.commands[command] = ended
     except UserError as exc:
         return [str(exc)]
     path = ctx.config.metrics_file

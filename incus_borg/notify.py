@@ -10,6 +10,7 @@ passphrase taken out; warnings name a URL by its host only (a ping URL is a cred
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -38,9 +39,8 @@ class Message:
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """`text` without any of the secrets in it."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, HIDDEN)
-    return text
+    found = sorted({s for s in secrets if s}, key=len, reverse=True)
+    return re.sub("|".join(map(re.escape, found)), HIDDEN, text) if found else text
 
 
 def tail(lines: list[str], secrets: Iterable[str | None]) -> str:

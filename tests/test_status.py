@@ -306,53 +306,6 @@ def test_stale_after_max_age(env: Env, tmp_path: Path) -> None:
     assert "STALE" not in states(done).values()
 
 
-def test_failed_instance(env: Env) -> None:
-    """A run that could not read one instance: FAILED, a warning notification with the log."""
-    data = Path(env.server.daemon.incus_dir) / "storage-pools/default/containers/second_st-c"
-    away = data.with_name("second_st-c.away")
-    mark = len(env.receiver.requests)
-    data.rename(away)
-    try:
-        done = timed_backup(env)
-    finally:
-        away.rename(data)
-    assert done.returncode == 1, done.stderr
-    assert "instance second/st-c left out" in done.stderr
-    status = run_cli("status", "--json", config=env.config)
-    assert status.returncode == 1
-    found = ours(json_states(status))
-    assert found["second/st-c"] == "FAILED" and found["default/st-a"] == "OK", found
-    item = next(i for i in json.loads(status.stdout)["items"] if i["name"] == "st-c")
-    assert item["reason"].startswith("left out of ") and "could not be quiesced" in item["reason"]
-    assert (
-        "FAILED: instance second/st-c: left out of" in run_cli("status", config=env.config).stdout
-    )
-
-    sent = {r.path: r for r in env.receiver.since(mark)}
-    assert set(sent) == {"/start", "/fail", "/apprise"}, sent  # a warning notifies
-    assert "instance second/st-c left out" in sent["/fail"].body
-    told = json.loads(sent["/apprise"].body)
-    assert told["type"] == "warning" and "second/st-c left out" in told["message"]
-    assert "warning (exit 1)" in told["title"]
-
-
-def test_failure_notified_with_the_log_and_no_passphrase(env: Env, tmp_path: Path) -> None:
-    repos = [{"path": str(tmp_path / "never-created"), "label": "missing"}]
-    broken = env.config_with(tmp_path / "broken.yaml", repositories=repos)
-    mark = len(env.receiver.requests)
-    done = run_cli("backup", config=broken)
-    assert done.returncode == 2
-    sent = {r.path: r for r in env.receiver.since(mark)}
-    assert set(sent) == {"/start", "/fail", "/apprise"}, sent
-    assert "run `incus-borg init`" in sent["/fail"].body  # the log's tail holds the error
-    told = json.loads(sent["/apprise"].body)
-    assert told["type"] == "failure" and "run `incus-borg init`" in told["message"]
-    for request in sent.values():
-        assert PASSPHRASE not in request.body
-    samples = metric_values(env.metrics.read_text())
-    assert value(samples, "last_exit_code", command="backup") == 2
-
-
 def test_undeliverable_notifications_are_a_warning_within_the_timeout(
     env: Env, tmp_path: Path
 ) -> None:
@@ -386,6 +339,53 @@ def test_undeliverable_notifications_are_a_warning_within_the_timeout(
     assert "notify.apprise (json://127.0.0.1:" in done.stderr
     assert "/ok" not in done.stderr and hanging + "/" not in done.stderr  # never the path
     assert elapsed < max(env.durations) + 3 + 10, (elapsed, env.durations)
+
+
+def test_failure_notified_with_the_log_and_no_passphrase(env: Env, tmp_path: Path) -> None:
+    repos = [{"path": str(tmp_path / "never-created"), "label": "missing"}]
+    broken = env.config_with(tmp_path / "broken.yaml", repositories=repos)
+    mark = len(env.receiver.requests)
+    done = run_cli("backup", config=broken)
+    assert done.returncode == 2
+    sent = {r.path: r for r in env.receiver.since(mark)}
+    assert set(sent) == {"/start", "/fail", "/apprise"}, sent
+    assert "run `incus-borg init`" in sent["/fail"].body  # the log's tail holds the error
+    told = json.loads(sent["/apprise"].body)
+    assert told["type"] == "failure" and "run `incus-borg init`" in told["message"]
+    for request in sent.values():
+        assert PASSPHRASE not in request.body
+    samples = metric_values(env.metrics.read_text())
+    assert value(samples, "last_exit_code", command="backup") == 2
+
+
+def test_failed_instance(env: Env) -> None:
+    """A run that could not read one instance: FAILED, a warning notification with the log."""
+    data = Path(env.server.daemon.incus_dir) / "storage-pools/default/containers/second_st-c"
+    away = data.with_name("second_st-c.away")
+    mark = len(env.receiver.requests)
+    data.rename(away)
+    try:
+        done = timed_backup(env)
+    finally:
+        away.rename(data)
+    assert done.returncode == 1, done.stderr
+    assert "instance second/st-c left out" in done.stderr
+    status = run_cli("status", "--json", config=env.config)
+    assert status.returncode == 1
+    found = ours(json_states(status))
+    assert found["second/st-c"] == "FAILED" and found["default/st-a"] == "OK", found
+    item = next(i for i in json.loads(status.stdout)["items"] if i["name"] == "st-c")
+    assert item["reason"].startswith("left out of ") and "could not be quiesced" in item["reason"]
+    assert (
+        "FAILED: instance second/st-c: left out of" in run_cli("status", config=env.config).stdout
+    )
+
+    sent = {r.path: r for r in env.receiver.since(mark)}
+    assert set(sent) == {"/start", "/fail", "/apprise"}, sent  # a warning notifies
+    assert "instance second/st-c left out" in sent["/fail"].body
+    told = json.loads(sent["/apprise"].body)
+    assert told["type"] == "warning" and "second/st-c left out" in told["message"]
+    assert "warning (exit 1)" in told["title"]
 
 
 def test_apprise_configured_but_not_installed(env: Env, tmp_path: Path) -> None:
@@ -534,18 +534,17 @@ def test_status_is_fast_with_40_instances_and_30_runs(env: Env) -> None:
                 run.finished = newest.time - 86400 * (k + 1)
                 run.items += [dataclasses.replace(template, name=name) for name in extra]
                 known.add(run)
-        live = [
-            line
-            for line in run_cli("status", config=env.config).stdout.splitlines()
-            if "st-" in line
-        ]
-        assert len(live) >= 40
+        live = ours(json_states(run_cli("status", "--json", config=env.config)))
+        assert len(live) == 40
         for args in (["status"], ["status", "--json"]):
             started = time.monotonic()
             done = run_cli(*args, config=env.config)
             elapsed = time.monotonic() - started
             assert done.returncode in (0, 1), done.stderr
             assert elapsed <= 2.0, (args, elapsed)
+            print(
+                f"{' '.join(args)}: {elapsed:.2f} s, {len(live)} instances, {len(known.runs)} runs"
+            )
     finally:
         index.path.write_bytes(saved)
         for name in extra:
