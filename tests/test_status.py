@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli import PASSPHRASE, borg, incus_config, run_cli
+from cli import PASSPHRASE, borg, incus_config, one_line_error, run_cli
 from harness.server import IncusServer
 from prometheus_client.parser import text_string_to_metric_families
 from test_integrations import BIN, EXAMPLES, borgmatic_config
@@ -201,6 +201,10 @@ def test_status_shows_ok_never_and_skipped(env: Env) -> None:
     assert "SKIPPED: instance default/st-skip: user.incus-borg.mode=skip" in done.stdout
     line = next(line for line in done.stdout.splitlines() if " default/st-a " in line)
     assert env.first["run"] in line and " local " in line
+    one = run_cli("status", "--repository", "local", config=env.config)
+    assert one.returncode == 1 and ours(states(one)) == expected
+    error = one_line_error(run_cli("status", "--repository", "nosuch", config=env.config))
+    assert "no repository labelled 'nosuch'" in error
 
     as_json = run_cli("status", "--json", config=env.config)
     assert as_json.returncode == 1

@@ -162,40 +162,60 @@ def timeline(page: Page) -> str:
 
 
 def repositories(page: Page) -> str:
-    """Per repository: its size after each run, and what each run added."""
+    """Per repository: its size after each run, and what each run added (the runs of the
+    last days, evenly spaced, oldest left)."""
     cards = []
     for repo in page.ages:
-        stored = [
-            (run.time, run.repositories[repo]) for run in page.recent if repo in run.repositories
-        ]
-        sizes = [(t, float(s.size)) for t, s in stored if s.size is not None]
-        added = [(t, float(s.added)) for t, s in stored if s.added is not None]
-        if not sizes and not added:
+        runs = [run for run in page.recent if repo in run.repositories]
+        stored = [run.repositories[repo] for run in runs]
+        sizes = [float(s.size) if s.size is not None else None for s in stored]
+        added = [float(s.added) if s.added is not None else None for s in stored]
+        if not any(v is not None for v in sizes + added):
             body = '<p class="note">No figures yet: runs found by a refresh carry none.</p>'
         else:
+            span = _span(runs)
             body = _chart(
-                "growth",
-                f"size now {size_text(int(sizes[-1][1])) if sizes else '-'}",
-                f"max {size_text(int(max(v for _, v in sizes))) if sizes else '-'}",
-                svg.area(sizes, page.start, page.now, f"{repo}: size after each run"),
+                "size",
+                f"size after each run, now {size_text(_last(sizes))}",
+                f"max {size_text(_top(sizes))}",
+                svg.bars([sizes], f"{repo}: size after each run"),
+                span,
             ) + _chart(
                 "growth",
                 "added per run (deduplicated)",
-                f"max {size_text(int(max(v for _, v in added))) if added else '-'}",
-                svg.bars([added], page.start, page.now, f"{repo}: added per run"),
+                f"max {size_text(_top(added))}",
+                svg.bars([added], f"{repo}: added per run"),
+                span,
             )
-        count = len(stored)
         cards.append(
             f'<div class="card"><h3>{escape(repo)}</h3>'
-            f'<p class="note">{count} run(s) in {page.days} days</p>{body}</div>'
+            f'<p class="note">{len(runs)} run(s) in {page.days} days</p>{body}</div>'
         )
     return f'<div class="repos">{"".join(cards)}</div>'
 
 
-def _chart(css: str, left: str, right: str, plot: str) -> str:
+def _last(values: list[float | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return int(known[-1]) if known else None
+
+
+def _top(values: list[float | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return int(max(known)) if known else None
+
+
+def _span(runs: list[Run]) -> tuple[str, str]:
+    """The first and last run's dates, under a plot of runs."""
+    first, last = (coverage.iso(r.time)[:16].replace("T", " ") for r in (runs[0], runs[-1]))
+    return first, last
+
+
+def _chart(css: str, left: str, right: str, plot: str, span: tuple[str, str]) -> str:
     return (
         f'<div class="chart {css}"><div class="label"><span>{escape(left)}</span>'
-        f"<span>{escape(right)}</span></div>{plot}</div>"
+        f"<span>{escape(right)}</span></div>{plot}"
+        f'<div class="label"><span>{escape(span[0])}</span><span>{escape(span[1])}</span></div>'
+        "</div>"
     )
 
 
@@ -236,22 +256,21 @@ def run_row(run: Run) -> str:
 def runs_section(page: Page) -> str:
     """Daemon downtime and the longest quiesce window per run, plotted; then the runs."""
     recent = page.recent
-    downtime = [(r.time, r.daemon_downtime) for r in recent if r.daemon_downtime is not None]
+    if not recent:
+        return f'<p class="note">No run in the last {page.days} days.</p>'
+    downtime = [r.daemon_downtime for r in recent]
     longest = [
-        (r.time, max(e.window for e in r.items if e.window is not None))
-        for r in recent
-        if any(e.window is not None for e in r.items)
+        max((e.window for e in r.items if e.window is not None), default=None) for r in recent
     ]
-    top = max([v for _, v in downtime + longest], default=0.0)
+    top = max([v for v in downtime + longest if v is not None], default=0.0)
     plot = _chart(
         "pauses",
         "daemon downtime (brown), longest quiesce window (orange) per run",
         f"max {top:.2f} s",
-        svg.bars([downtime, longest], page.start, page.now, "pauses per run"),
+        svg.bars([downtime, longest], "pauses per run"),
+        _span(recent),
     )
     rows = [run_row(run) for run in reversed(recent[-MAX_RUNS:])]
     more = len(recent) - MAX_RUNS
     note = f'<p class="note">{more} older run(s) not listed.</p>' if more > 0 else ""
-    if not rows:
-        return f'<p class="note">No run in the last {page.days} days.</p>'
     return plot + _table(RUN_HEADERS, rows) + note

@@ -47,38 +47,23 @@ def timeline(
     return _svg(height, "tl-bar", label, shapes)
 
 
-def area(points: Sequence[tuple[float, float]], start: float, end: float, label: str) -> str:
-    """A line and the area below it (for a size that grows), scaled to its largest value."""
-    height = 70
-    top = max((v for _, v in points), default=0.0) or 1.0
-    coords = [(_x(t, start, end), round(height - 4 - v / top * (height - 8), 1)) for t, v in points]
-    shapes = []
-    if coords:
-        line = " ".join(f"{x},{y}" for x, y in coords)
-        fill = f"{coords[0][0]},{height} {line} {coords[-1][0]},{height}"
-        shapes.append(f'<polygon class="area" points="{fill}"/>')
-        shapes.append(
-            f'<polyline class="line" points="{line}" vector-effect="non-scaling-stroke"/>'
-        )
-        shapes += [
-            f'<rect class="dot" x="{x - 2}" y="{y - 2}" width="4" height="4"/>' for x, y in coords
-        ]
-    return _svg(height, "plot", label, shapes)
-
-
-def bars(
-    series: Sequence[Sequence[tuple[float, float]]], start: float, end: float, label: str
-) -> str:
-    """Bars per run for one or more series (side by side, classes `s0`, `s1`, ...), all on
-    the scale of the largest value."""
+def bars(series: Sequence[Sequence[float | None]], label: str) -> str:
+    """Bars per run, the runs evenly spaced (oldest left), for one or more series side by
+    side (classes `s0`, `s1`, ...), all on the scale of the largest value; None: no bar."""
     height = 50
-    top = max((v for points in series for _, v in points), default=0.0) or 1.0
+    slots = max((len(values) for values in series), default=0)
+    top = max((v for values in series for v in values if v is not None), default=0.0) or 1.0
+    slot = WIDTH / max(slots, 1)
+    width = min(slot * 0.7 / max(len(series), 1), 40.0)
     shapes = []
-    for k, points in enumerate(series):
-        for when, value in points:
-            x = min(max(_x(when, start, end) - MARK + k * MARK, 0), WIDTH - MARK)
+    for k, values in enumerate(series):
+        for n, value in enumerate(values):
+            if value is None:
+                continue
+            x = round(n * slot + (slot - width * len(series)) / 2 + k * width, 1)
             h = max(round(value / top * (height - 4), 1), 1.0 if value else 0.0)
             shapes.append(
-                f'<rect class="s{k}" x="{x}" y="{height - h}" width="{MARK}" height="{h}"/>'
+                f'<rect class="s{k}" x="{x}" y="{height - h}" width="{round(width, 1)}" '
+                f'height="{h}"><title>{value:g}</title></rect>'
             )
     return _svg(height, "plot", label, shapes)
