@@ -98,22 +98,25 @@ def _table(headers: Sequence[str], rows: list[str], css: str = "cards") -> str:
 
 
 PROBLEMS_FIRST = (coverage.FAILED, coverage.NEVER, coverage.STALE, coverage.OK, coverage.SKIPPED)
-STATUS_HEADERS = ("State", "Name", "Kind", "Newest run", "Age", "Repositories", "Window", "Why")
+STATUS_HEADERS = ("State", "Name", "Kind", "Newest run", "Age", "Repositories", "Window")
 
 
 def status_row(s: Standing, now: float) -> str:
     """One instance or volume as the status table shows it."""
     age = s.age(now)
     window = s.entry.window if s.entry else None
+    why = f'<span class="why">{escape(s.reason)}</span>' if s.reason else ""
     values = [
         ("State", badge(s.state or "GONE")),
-        ("Name", f'<b class="wrap">{escape(s.ref)}</b> <small class="narrow">{s.kind}</small>'),
+        (
+            "Name",
+            f'<b class="name">{escape(s.ref)}</b> <small class="narrow">{s.kind}</small>{why}',
+        ),
         ("Kind", escape(s.kind)),
         ("Newest run", f'<span class="run">{escape(s.run.run)}</span>' if s.run else "-"),
         ("Age", f'<span class="num">{age_text(age)}</span>' if age is not None else "-"),
         ("Repositories", escape(", ".join(s.repositories)) or "-"),
         ("Window", f'<span class="num">{window:.2f} s</span>' if window is not None else "-"),
-        ("Why", f'<span class="wrap">{escape(s.reason)}</span>' if s.reason else ""),
     ]
     css = "" if s.exists else ' class="gone"'
     return f"<tr{css}>{_cells(values, heads=2)}</tr>"
