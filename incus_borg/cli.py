@@ -17,6 +17,8 @@ from .actions import drill as drill_action
 from .actions import hook as hook_action
 from .actions import init as init_action
 from .actions import prune as prune_action
+from .actions import report as report_action
+from .actions import status as status_action
 from .actions import version as version_action
 from .context import Context
 from .errors import EXIT_ERROR, UserError
@@ -174,6 +176,34 @@ def check(
     drilled = drill_action.DrillOptions(drill_instances, Path(scratch) if scratch else None)
     wanted = check_action.CheckOptions(label, verify_data, restore_test, drilled if drill else None)
     return check_action.run(options.context(), wanted)
+
+
+@cli.command()
+@repository_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="First read the runs the local index does not know from the repositories "
+    "(after runs made by borgmatic, or another host).",
+)
+@pass_options
+def status(options: Options, label: str | None, as_json: bool, refresh: bool) -> int:
+    """Is every instance and custom volume backed up? Exit 1 when anything is STALE, NEVER
+    or FAILED, 0 when everything is OK or SKIPPED."""
+    wanted = status_action.StatusOptions(label, as_json, refresh)
+    return status_action.run(options.context(), wanted)
+
+
+@cli.command()
+@click.option("--html", "path", required=True, metavar="FILE", help="Write the page here.")
+@repository_option
+@click.option("--days", default=30, show_default=True, help="Days the timelines show.")
+@pass_options
+def report(options: Options, path: str, label: str | None, days: int) -> None:
+    """Write one self-contained HTML page: status, a timeline per instance, repository
+    growth, quiesce windows and daemon downtime per run."""
+    report_action.run(options.context(), report_action.ReportOptions(Path(path), label, days))
 
 
 @cli.group()

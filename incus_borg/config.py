@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ Mode = Literal["auto", "snapshot", "freeze", "stop", "none"]
 Encryption = Literal[
     "repokey-blake2", "repokey", "keyfile-blake2", "keyfile", "authenticated-blake2", "none"
 ]
+Outcome = Literal["success", "warning", "failure"]
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DURATION = re.compile(r"(\d+(\.\d+)?[smhdw])+")
 
 
 def key(default: Any, doc: str, *, example: Any = None) -> Any:
@@ -82,6 +86,11 @@ class Repository:
     retention: Retention | None = key(
         None, "This repository's retention, when it differs from the global one."
     )
+    max_age: str | None = key(
+        None,
+        "This repository's max_age, when it differs from the global one.",
+        example="8d",
+    )
 
     @property
     def name(self) -> str:
@@ -103,6 +112,44 @@ class IncusSettings:
     )
     subuid: str = key("/etc/subuid", "subuid file deciding uid shifting; backed up and restored.")
     subgid: str = key("/etc/subgid", "subgid file deciding gid shifting; backed up and restored.")
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Who hears how runs went: healthchecks-style URLs and Apprise URLs."""
+
+    start_url: str | None = key(
+        None,
+        "Pinged (POST) when a backup or `hook pre` starts (healthchecks-style).",
+        example="https://hc-ping.com/UUID/start",
+    )
+    success_url: str | None = key(
+        None,
+        "Pinged (POST, the log's last lines as body) when a backup or `hook post` ends and "
+        "is not notified as failing.",
+        example="https://hc-ping.com/UUID",
+    )
+    failure_url: str | None = key(
+        None,
+        "Pinged (POST, the log's last lines as body) when a backup or `hook post` fails, or "
+        "warns while `when` lists warning.",
+        example="https://hc-ping.com/UUID/fail",
+    )
+    apprise: list[str] = key(
+        [],
+        "Apprise URLs (mailto://, ntfys://, matrixs://, slack://, json://, ...) told when "
+        "backup, hook post, prune or check ends as `when` lists; needs "
+        "`pip install 'incus-borg[notify]'`.",
+    )
+    when: list[Outcome] = key(
+        ["failure", "warning"],
+        "Outcomes that notify: failure (exit 2), warning (exit 1), success (exit 0).",
+    )
+    timeout: int = key(
+        10,
+        "Seconds all of a command's notifications may take; one not delivered in time is a "
+        "warning.",
+    )
 
 
 @dataclass(frozen=True)
@@ -160,6 +207,18 @@ class Config:
         [], "Instances to back up, as name or project/name; empty means all, in all projects."
     )
     retention: Retention = key(Retention, "How many archives to keep per period when pruning.")
+    max_age: str = key(
+        "26h",
+        "How old an instance's newest run in a repository may be before `status`, the "
+        "metrics and the report call it STALE: a number with s, m, h, d or w (26h, 90m, 8d).",
+    )
+    metrics_file: str | None = key(
+        None,
+        "Prometheus node-exporter textfile that backup, hook post, prune and check rewrite "
+        "atomically.",
+        example="/var/lib/prometheus/node-exporter/incus-borg.prom",
+    )
+    notify: Notify = key(Notify, "Notifications when runs start and end.")
 
     def select_repositories(self, label: str | None) -> list[Repository]:
         """All repositories, or the one whose label (or path) is `label`."""
@@ -226,7 +285,25 @@ def parse(text: str, source: str) -> Config:
         raise UserError(f"config {source}: 'repositories' must list at least one repository")
     if len(set(names)) != len(names):
         raise UserError(f"config {source}: repository labels must be unique, got {names}")
+    ages: list[tuple[str, str | None]] = [("max_age", config.max_age)]
+    ages += [(f"repositories[{i}].max_age", r.max_age) for i, r in enumerate(config.repositories)]
+    for where, age in ages:
+        if age is not None and parse_duration(age) is None:
+            raise UserError(
+                f"config {source}: '{where}' must be a number with s, m, h, d or w "
+                f"(such as 26h, 90m or 8d), got {age!r}"
+            )
     return config
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a duration such as `26h`, `90m`, `8d`, `1w`, `45s` or `1d12h`; None when
+    the text is not one."""
+    compact = re.sub(r"\s+", "", text.lower())
+    if not DURATION.fullmatch(compact):
+        return None
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", compact)
+    return sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
 
 
 def _type_name(tp: Any) -> str:

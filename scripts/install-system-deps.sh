@@ -4,7 +4,8 @@
 # derived from the machine's existing Debian source, so no host name is written here.
 set -euo pipefail
 
-packages=(python3-venv busybox-static btrfs-progs restic openssh-server rsync
+# chromium: the report test renders the page headless.
+packages=(python3-venv busybox-static btrfs-progs restic openssh-server rsync chromium
           libacl1-dev liblz4-dev libzstd-dev libxxhash-dev libssl-dev pkg-config)
 
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME}")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .. import layout, preflight
+from .. import layout, monitoring, preflight
 from ..backup import plan, policy
 from ..backup.capture import Capture
 from ..backup.gate import Gate
@@ -50,6 +51,7 @@ class Outcome:
     files: dict[str, int] = field(default_factory=dict)
     changed_files: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    size: dict[str, int | None] = field(default_factory=dict)  # the repository's, after
 
     def record(self, archive: str, lane: Lane) -> None:
         """Count one lane's archive, or why it failed."""
@@ -63,6 +65,7 @@ class Outcome:
         self.added[name] = stats["deduplicated_size"]
         self.files[name] = stats["nfiles"]
         self.changed_files[name] = lane.result.changed_files
+        self.size[name] = lane.result.json().get("cache", {}).get("stats", {}).get("unique_csize")
 
 
 def reporter(as_json: bool) -> Any:
@@ -71,7 +74,13 @@ def reporter(as_json: bool) -> Any:
 
 
 def run(ctx: Context, options: BackupOptions) -> int:
-    """Back up the whole server (or the named instances); returns the exit code."""
+    """Back up the whole server (or the named instances); returns the exit code. The run
+    goes into the local index; metrics and notifications follow (not for a dry run)."""
+    action = partial(_run, ctx, options)
+    return monitoring.watched(ctx, "backup", action, enabled=not options.dry_run)
+
+
+def _run(ctx: Context, options: BackupOptions) -> int:
     config = ctx.config
     preflight.check(config, ctx.path)
     borg = ctx.borg()
@@ -100,6 +109,7 @@ def run(ctx: Context, options: BackupOptions) -> int:
                 live = checked.result()
                 database = capture.capture_state()
             write_run(capture, the_plan, database, borg, live, outcome, options.progress)
+    monitoring.record_backup(ctx, capture, the_plan, outcome)
     if options.as_json:
         click.echo(json.dumps(summary(capture, the_plan, outcome, warnings), indent=2))
     if not outcome.archives:

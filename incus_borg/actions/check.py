@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import click
 
-from .. import layout
+from .. import layout, monitoring
 from ..borg import Borg, check_argv, list_files_argv
 from ..config import Config, Repository
 from ..context import Context
@@ -44,6 +45,10 @@ class CheckOptions:
 
 def run(ctx: Context, options: CheckOptions) -> int:
     """Check every selected repository; any problem is an error naming what is wrong."""
+    return monitoring.watched(ctx, "check", partial(_run, ctx, options))
+
+
+def _run(ctx: Context, options: CheckOptions) -> int:
     config, borg = ctx.config, ctx.borg()
     if options.restore_test or options.drill:
         refuse_pending_server(RestoreJournal.of(config), ctx.path)

@@ -40,7 +40,13 @@ def fragment(ctx: Context) -> str:
         "numeric_ids": True,
         "commands": [
             {"before": "action", "when": ["create"], "run": [f"{prefix} hook pre{tolerate}"]},
-            {"after": "action", "when": ["create"], "run": [f"{prefix} hook post{tolerate}"]},
+            # After a create that worked only: `hook post` records the run as a backup.
+            {
+                "after": "action",
+                "when": ["create"],
+                "states": ["finish"],
+                "run": [f"{prefix} hook post{tolerate}"],
+            },
             {"after": "error", "run": [f"{prefix} hook post --failed{tolerate}"]},
         ],
     }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import click
 
-from .. import layout, preflight
+from .. import layout, monitoring, preflight
 from ..backup import plan, policy
 from ..backup.capture import Capture
 from ..backup.plan import Plan
@@ -32,6 +33,10 @@ def _session(ctx: Context, mode: str | None, warnings: Warnings) -> Session:
 
 def pre(ctx: Context, options: PreOptions) -> int:
     """Quiesce everything and leave the complete staging tree; returns the exit code."""
+    return monitoring.watched(ctx, "hook pre", partial(_pre, ctx, options))
+
+
+def _pre(ctx: Context, options: PreOptions) -> int:
     preflight.check(ctx.config, ctx.path)
     warnings = Warnings()
     session = _session(ctx, options.mode, warnings)
@@ -57,11 +62,18 @@ def pre(ctx: Context, options: PreOptions) -> int:
 
 
 def post(ctx: Context, failed: bool) -> int:
-    """Release every quiesce and mount, and empty staging; safe to run more than once."""
+    """Release every quiesce and mount, and empty staging; safe to run more than once. The
+    run goes into the local index (not after a failure); metrics and notifications follow."""
+    return monitoring.watched(ctx, "hook post", partial(_post, ctx, failed), failed=failed)
+
+
+def _post(ctx: Context, failed: bool) -> int:
     warnings = Warnings()
     session = _session(ctx, None, warnings)
+    ready = None if failed else monitoring.hook_run(session)  # before staging is emptied
     with session.locked("hook post"):
         pass
+    monitoring.record_hook_run(ctx, ready)
     outcome = "after a failed backup" if failed else "after the backup"
     session.report(f"released every quiesce {outcome}; staging emptied")
     return warnings.exit_code

@@ -8,9 +8,11 @@ and another member's only when asked (`--member NAME`, `--all-members`).
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
-from .. import preflight, retention, runs
+from .. import monitoring, preflight, retention, runs
 from ..borg import Borg, BorgResult, compact_argv, delete_argv
 from ..config import Repository, Retention
 from ..context import Context
@@ -19,6 +21,11 @@ from ..errors import UserError, Warnings
 
 def run(ctx: Context, label: str | None, dry_run: bool, all_members: bool = False) -> int:
     """Prune every selected repository; returns the exit code."""
+    action = partial(_run, ctx, label, dry_run, all_members)
+    return monitoring.watched(ctx, "prune", action, enabled=not dry_run)
+
+
+def _run(ctx: Context, label: str | None, dry_run: bool, all_members: bool) -> int:
     config, borg = ctx.config, ctx.borg()
     scope = ctx.scope(every=all_members)
     warnings = Warnings()
@@ -38,6 +45,7 @@ def run(ctx: Context, label: str | None, dry_run: bool, all_members: bool = Fals
         if dry_run or not doomed:
             continue
         borg.run(delete_argv(repo, [a for r in doomed for a in r.archives]), repo)
+        monitoring.forget(ctx, repo.name, [r.name for r in doomed])
         compact(borg, repo, warnings)
     return warnings.exit_code
 
