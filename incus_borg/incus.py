@@ -401,6 +401,10 @@ class Incus:
         operations = self._get("operations", recursion="1", **{"all-projects": "true"}) or {}
         found = []
         for operation in operations.get("running") or []:
+            if operation.get("class") == "websocket" or "command" in operation.get(
+                "description", ""
+            ):
+                continue  # a command running inside (exec): ended on its own terms, not awaited
             for url in (operation.get("resources") or {}).get(kind) or []:
                 segments, of_project = parse_url(url)
                 if segments and segments[-1] == name and of_project == project:

@@ -189,7 +189,12 @@ class Quiescer:
     def _settle(self, step: Step) -> None:
         """Wait for what a dead run may have left under way in Incus on the step's instance
         or volume (a freeze or snapshot it requested), so that undoing it is not undone."""
-        if "name" in step and step["op"] != "unmount":
+        if step["op"] in (
+            "unfreeze",
+            "start",
+            "delete_instance_snapshot",
+            "delete_volume_snapshot",
+        ):
             kind = "storage_volumes" if step["op"] == "delete_volume_snapshot" else "instances"
             self.incus.settle(kind, step["project"], step["name"])
 
