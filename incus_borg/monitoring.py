@@ -206,6 +206,8 @@ def index_file(ctx: Context) -> IndexFile:
 def record(ctx: Context, command: str, ended: Ending) -> list[str]:
     """Remember how `command` ended and rewrite the metrics file; returns what failed."""
     problems = []
+    if not os.path.isabs(ctx.config.staging_dir):
+        return []  # a configuration refused before anything ran: no place to keep an index
     try:
         with index_file(ctx).update() as index:
             index.commands[command] = ended
@@ -251,7 +253,7 @@ def record_backup(ctx: Context, capture: Capture, plan: Plan, figures: Figures) 
         hook_mode=False,
         partial=plan.partial,
         daemon_downtime=capture.daemon_downtime,
-        items=[Entry.of(item) for item in plan.items],
+        items=[Entry.of(item) for item in plan.instances + plan.volumes],  # left out ones too
         repositories={
             name: Stored(
                 archives[0],

@@ -40,7 +40,11 @@ def stop_in_phase(
     waited for again. Fails the test when `proc` ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"incus-borg ended (exit {proc.returncode}) before the phase"
+        if proc.poll() is not None:
+            told = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(
+                f"incus-borg ended (exit {proc.returncode}) before the phase: {told}"
+            )
         if not reached():
             continue
         os.kill(proc.pid, signal.SIGSTOP)

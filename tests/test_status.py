@@ -564,6 +564,7 @@ def test_prune_and_check_keep_the_index_and_metrics(env: Env, tmp_path: Path) ->
     config = env.config_with(
         tmp_path / "keep-one.yaml", retention={"keep_daily": 1, "keep_weekly": 0, "keep_monthly": 0}
     )
+    assert timed_backup(env).returncode == 0  # the newest run is complete: it alone is kept
     index = IndexFile(env.root / "staging")
     before = set(index.load().runs)
     done = run_cli("prune", config=config)

@@ -138,10 +138,15 @@ def test_a_non_ascii_staging_dir_is_unmounted_exactly(env: Env, tmp_path: Path) 
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(env: Env, tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs with room for a run's staging (the database copy and dumps grow with the
+    shared server's history) and little more; the test fills the rest."""
+    database = Path(env.server.daemon.incus_dir) / "database"
+    used = sum(f.stat().st_size for f in database.rglob("*") if f.is_file())
+    size = 20 * 2**20 + 4 * used
     disk = tmp_path / "small"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], check=True)
     try:
         yield disk
     finally:
