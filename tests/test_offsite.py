@@ -504,7 +504,7 @@ def test_a_stalled_server_never_holds_an_instance_frozen(env: Env, tmp_path: Pat
         for pid in env.sshd.serve_pids():
             os.kill(pid, signal.SIGCONT)
         env.server.exec(NAME, "rm", "-f", "/root/big.bin")
-    assert 9 < released < 15, released
+    assert 10 - 3 < released < 10 + 5, released  # counted from when the test saw the freeze
     assert proc.returncode == 1, stderr
     warning = next(line for line in stderr.splitlines() if "repository offsite" in line)
     assert "stalled" in warning and "max_window" in warning

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .. import mounts
+from .. import mounts, processes
 from ..config import IncusSettings
 from ..errors import UserError, Warnings
 from ..incus import Incus
@@ -102,6 +102,14 @@ class Quiescer:
         self.journal.add(step)
         return step
 
+    def watch_borg(self, pid: int) -> Step:
+        """Journal a borg this run started, so that a run taking over from a dead one ends
+        it (and waits until it is reaped: until then its repository lock counts as held)
+        before anything else. A borg whose run dies before this is written dies with it."""
+        step: Step = {"op": "end_borg", "pid": pid, "started": processes.start_time(pid)}
+        self.journal.add(step)
+        return step
+
     def stop_daemon(self) -> Step:
         """Stop the Incus daemon only (instances keep running)."""
         return self._take({"op": "start_daemon"}, self._stop_daemon)
@@ -166,7 +174,10 @@ class Quiescer:
         op = step["op"]
         if op == "run_post":
             return commands.finish(self.incus, step, self.report, self.warnings.add)
-        if op == "start_daemon":
+        if op == "end_borg":
+            if not processes.end(step["pid"], step["started"]):
+                raise UserError(f"borg (pid {step['pid']}) was killed but is still there")
+        elif op == "start_daemon":
             if not self.incus.reachable():
                 self.incus.run_daemon_command(self.settings.start_command, "start_command")
                 self.incus.wait_ready()
@@ -235,15 +246,17 @@ class Quiescer:
                 raise
 
     def undo_all(self, warnings: Warnings) -> list[str]:
-        """Undo every journalled step: the daemon first, then newest to oldest. Every step is
-        tried, whatever happens to the others or to the journal.
+        """Undo every journalled step: the run's borgs first (nothing may read an instance
+        once it is released), then the daemon, then newest to oldest. Every step is tried,
+        whatever happens to the others or to the journal.
 
         Returns what could not be undone (it stays journalled for the next run).
         """
         self.wait()
         steps = self.journal.steps()
-        ordered = [s for s in steps if s["op"] == "start_daemon"]
-        ordered += [s for s in reversed(steps) if s["op"] != "start_daemon"]
+        first = ("end_borg", "start_daemon")
+        ordered = [s for op in first for s in steps if s["op"] == op]
+        ordered += [s for s in reversed(steps) if s["op"] not in first]
         left = []
         for step in ordered:
             try:
@@ -267,6 +280,7 @@ def describe(step: Step) -> str:
     op = step["op"]
     target = f"{step.get('project')}/{step.get('name')}"
     return {
+        "end_borg": f"borg (pid {step.get('pid')}) of the run",
         "start_daemon": "the stopped Incus daemon",
         "unfreeze": f"the freeze of {target}",
         "start": f"the stop of {target}",

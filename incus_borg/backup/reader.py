@@ -94,7 +94,9 @@ class Reader:
                 self.gate.mark(Path(path))
             self.snapshots.start()
             for repo, args in calls:
-                self.lanes.append(Lane(repo, args, borg.spawn(args, repo, env, stage_root)))
+                process = borg.spawn(args, repo, env, stage_root)
+                self.capture.session.quiescer.watch_borg(process.pid)
+                self.lanes.append(Lane(repo, args, process))
             while any(lane.live for lane in self.lanes):
                 for opening in self.gate.wait(TICK):
                     self._on_open(opening)

@@ -3,11 +3,13 @@ journal that cannot be written does not stop the undo."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from incus_borg import processes
 from incus_borg.backup.journal import Journal
 from incus_borg.backup.quiesce import Quiescer
 from incus_borg.config import IncusSettings
@@ -84,3 +86,46 @@ def test_the_journal_survives_a_torn_line_and_resumes(tmp_path: Path) -> None:
     assert [s["name"] for s in again.steps()] == ["a"]
     again.add({"op": "unmount", "path": "/x"})
     assert [s["op"] for s in Journal(tmp_path / "staging").steps()] == ["unfreeze", "unmount"]
+
+
+def test_a_dead_runs_borg_is_ended_and_reaped_before_anything_is_released(
+    tmp_path: Path,
+) -> None:
+    """A borg orphaned by a killed run holds its repository lock until it is reaped (a
+    zombie counts as alive for borg's stale-lock check): the undo kills it, waits until it
+    is gone, and only then releases the instances."""
+    q, incus, journal = quiescer(tmp_path, broken=set())
+    parent = subprocess.Popen(
+        ["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    orphan = int(parent.stdout.readline())
+    freeze_steps(journal, ["a"])
+    q.watch_borg(orphan)
+    parent.kill()  # the run dies; its child lives on, reparented
+    parent.wait()
+    seen_alive_at_unfreeze: list[bool] = []
+    change_state = incus.change_state
+
+    def unfreeze(project: str, name: str, action: str) -> None:
+        seen_alive_at_unfreeze.append(processes.start_time(orphan) is not None)
+        change_state(project, name, action)
+
+    incus.change_state = unfreeze  # type: ignore[method-assign]
+    assert q.undo_all(Warnings()) == []
+    assert processes.start_time(orphan) is None and seen_alive_at_unfreeze == [False]
+    assert journal.steps() == []
+
+
+def test_a_reused_pid_is_never_killed(tmp_path: Path) -> None:
+    q, _, journal = quiescer(tmp_path, broken=set())
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        started = processes.start_time(other.pid)
+        assert started is not None
+        journal.add({"op": "end_borg", "pid": other.pid, "started": started - 1})
+        assert q.undo_all(Warnings()) == []
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -1,0 +1,39 @@
+"""A process named by pid and start time, so that a pid reused by another process is never
+mistaken for it: how a run's journal names the borgs it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+GONE_WAIT = 10.0  # seconds to wait for a killed process to be reaped
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def end(pid: int, started: int | None, wait: float = GONE_WAIT) -> bool:
+    """Kill the process `pid` that started at `started` and wait until it is gone, reaped
+    too: until then it still counts as alive (a borg's repository lock stays held). Returns
+    whether it is gone; a process of another start time is left alone (it is gone)."""
+    if started is None or start_time(pid) != started:
+        return True
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + wait
+    while start_time(pid) == started:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
