@@ -522,9 +522,10 @@ def allocated(top: Path) -> int:
 
 def change_files(roots: Sequence[Path], fraction: float, seed: int) -> tuple[int, int]:
     """Overwrite 4 KiB (or the whole file, if smaller) at a random offset in `fraction` of
-    the non-empty regular files below `roots`; returns (files changed, files considered)."""
+    the non-empty regular files below `roots` that are not executable (the running
+    containers' programs stay intact); returns (files changed, files considered)."""
     rng = random.Random(seed)
-    files = sorted(p for r in roots for p in regular_files(r) if p.lstat().st_size > 0)
+    files = sorted(p for r in roots for p in regular_files(r) if _changeable(p))
     chosen = rng.sample(files, max(1, round(len(files) * fraction)))
     for path in chosen:
         size = path.lstat().st_size
@@ -534,6 +535,11 @@ def change_files(roots: Sequence[Path], fraction: float, seed: int) -> tuple[int
             f.write(os.urandom(n))
     os.sync()
     return len(chosen), len(files)
+
+
+def _changeable(path: Path) -> bool:
+    st = path.lstat()
+    return st.st_size > 0 and not st.st_mode & 0o111
 
 
 # --- printing ----------------------------------------------------------------------------

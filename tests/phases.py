@@ -29,6 +29,18 @@ def has_step(staging: Path, op: str) -> Callable[[], bool]:
     return lambda: any(step["op"] == op for step in journal_steps(staging))
 
 
+def holds(predicate: Callable[[], bool]) -> Callable[[], bool]:
+    """`predicate`, false while it cannot be told (the daemon restarting, a file half-written)."""
+
+    def safely() -> bool:
+        try:
+            return predicate()
+        except Exception:
+            return False
+
+    return safely
+
+
 def stop_in_phase(
     proc: subprocess.Popen[Any],
     reached: Callable[[], bool],
@@ -37,20 +49,26 @@ def stop_in_phase(
 ) -> None:
     """SIGSTOP `proc` once `reached()` holds and, while it is stopped, `settled()` comes true
     (an action it started has taken effect). If it does not, `proc` goes on and the phase is
-    waited for again. Fails the test when `proc` ends first."""
+    waited for again. Fails the test when `proc` ends first; a failing test never leaves
+    `proc` stopped (it goes on, and undoes what it did, on its own)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            told = proc.stderr.read() if proc.stderr else ""
-            raise AssertionError(
-                f"incus-borg ended (exit {proc.returncode}) before the phase: {told}"
-            )
-        if not reached():
-            continue
-        os.kill(proc.pid, signal.SIGSTOP)
-        if wait_for(settled, 3):
-            return
-        os.kill(proc.pid, signal.SIGCONT)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                told = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(
+                    f"incus-borg ended (exit {proc.returncode}) before the phase: {told}"
+                )
+            if not holds(reached)():
+                continue
+            os.kill(proc.pid, signal.SIGSTOP)
+            if wait_for(holds(settled), 3):
+                return
+            os.kill(proc.pid, signal.SIGCONT)
+    except BaseException:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+        raise
     raise AssertionError("incus-borg never reached the phase")
 
 
