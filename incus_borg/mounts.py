@@ -86,6 +86,15 @@ def unmount(target: Path, lazy: bool = False) -> None:
         _call("unmount", _libc.umount2(os.fsencode(target), flags), target)
 
 
+def unmount_or_detach(target: Path) -> None:
+    """Unmount `target`; when it is still busy (a borg being stopped still holds a file open
+    in it), detach it lazily: it leaves the tree at once and is gone with its last file."""
+    try:
+        unmount(target)
+    except UserError:
+        unmount(target, lazy=True)
+
+
 def share(path: Path) -> None:
     """Bind-mount a directory onto itself as a shared mount: what a process in another mount
     namespace (made with its propagation unchanged) mounts below it then shows here too."""

@@ -3,6 +3,7 @@ mistaken for it: how a run's journal names the borgs it started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -33,6 +34,8 @@ def end(pid: int, started: int | None, wait: float = GONE_WAIT) -> bool:
         return True
     deadline = time.monotonic() + wait
     while start_time(pid) == started:
+        with contextlib.suppress(ChildProcessError):  # another's: its parent or init reaps it
+            os.waitpid(pid, os.WNOHANG)  # a child of this process is reaped here
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

@@ -192,7 +192,7 @@ class Quiescer:
             self._delete(lambda: self.incus.delete_volume_snapshot(*vol, step["snap"], member),
                          step["snap"], lambda: self.incus.volume_snapshots(*vol, member))  # fmt: skip
         elif op == "unmount":
-            mounts.unmount(Path(step["path"]))
+            mounts.unmount_or_detach(Path(step["path"]))
         else:
             raise UserError(f"unknown step {op!r} in {self.journal.path}: remove it by hand")
         return None

@@ -131,10 +131,7 @@ class Scratch:
         if self.proc is not None:
             self.proc.poll()  # reap our child
         for point in mounts.mounts_below(self.root):
-            try:
-                mounts.unmount(point)
-            except UserError:
-                mounts.unmount(point, lazy=True)
+            mounts.unmount_or_detach(point)
         for device in self.loops():
             subprocess.run(["losetup", "-d", device], capture_output=True, check=False, timeout=60)
         if os.path.lexists(self.root) and not mounts.mounts_below(self.root):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from incus_borg import mounts
+from incus_borg.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -32,3 +33,19 @@ def test_mounts_below_match_whole_components(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(mounts, "mount_points", lambda: points)
     below = mounts.mounts_below(Path("/s/stagé"))
     assert below == [Path("/s/stagé/a/b"), Path("/s/stagé/incus"), Path("/s/stagé")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_busy_staging_mount_is_detached(tmp_path: Path) -> None:
+    """A borg being stopped may still hold a file open in an instance's mount when the
+    instance is released: the release must not fail (and keep it frozen) for that."""
+    source, target = tmp_path / "data", tmp_path / "staging" / "data"
+    source.mkdir()
+    (source / "file").write_bytes(b"held open\n")
+    mounts.bind_readonly(source, target)
+    with (target / "file").open("rb") as held:
+        with pytest.raises(UserError, match="busy"):
+            mounts.unmount(target)
+        mounts.unmount_or_detach(target)
+        assert not mounts.is_mounted(target) and not list(target.iterdir())
+        assert held.read() == b"held open\n"
