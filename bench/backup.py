@@ -211,10 +211,10 @@ class BackupBench(Bench):
         for inst in self.instances:
             if inst.name in windows:
                 inst.modes[key], inst.windows[key] = windows[inst.name]
-        read = sum(i["bytes_read"] for i in summary["items"])
+        read = sum(summary["bytes_read"].values())
         changed = sum(summary["changed_files"].values())
         m.notes += [
-            f"instances read {human(read)}, {changed} file(s) not in files cache, "
+            f"run read {human(read)}, {changed} file(s) not in files cache, "
             f"daemon down {summary['daemon_downtime']:.2f} s",
             "phases: " + phases(done.stderr, done.seconds),
             f"incus database directory {human(db_before)} before, "
