@@ -33,10 +33,15 @@ def unescape(field: bytes) -> str:
     return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
 
 
+def mountinfo() -> list[list[bytes]]:
+    """/proc/self/mountinfo, one list of fields per mount (id, parent id, ..., mount point)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [line.split() for line in f]
+
+
 def mount_points() -> list[str]:
     """Every mount point in this mount namespace."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        return [unescape(line.split()[4]) for line in f]
+    return [unescape(row[4]) for row in mountinfo()]
 
 
 def _resolved(path: Path) -> str:

@@ -22,8 +22,7 @@ from .. import mounts
 
 def submounts(top: str) -> list[str]:
     """The mount points directly on the topmost mount at `top`, in mount order."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        rows = [line.split() for line in f]
+    rows = mounts.mountinfo()
     ids = [row[0] for row in rows if mounts.unescape(row[4]) == top]
     if not ids:
         return []
