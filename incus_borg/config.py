@@ -114,6 +114,28 @@ class IncusSettings:
     subgid: str = key("/etc/subgid", "subgid file deciding gid shifting; backed up and restored.")
 
 
+KeysFrom = Literal["everywhere", "profiles", "unrestricted-projects"]
+
+
+@dataclass(frozen=True)
+class PolicyRules:
+    """What per-instance keys (`user.incus-borg.*`) may do, and whose are honoured."""
+
+    keys_from: KeysFrom = key(
+        "everywhere",
+        "Where user.incus-borg.* keys are honoured: everywhere (instances, profiles, "
+        "volumes), profiles (profiles only: keys on instances and volumes are ignored), or "
+        "unrestricted-projects (keys on anything in a project with restricted=true are "
+        "ignored, and so are that project's own profiles'). Ignored keys are named in the "
+        "output and change nothing.",
+    )
+    max_timeout: int = key(
+        3600,
+        "Longest user.incus-borg.timeout (seconds) an instance may ask for; a larger one is "
+        "clamped to this, and the output says so.",
+    )
+
+
 @dataclass(frozen=True)
 class Notify:
     """Who hears how runs went: healthchecks-style URLs and Apprise URLs."""
@@ -206,6 +228,9 @@ class Config:
     instances: list[str] = key(
         [], "Instances to back up, as name or project/name; empty means all, in all projects."
     )
+    policy: PolicyRules = key(
+        PolicyRules, "What per-instance keys (user.incus-borg.*) may do, and whose count."
+    )
     retention: Retention = key(Retention, "How many archives to keep per period when pruning.")
     max_age: str = key(
         "26h",
@@ -285,6 +310,11 @@ def parse(text: str, source: str) -> Config:
         raise UserError(f"config {source}: 'repositories' must list at least one repository")
     if len(set(names)) != len(names):
         raise UserError(f"config {source}: repository labels must be unique, got {names}")
+    if config.policy.max_timeout < 1:
+        raise UserError(
+            f"config {source}: 'policy.max_timeout' must be at least 1 (seconds), got "
+            f"{config.policy.max_timeout}"
+        )
     ages: list[tuple[str, str | None]] = [("max_age", config.max_age)]
     ages += [(f"repositories[{i}].max_age", r.max_age) for i, r in enumerate(config.repositories)]
     for where, age in ages:

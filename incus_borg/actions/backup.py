@@ -13,13 +13,13 @@ from typing import Any
 import click
 
 from .. import layout, monitoring, preflight
-from ..backup import plan, policy
+from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.gate import Gate
 from ..backup.plan import Plan
-from ..backup.reader import Lane, Reader
+from ..backup.reader import Lane, Reader, lost_paths, missing
 from ..backup.session import Session
-from ..borg import Borg, comment_argv, create_argv, info_argv
+from ..borg import Borg, comment_argv, create_argv, delete_argv, file_statuses, info_argv
 from ..config import Config, Repository
 from ..context import Context
 from ..errors import EXIT_ERROR, UserError, Warnings
@@ -91,9 +91,7 @@ def _run(ctx: Context, options: BackupOptions) -> int:
     repos = config.select_repositories(options.label)
     selection = list(options.instances) or config.instances
     with session.locked("backup"):
-        the_plan = plan.build(
-            session.incus, session.mode, selection, command_line=options.mode, member=session.member
-        )
+        the_plan = session.plan(selection, options.mode)
         if options.dry_run:
             print_plan(the_plan, config, repos, session.report)
             return 0
@@ -171,8 +169,22 @@ def write_run(
             )
             lanes = reader.read(borg, calls, session.stage.root, env, manifest_content)
         for lane in lanes:
+            drop_if_lacking(borg, the_plan, lane, session.run)
             report_lane(capture, the_plan, lane, outcome)
             mark_partial(borg, the_plan, lane, session.run, session.member)
+
+
+def drop_if_lacking(borg: Borg, the_plan: Plan, lane: Lane, run: str) -> None:
+    """Delete the archive a lane committed when its borg excluded part of the server that
+    every run must hold (the reader stops such a lane at the manifest's gate; this catches
+    the manifest itself): that archive is not a run."""
+    if lane.result is None:
+        return
+    lost = lost_paths(the_plan.items, lane.result.messages)
+    if lost:
+        borg.run(delete_argv(lane.repo, [run]), lane.repo)
+        lane.result = None
+        lane.failed = f"repository {lane.repo.name} ({lane.repo.path}): {missing(lost)}"
 
 
 def mark_partial(borg: Borg, the_plan: Plan, lane: Lane, run: str, member: str | None) -> None:
@@ -235,8 +247,7 @@ def changed_per_item(the_plan: Plan, lane: Lane) -> dict[str, int]:
     assert lane.result is not None
     prefixes = [item.path + "/" for item in the_plan.items]
     counts: dict[str, int] = {}
-    for message in lane.result.messages:
-        path = str(message.get("path", "")) if message.get("type") == "file_status" else ""
+    for path in file_statuses(lane.result.messages, "AME"):
         for prefix in prefixes:
             if path.startswith(prefix):
                 counts[prefix[:-1]] = counts.get(prefix[:-1], 0) + 1
@@ -248,6 +259,8 @@ def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: 
     """What a run would do, changing nothing."""
     report(f"staging: {config.staging_dir}")
     report("repositories: " + ", ".join(f"{r.name} ({r.path})" for r in repos))
+    for note in the_plan.notes:
+        report(note)
     for item in the_plan.items:
         report(
             f"{item.kind} {item.ref} on {item.pool} ({item.driver}): {item.mode} "

@@ -9,7 +9,7 @@ from functools import partial
 import click
 
 from .. import layout, monitoring, preflight
-from ..backup import plan, policy
+from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.plan import Plan
 from ..backup.session import Session
@@ -42,9 +42,7 @@ def _pre(ctx: Context, options: PreOptions) -> int:
     session = _session(ctx, options.mode, warnings)
     with session.locked("hook pre"):
         selection = list(options.instances) or ctx.config.instances
-        the_plan = plan.build(
-            session.incus, session.mode, selection, command_line=options.mode, member=session.member
-        )
+        the_plan = session.plan(selection, options.mode)
         capture = Capture(session)
         with session.holding("hook", release=False):
             capture.run_pres(the_plan)  # their post commands run at `hook post`

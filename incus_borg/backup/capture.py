@@ -63,6 +63,8 @@ class Capture:
         run, with a warning, once its post ran; the run is then partial. Stopped instances run
         none: they are read as they are."""
         s = self.session
+        for note in plan.notes:
+            s.report(note)
         for item in plan.skipped:
             s.report(f"{item.kind} {item.ref}: skipped (mode skip from {item.mode_source})")
         for item in plan.instances:

@@ -97,6 +97,10 @@ class Gate:
         finally:
             os.close(opening.fd)
 
+    def drop(self, opening: Opening) -> None:
+        """Forget the open of a process that was killed while it waited (no answer is due)."""
+        os.close(opening.fd)
+
     def __enter__(self) -> Gate:
         return self
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import layout
+from ..config import PolicyRules
 from ..errors import UserError
 from ..incus import Incus, instances_using
 from ..manifest import Item
@@ -25,6 +26,8 @@ class Plan:
     pools: dict[str, str]  # name -> driver
     partial: bool = False  # only the named instances, not the whole server
     skipped: list[Item] = field(default_factory=list)  # left out by their policy (mode skip)
+    # What the policies said: keys ignored (policy.keys_from), timeouts clamped.
+    notes: list[str] = field(default_factory=list)
     # On a cluster: what other members hold (read by their own runs), as "kind ref (member)".
     elsewhere: list[str] = field(default_factory=list)
 
@@ -57,19 +60,23 @@ def build(
     selection: list[str],
     command_line: str | None = None,
     member: str | None = None,
+    rules: PolicyRules | None = None,
 ) -> Plan:
     """Query Incus for every instance and custom volume, narrowed by `selection`, each with
-    its policy (`command_line`: --mode, overriding every other source); a bad policy key is
-    refused here, before anything is quiesced. On a cluster (`member` is this member's
-    name), only what is located on this member."""
+    its policy (`command_line`: --mode, overriding every other source; `rules`: whose keys
+    count, see policy.Trust); a bad policy key is refused here, before anything is
+    quiesced. On a cluster (`member` is this member's name), only what is located on this
+    member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances()
     chosen = _select(raw, selection)
     elsewhere = [i for i in chosen if member is not None and i["location"] != member]
     chosen = [i for i in chosen if i not in elsewhere]
+    trust = _trust(incus, rules or PolicyRules())
     profiles = _profile_configs(incus, chosen)
-    modes = (requested_mode, command_line)
-    planned = [_instance_item(i, pools, _policy(i, profiles, *modes)) for i in chosen]
+    modes = (requested_mode, command_line, trust)
+    notes: list[str] = []
+    planned = [_instance_item(i, pools, _policy(i, profiles, *modes), notes) for i in chosen]
     instances = [i for i in planned if i.mode != "skip"]
     unreadable = [
         i.ref for i in instances if i.driver not in layout.READABLE_DRIVERS or i.type != "container"
@@ -82,7 +89,7 @@ def build(
         )
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
-    volumes, other_volumes = _volumes(incus, pools, modes, running, wanted, member)
+    volumes, other_volumes = _volumes(incus, pools, modes, running, wanted, member, notes)
     skipped = [i for i in planned + volumes if i.mode == "skip"]
     volumes = [v for v in volumes if v.mode != "skip"]
     others = [f"instance {i['project']}/{i['name']} ({i['location']})" for i in elsewhere]
@@ -92,8 +99,21 @@ def build(
         pools,
         bool(selection),
         skipped=skipped,
+        notes=notes,
         elsewhere=others + other_volumes,
     )
+
+
+def _trust(incus: Incus, rules: PolicyRules) -> policy.Trust:
+    """Whose keys count: the rules, and (when they depend on it) the restricted projects."""
+    restricted: frozenset[str] = frozenset()
+    if rules.keys_from == "unrestricted-projects":
+        restricted = frozenset(
+            p["name"]
+            for p in incus.entities("projects")
+            if str((p.get("config") or {}).get("restricted", "")).lower() == "true"
+        )
+    return policy.Trust(rules, restricted)
 
 
 def _profile_configs(incus: Incus, raw: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
@@ -114,16 +134,18 @@ def _policy(
     profiles: dict[tuple[str, str], Any],
     requested: str,
     command_line: str | None,
+    trust: policy.Trust,
 ) -> Policy:
     """An instance's policy; its profiles are its project's, or the default project's for a
     project without profiles of its own."""
     project = raw["project"]
-    mine = [
-        (name, profiles.get((project, name), profiles.get(("default", name), {})))
+    where = {
+        name: project if (project, name) in profiles else "default"
         for name in raw.get("profiles") or []
-    ]
+    }
+    mine = [(name, profiles.get((where[name], name), {})) for name in where]
     ref = f"{project}/{raw['name']}"
-    return policy.instance_policy(ref, raw, mine, requested, command_line)
+    return policy.instance_policy(ref, raw, mine, requested, command_line, trust, where)
 
 
 def _select(raw: list[dict[str, Any]], selection: list[str]) -> list[dict[str, Any]]:
@@ -144,7 +166,10 @@ def _select(raw: list[dict[str, Any]], selection: list[str]) -> list[dict[str, A
     return chosen
 
 
-def _instance_item(raw: dict[str, Any], pools: dict[str, str], wanted: Policy) -> Item:
+def _instance_item(
+    raw: dict[str, Any], pools: dict[str, str], wanted: Policy, notes: list[str]
+) -> Item:
+    notes += wanted.notes
     pool = raw["expanded_devices"].get("root", {}).get("pool", "")
     driver = pools.get(pool, "")
     status = raw["status"]
@@ -170,10 +195,11 @@ def _instance_item(raw: dict[str, Any], pools: dict[str, str], wanted: Policy) -
 def _volumes(
     incus: Incus,
     pools: dict[str, str],
-    modes: tuple[str, str | None],
+    modes: tuple[str, str | None, policy.Trust],
     running: set[str],
     wanted: set[str] | None,
-    member: str | None = None,
+    member: str | None,
+    notes: list[str],
 ) -> tuple[list[Item], list[str]]:
     """Custom volumes: all, or (when instances were named) those the named instances use,
     each with its policy (skipped ones too); on a cluster, those on `member`, and the others
@@ -193,6 +219,7 @@ def _volumes(
                 continue
             ref = f"{pool}/{vol['project']}/{vol['name']}"
             chosen = policy.volume_policy(ref, vol, *modes)
+            notes += chosen.notes
             if driver not in layout.READABLE_DRIVERS and chosen.mode != "skip":
                 raise UserError(
                     f"cannot back up volume {pool}/{vol['name']}: only dir and btrfs pools "

@@ -6,26 +6,37 @@ Where a key came from: "instance" when it is in the instance's own config, else 
 NAME" for the last profile (in the instance's profile order) that sets it, "volume" for a
 custom volume's config; the mode may also come from the "configuration" or, overriding all
 of them for one run, the "command line".
+
+The keys are written by whoever controls the instance (on a shared server, a tenant of a
+restricted project), so none may reach beyond it: every value is checked (known keys and
+modes, no control or invisible characters, a bounded length), exclude patterns are
+confined to the instance's own root filesystem (see patterns.py), `pre` and `post` run
+inside the instance only, a timeout is clamped to the configuration's `policy.max_timeout`,
+and `policy.keys_from` says whose keys are honoured at all.
 """
 
 from __future__ import annotations
 
-import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import PolicyRules
 from ..errors import UserError
 from ..manifest import Item
+from . import patterns as patterns_
 
 PREFIX = "user.incus-borg."
 MODES = ("auto", "snapshot", "freeze", "stop", "none", "skip")
 INSTANCE_KEYS = ("mode", "exclude", "pre", "post", "timeout")
 VOLUME_KEYS = ("mode", "exclude")  # custom volumes run no commands
 DEFAULT_TIMEOUT = 300  # seconds a pre or post command may take
-# Borg's pattern styles (`borg help patterns`); a pattern without one is `fm:`, as for
-# `borg create --exclude`.
-STYLES = ("fm", "sh", "re", "pp", "pf")
+MAX_VALUE = 4096  # characters a key's value may hold
+# Unicode categories refused in a value: controls (newline, NUL, ...), invisible format
+# characters (bidirectional overrides, zero-width spaces), surrogates, private use,
+# unassigned, and line and paragraph separators.
+REFUSED_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
 # Where a setting came from (besides "profile NAME").
 CONFIGURATION, COMMAND_LINE = "configuration", "command line"
 INSTANCE, VOLUME = "instance", "volume"
@@ -33,15 +44,17 @@ INSTANCE, VOLUME = "instance", "volume"
 
 @dataclass(frozen=True)
 class Setting:
-    """One key's value and where it came from."""
+    """One key's value, where it came from, and the project of what it was set on."""
 
     value: str
     source: str
+    project: str = "default"
 
 
 @dataclass
 class Policy:
-    """What the keys ask for one instance or volume."""
+    """What the keys ask for one instance or volume, and what was said about them (keys
+    ignored, a timeout clamped)."""
 
     mode: str  # auto, snapshot, freeze, stop, none or skip
     mode_source: str
@@ -49,6 +62,28 @@ class Policy:
     pre: str | None = None
     post: str | None = None
     timeout: int = DEFAULT_TIMEOUT
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whose keys are honoured: the configuration's `policy` and the projects that Incus
+    restricts (`restricted=true`)."""
+
+    rules: PolicyRules = field(default_factory=PolicyRules)
+    restricted: frozenset[str] = frozenset()
+
+    def ignores(self, setting: Setting) -> str | None:
+        """Why a key is not honoured, or None when it is."""
+        keys_from = self.rules.keys_from
+        if keys_from == "profiles" and not setting.source.startswith("profile "):
+            return "policy.keys_from is profiles"
+        if keys_from == "unrestricted-projects" and setting.project in self.restricted:
+            return (
+                f"policy.keys_from is unrestricted-projects and project {setting.project} "
+                "is restricted"
+            )
+        return None
 
 
 def profile_source(name: str) -> str:
@@ -57,20 +92,27 @@ def profile_source(name: str) -> str:
 
 
 def settings(
-    expanded: dict[str, str], own: dict[str, str], profiles: Sequence[tuple[str, dict[str, Any]]]
+    expanded: dict[str, str],
+    own: dict[str, str],
+    profiles: Sequence[tuple[str, dict[str, Any]]],
+    project: str = "default",
+    profile_projects: dict[str, str] | None = None,
 ) -> dict[str, Setting]:
-    """The `user.incus-borg.*` keys of an instance (short names), each with its source:
-    the instance's own config, else the last of `profiles` ((name, config), in the
-    instance's order) that sets it."""
+    """The `user.incus-borg.*` keys of an instance of `project` (short names), each with its
+    source: the instance's own config, else the last of `profiles` ((name, config), in the
+    instance's order) that sets it (`profile_projects`: the project each profile is in,
+    when not the instance's)."""
     found = {}
     for key, value in expanded.items():
         if not key.startswith(PREFIX):
             continue
-        source = INSTANCE
+        source, where = INSTANCE, project
         if key not in own:
             setters = [name for name, config in profiles if key in config]
-            source = profile_source(setters[-1]) if setters else INSTANCE
-        found[key.removeprefix(PREFIX)] = Setting(str(value), source)
+            if setters:
+                source = profile_source(setters[-1])
+                where = (profile_projects or {}).get(setters[-1], project)
+        found[key.removeprefix(PREFIX)] = Setting(str(value), source, where)
     return found
 
 
@@ -80,29 +122,43 @@ def resolve(
     allowed: Sequence[str],
     configured: str,
     command_line: str | None,
+    trust: Trust | None = None,
 ) -> Policy:
     """Check the keys of one instance or volume (`what`, as "instance P/NAME") and resolve
-    its policy: `command_line` (--mode) overrides the keys, which override `configured`."""
+    its policy: `command_line` (--mode) overrides the keys, which override `configured`.
+    Keys that `trust` does not honour are left out (and noted), unchecked: they change
+    nothing, so they cannot stop a run either."""
+    trust = trust or Trust()
+    policy = Policy(configured, CONFIGURATION)
+    honoured = {}
     for key, setting in keys.items():
+        why = trust.ignores(setting)
+        if why:
+            policy.notes.append(
+                f"{what}: {PREFIX}{key} (set on the {setting.source}) is ignored: {why}"
+            )
+        else:
+            honoured[key] = setting
+    for key, setting in honoured.items():
         if key not in allowed:
             raise UserError(
-                f"{what}: unknown key {PREFIX}{key} (set on the {setting.source}): "
+                f"{what}: unknown key {PREFIX}{plain(key)} (set on the {setting.source}): "
                 f"the keys are {', '.join(PREFIX + k for k in allowed)}"
             )
-    policy = Policy(configured, CONFIGURATION)
-    if "mode" in keys:
-        policy.mode = _check(what, "mode", keys["mode"], MODES)
-        policy.mode_source = keys["mode"].source
+        _check_text(what, key, setting)
+    if "mode" in honoured:
+        policy.mode = _check(what, "mode", honoured["mode"], MODES)
+        policy.mode_source = honoured["mode"].source
     if command_line:
         policy.mode, policy.mode_source = command_line, COMMAND_LINE
-    if "exclude" in keys:
-        policy.excludes = _excludes(what, keys["exclude"])
-    if "pre" in keys:
-        policy.pre = keys["pre"].value
-    if "post" in keys:
-        policy.post = keys["post"].value
-    if "timeout" in keys:
-        policy.timeout = _timeout(what, keys["timeout"])
+    if "exclude" in honoured:
+        policy.excludes = _excludes(what, honoured["exclude"])
+    if "pre" in honoured:
+        policy.pre = honoured["pre"].value
+    if "post" in honoured:
+        policy.post = honoured["post"].value
+    if "timeout" in honoured:
+        policy.timeout = _timeout(what, honoured["timeout"], trust.rules.max_timeout, policy)
     return policy
 
 
@@ -112,78 +168,114 @@ def instance_policy(
     profiles: Sequence[tuple[str, dict[str, Any]]],
     configured: str,
     command_line: str | None,
+    trust: Trust | None = None,
+    profile_projects: dict[str, str] | None = None,
 ) -> Policy:
     """The policy of one instance, as the API shows it (`raw`); `profiles` are its profiles'
-    (name, config) in its order."""
-    keys = settings(raw.get("expanded_config") or {}, raw.get("config") or {}, profiles)
-    return resolve(f"instance {ref}", keys, INSTANCE_KEYS, configured, command_line)
+    (name, config) in its order, in `profile_projects` (name -> project) when not in the
+    instance's own."""
+    project = str(raw.get("project") or ref.split("/", 1)[0])
+    keys = settings(
+        raw.get("expanded_config") or {},
+        raw.get("config") or {},
+        profiles,
+        project,
+        profile_projects,
+    )
+    return resolve(f"instance {ref}", keys, INSTANCE_KEYS, configured, command_line, trust)
 
 
 def volume_policy(
-    ref: str, raw: dict[str, Any], configured: str, command_line: str | None
+    ref: str,
+    raw: dict[str, Any],
+    configured: str,
+    command_line: str | None,
+    trust: Trust | None = None,
 ) -> Policy:
     """The policy of one custom volume, from its own config (`exclude` on filesystem volumes
     only)."""
+    project = str(raw.get("project") or "default")
     keys = {
-        k.removeprefix(PREFIX): Setting(str(v), VOLUME)
+        k.removeprefix(PREFIX): Setting(str(v), VOLUME, project)
         for k, v in (raw.get("config") or {}).items()
         if k.startswith(PREFIX)
     }
     allowed = VOLUME_KEYS if raw.get("content_type") != "block" else ("mode",)
-    return resolve(f"volume {ref}", keys, allowed, configured, command_line)
+    return resolve(f"volume {ref}", keys, allowed, configured, command_line, trust)
+
+
+def shown(value: str, limit: int = 60) -> str:
+    """A value as messages quote it: escaped (no control character reaches a terminal or a
+    log), and cut after `limit` characters."""
+    cut = value if len(value) <= limit else value[:limit] + "..."
+    return ascii(cut)
+
+
+def plain(name: str) -> str:
+    """A key's name as messages show it: as it is when printable ASCII, else escaped."""
+    return name if name.isascii() and name.isprintable() and len(name) <= 60 else shown(name)
+
+
+def _check_text(what: str, key: str, setting: Setting) -> None:
+    """Refuse a value that is too long, or that holds control or invisible characters."""
+    value = setting.value
+    problem = None
+    if len(value) > MAX_VALUE:
+        problem = f"is {len(value)} characters long, more than {MAX_VALUE}"
+    else:
+        odd = next((c for c in value if unicodedata.category(c) in REFUSED_CATEGORIES), None)
+        if odd is not None:
+            name = unicodedata.name(odd, "")  # control characters have none
+            kind = f"the invisible character {name}" if name else "a control character"
+            problem = (
+                f"holds {kind} (U+{ord(odd):04X}): write it on one line, with visible "
+                "characters only"
+            )
+    if problem:
+        raise UserError(
+            f"{what}: {PREFIX}{key}={shown(value)} (set on the {setting.source}) {problem}"
+        )
 
 
 def _check(what: str, key: str, setting: Setting, allowed: Sequence[str]) -> str:
     if setting.value not in allowed:
         raise UserError(
-            f"{what}: {PREFIX}{key}={setting.value!r} (set on the {setting.source}) is not "
-            f"one of {', '.join(allowed)}"
+            f"{what}: {PREFIX}{key}={shown(setting.value)} (set on the {setting.source}) is "
+            f"not one of {', '.join(allowed)}"
         )
     return setting.value
 
 
-def _timeout(what: str, setting: Setting) -> int:
+def _timeout(what: str, setting: Setting, limit: int, policy: Policy) -> int:
+    """A timeout key's seconds, clamped to `limit` (policy.max_timeout) with a note."""
     value = setting.value.strip()
-    if not value.isdigit() or int(value) < 1:
+    digits = value.lstrip("0")
+    if not value.isascii() or not value.isdigit() or not digits:
         raise UserError(
-            f"{what}: {PREFIX}timeout={setting.value!r} (set on the {setting.source}) is not "
-            "a whole number of seconds of at least 1"
+            f"{what}: {PREFIX}timeout={shown(setting.value)} (set on the {setting.source}) "
+            "is not a whole number of seconds of at least 1"
         )
-    return int(value)
+    seconds = int(digits) if len(digits) <= 18 else limit + 1
+    if seconds > limit:
+        policy.notes.append(
+            f"{what}: {PREFIX}timeout={shown(value, 20)} (set on the {setting.source}) is "
+            f"more than policy.max_timeout: clamped to {limit} s"
+        )
+        return limit
+    return seconds
 
 
 def _excludes(what: str, setting: Setting) -> list[str]:
     """The comma-separated patterns of an `exclude` key, each checked."""
     patterns = [p.strip() for p in setting.value.split(",") if p.strip()]
     for pattern in patterns:
-        style, path = split_style(pattern)
-        problem = None
-        if style not in STYLES:
-            problem = f"has the unknown pattern style {style}: (use {', '.join(STYLES)})"
-        elif style != "re" and not path.strip("/"):
-            problem = "excludes the whole root filesystem: set mode=skip instead"
-        elif style == "re":
-            problem = _regex_problem(path)
+        problem = patterns_.problem(pattern)
         if problem:
             raise UserError(
-                f"{what}: {PREFIX}exclude pattern {pattern!r} (set on the {setting.source}) "
-                f"{problem}"
+                f"{what}: {PREFIX}exclude pattern {shown(pattern)} (set on the "
+                f"{setting.source}) {problem}"
             )
     return patterns
-
-
-def _regex_problem(expression: str) -> str | None:
-    try:
-        re.compile(expression)
-    except re.error as exc:
-        return f"is not a valid regular expression ({exc})"
-    return None
-
-
-def split_style(pattern: str) -> tuple[str, str]:
-    """A Borg pattern's style and its path part (`fm` when it names no style)."""
-    match = re.match(r"([a-z]{2}):(.*)", pattern, re.S)
-    return (match.group(1), match.group(2)) if match else ("fm", pattern)
 
 
 # --- patterns for borg --------------------------------------------------------------------
@@ -191,20 +283,9 @@ def split_style(pattern: str) -> tuple[str, str]:
 
 def borg_excludes(patterns: Sequence[str], roots: Sequence[str]) -> list[str]:
     """Borg `--exclude` patterns that apply `patterns` (relative to a root filesystem) below
-    each of `roots` (archive paths such as `instances/P/N/backup/container/rootfs`)."""
-    return [_rooted(pattern, root.strip("/")) for root in roots for pattern in patterns]
-
-
-def _rooted(pattern: str, root: str) -> str:
-    style, path = split_style(pattern)
-    if style == "re":
-        if path.startswith("^"):  # anchored at the root filesystem
-            rest = path[1:]
-            return f"re:^{re.escape(root)}/{rest[1:] if rest.startswith('/') else rest}"
-        return f"re:^{re.escape(root)}/.*?(?:{path})"
-    if style in ("fm", "sh"):
-        root = re.sub(r"([*?\[])", r"[\1]", root)  # names are literal, not wildcards
-    return f"{style}:{root}/{path.lstrip('/')}"
+    each of `roots` (archive paths such as `instances/P/N/backup/container/rootfs`), each
+    confined to its root."""
+    return [patterns_.rooted(pattern, root) for root in roots for pattern in patterns]
 
 
 def item_roots(kind: str, path: str, snapshots: Sequence[str]) -> list[str]:

@@ -24,12 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import layout
-from ..borg import Borg, BorgProcess, BorgResult, progress_line
+from ..borg import Borg, BorgProcess, BorgResult, file_statuses, progress_line
 from ..config import Repository
 from ..errors import UserError
 from ..manifest import Item
+from . import patterns, policy
 from .capture import Capture, Held
 from .gate import Gate, Opening
 from .snapshots import Snapshots
@@ -136,13 +138,34 @@ class Reader:
         self.snapshots.reached(k)
         self._release()
         if k == len(self.items):
-            self._write_manifest()
+            if not all(lane.process.drained() for lane in live):
+                return  # the log lines borg wrote before the manifest are not all read yet
+            live = self._holding_everything(live)
+            if live:
+                self._write_manifest()
         elif self.items[k].failed is None:
             self._hold(k)
         for lane in live:
             assert lane.waiting is not None
             self.gate.allow(lane.waiting)
             lane.waiting = None
+
+    def _holding_everything(self, live: list[Lane]) -> list[Lane]:
+        """The lanes at the manifest's gate whose borg excluded nothing beyond an instance's
+        own root filesystem; the others are killed there, before they can commit a run that
+        misses part of the server (see `lost`)."""
+        kept = []
+        for lane in live:
+            lost = lost_paths(self.items, lane.process.messages)
+            if not lost:
+                kept.append(lane)
+                continue
+            assert lane.waiting is not None
+            lane.process.kill()
+            self.gate.drop(lane.waiting)
+            lane.waiting = None
+            lane.failed = f"repository {lane.repo.name} ({lane.repo.path}): {missing(lost)}"
+        return kept
 
     def _hold(self, k: int) -> None:
         item = self.items[k]
@@ -229,3 +252,24 @@ class Reader:
         lane = next((lane for lane in self.lanes if lane.live), None)
         if self.show_progress and lane is not None and lane.process.progress is not None:
             print("\r" + progress_line(lane.process.progress), end="", file=sys.stderr)
+
+
+def lost_paths(items: list[Item], messages: list[dict[str, Any]]) -> list[str]:
+    """What a borg's `--list` log says it excluded beyond the items' own root filesystems
+    and incus-borg's own excludes (below `incus/`)."""
+    roots = [
+        root
+        for item in items
+        if item.excludes
+        for root in policy.item_roots(item.kind, item.path, item.snapshots)
+    ]
+    return patterns.beyond(file_statuses(list(messages), "x"), roots, str(layout.INCUS))
+
+
+def missing(lost: list[str]) -> str:
+    """Why a run that excluded `lost` holds nothing, in words."""
+    more = f" and {len(lost) - 1} more path(s)" if len(lost) > 1 else ""
+    return (
+        f"the run would miss {lost[0]}{more}, which it must hold: an exclude pattern reached "
+        "beyond its instance's root filesystem (user.incus-borg.exclude); nothing was kept"
+    )

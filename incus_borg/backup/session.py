@@ -14,6 +14,7 @@ from ..config import Config
 from ..errors import UserError, Warnings
 from ..incus import Incus
 from .journal import Journal
+from .plan import Plan, build
 from .quiesce import Quiescer
 from .stage import Stage
 
@@ -47,6 +48,18 @@ class Session:
     def run(self) -> str:
         """The run's name (asks Incus whether it is a cluster member the first time)."""
         return layout.run_name(self.config.archive_name_format, self.now, member=self.member)
+
+    def plan(self, selection: list[str], command_line: str | None) -> Plan:
+        """What this run reads: the server's instances and volumes (or `selection`), each
+        with its policy (`command_line`: --mode, overriding every other source)."""
+        return build(
+            self.incus,
+            self.mode,
+            selection,
+            command_line=command_line,
+            member=self.member,
+            rules=self.config.policy,
+        )
 
     @contextmanager
     def locked(self, command: str) -> Iterator[None]:

@@ -21,7 +21,14 @@ from .commands import (
     list_tree_argv,
 )
 from .failures import NEVER_RETRIED, Cause, diagnose, explain_failure, raw_tail, retryable
-from .result import BorgResult, Stalled, is_warning, parse_log_json, progress_line
+from .result import (
+    BorgResult,
+    Stalled,
+    file_statuses,
+    is_warning,
+    parse_log_json,
+    progress_line,
+)
 from .runner import Borg, BorgProcess, Secrets, raise_for, stop
 from .ssh import KEEPALIVE, is_remote, rsh_command, ssh_messages
 from .version import MIN_VERSION, checked_version, find_borg
@@ -47,6 +54,7 @@ __all__ = [
     "export_tar_argv",
     "extract_argv",
     "extract_stdout_argv",
+    "file_statuses",
     "find_borg",
     "info_argv",
     "init_argv",

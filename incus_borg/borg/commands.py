@@ -66,8 +66,9 @@ def create_argv(
     comment: str = "",
 ) -> list[str]:
     """Create `archive` from `paths` (relative to the caller's working directory)."""
-    # --list --filter=AME logs only files that were not unchanged in the files cache.
-    argv = ["create", "--json", "--numeric-ids", "--list", "--filter=AME"]
+    # --list --filter=AMEx logs only files that were not unchanged in the files cache, and
+    # what was excluded (so that a run can tell it held everything it must).
+    argv = ["create", "--json", "--numeric-ids", "--list", "--filter=AMEx"]
     if comment:
         argv += ["--comment", comment]
     if files_cache:

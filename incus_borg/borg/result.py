@@ -44,7 +44,17 @@ class BorgResult:
     @property
     def changed_files(self) -> int:
         """Files a `create --list` logged as added, modified or unreadable (not unchanged)."""
-        return sum(1 for m in self.messages if m.get("type") == "file_status")
+        return len(file_statuses(self.messages, "AME"))
+
+
+def file_statuses(messages: list[dict[str, Any]], statuses: str) -> list[str]:
+    """The paths that `create --list` logged with one of `statuses` (such as "x":
+    excluded)."""
+    return [
+        str(m.get("path", ""))
+        for m in messages
+        if m.get("type") == "file_status" and str(m.get("status")) in statuses
+    ]
 
 
 class Stalled(UserError):

@@ -5,10 +5,12 @@ stalls, and borgs in the background that die with incus-borg."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -447,6 +449,7 @@ class BorgProcess:
         self.progress: dict[str, Any] | None = None  # the latest progress message
         self.last_activity = time.monotonic()
         self._terminated: float | None = None
+        self._waiting = threading.Event()
         self._out: list[bytes] = []
         self._readers = [
             threading.Thread(target=self._read_log, daemon=True),
@@ -465,14 +468,37 @@ class BorgProcess:
         return self.proc.pid
 
     def _read_log(self) -> None:
+        """Read borg's log as it comes, with plain reads of its pipe (see `drained`)."""
         assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            for message in parse_log_json(raw.decode("utf-8", "replace")):
-                if "progress" in str(message.get("type", "")):
-                    self.progress = message
-                else:
-                    self.messages.append(message)
-            self.last_activity = time.monotonic()
+        fd = self.proc.stderr.fileno()
+        pending = b""
+        while True:
+            self._waiting.set()  # everything read so far is handled
+            chunk = os.read(fd, 1 << 16)
+            self._waiting.clear()
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            self._handle(lines)
+        self._handle([pending])
+
+    def _handle(self, lines: list[bytes]) -> None:
+        for message in parse_log_json(b"\n".join(lines).decode("utf-8", "replace")):
+            if "progress" in str(message.get("type", "")):
+                self.progress = message
+            else:
+                self.messages.append(message)
+        self.last_activity = time.monotonic()
+
+    def drained(self) -> bool:
+        """Whether every log line borg has written so far is in `messages`: true once the
+        reader waits for more and the pipe holds nothing (ask it while borg is held, say at
+        the gate, so that it writes nothing meanwhile)."""
+        assert self.proc.stderr is not None
+        if not self._waiting.is_set():
+            return False
+        unread = fcntl.ioctl(self.proc.stderr.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(unread, sys.byteorder) == 0
 
     def running(self) -> bool:
         """Whether borg has not exited yet."""
