@@ -271,7 +271,8 @@ class Incus:
         self.request("PUT", api_path(kind, name, project=project, target=target), body)
 
     def delete_entity(self, kind: str, project: str | None, name: str) -> None:
-        """Delete a pool or network (also one still pending on cluster members)."""
+        """Delete a pool, network or profile (a pool or network still pending on cluster members
+        too)."""
         self.request("DELETE", api_path(kind, name, project=project))
 
     def project(self, name: str) -> dict[str, Any]:
@@ -323,6 +324,17 @@ class Incus:
         """One custom volume."""
         segments = ("storage-pools", pool, "volumes", "custom", name)
         return dict(self._get(*segments, project=project, target=target))
+
+    def create_custom_volume(self, pool: str, project: str, name: str, content_type: str) -> None:
+        """Create an empty custom volume (`filesystem` or `block`)."""
+        segments = ("storage-pools", pool, "volumes", "custom")
+        body = {"name": name, "type": "custom", "content_type": content_type}
+        self.request("POST", api_path(*segments, project=project), body)
+
+    def delete_custom_volume(self, pool: str, project: str, name: str) -> None:
+        """Delete a custom volume (with its snapshots)."""
+        segments = ("storage-pools", pool, "volumes", "custom", name)
+        self.request("DELETE", api_path(*segments, project=project))
 
     def volume_snapshot_records(
         self, pool: str, project: str, name: str, target: str | None = None

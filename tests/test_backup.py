@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from cli import borg, incus_config, one_line_error, run_cli
 from harness.incusd import children, cmdline
 from harness.server import IncusServer
-from phases import has_step, kill_9, stop_in_phase
+from phases import command, kill_9, paused, resume, signal_and_resume
 
 from incus_borg import mounts
 
@@ -223,12 +221,11 @@ def test_second_run_adds_under_one_percent(env: Env) -> None:
 
 
 def test_kill_9_while_frozen_then_next_run_recovers(env: Env) -> None:
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(env.config), "backup", "--mode", "freeze"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = env.root / "staging"
-    stop_in_phase(proc, has_step(staging, "unfreeze"), lambda: "Frozen" in env.states().values())
-    kill_9(proc)
-    assert "Frozen" in env.states().values()
+    argv = command(env.config, "backup", "--mode", "freeze")
+    with paused(argv, "held:default/bk-dir") as proc:
+        assert env.states()[("default", "bk-dir")] == "Frozen"
+        kill_9(proc)
+    assert env.states()[("default", "bk-dir")] == "Frozen"
     done = run_cli("backup", config=env.config)
     assert done.returncode == 1, done.stderr  # a warning: leftovers were undone first
     assert "undoing them first" in done.stderr
@@ -237,23 +234,11 @@ def test_kill_9_while_frozen_then_next_run_recovers(env: Env) -> None:
 
 
 def test_sigterm_undoes_everything(env: Env) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "incus_borg",
-        "-c",
-        str(env.config),
-        "backup",
-        "--mode",
-        "snapshot",
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if mounts.mounts_below(env.root / "staging"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    argv = command(env.config, "backup", "--mode", "snapshot")
+    with paused(argv, "held:default/bk-dir") as proc:
+        assert mounts.mounts_below(env.root / "staging")
+        signal_and_resume(proc, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
     assert "interrupted" in stderr
     assert_nothing_left(env)
@@ -267,25 +252,21 @@ def test_sigterm_to_incus_borg_alone_during_first_run(env: Env, tmp_path: Path) 
     env.server.exec("bk-many", "sh", "-c", many)
     config = incus_config(env.server, tmp_path, instances=["bk-many"])
     assert run_cli("init", config=config).returncode == 0
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup", "--mode", "freeze"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not borg_creating(proc.pid):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    argv = command(config, "backup", "--mode", "freeze")
     try:
-        _, stderr = proc.communicate(timeout=60)
+        with paused(argv, "borg-started") as proc:
+            assert borg_creating(proc.pid)
+            signal_and_resume(proc, signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 2, stderr
         assert not mounts.mounts_below(tmp_path / "staging")
         assert not (tmp_path / "staging.journal").exists()
         assert env.server.state("bk-many") == "Running"
     finally:
-        proc.kill()
         for child in Path("/proc").glob("[0-9]*/cmdline"):
             if str(tmp_path / "repo").encode() in child.read_bytes():
                 os.kill(int(child.parent.name), signal.SIGKILL)
-        proc.wait()
-        subprocess.run([*argv[:5], "hook", "post"], capture_output=True, check=False)
+        subprocess.run(command(config, "hook", "post"), capture_output=True, check=False)
         env.server.delete("bk-many")
 
 
@@ -360,13 +341,10 @@ def test_missing_repository_suggests_init(env: Env, tmp_path: Path) -> None:
 
 
 def test_concurrent_run_is_refused_and_first_unharmed(env: Env) -> None:
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(env.config), "backup"]
-    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (env.root / "staging.journal").exists():
-        time.sleep(0.02)
-    error = one_line_error(run_cli("backup", config=env.config))
-    assert "another incus-borg run" in error
-    _, stderr = first.communicate(timeout=300)
+    with paused(command(env.config, "backup"), "captured") as first:
+        error = one_line_error(run_cli("backup", config=env.config))
+        assert "another incus-borg run" in error
+        resume(first)
+        _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     assert_nothing_left(env)

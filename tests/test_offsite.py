@@ -24,6 +24,7 @@ from cli import PASSPHRASE, borg_env, incus_config, one_line_error, run_cli, wri
 from harness.incusd import IncusError
 from harness.server import IncusServer
 from harness.sshd import PrivateSshd, small_disk
+from phases import command, paused, resume
 
 from incus_borg import mounts
 from incus_borg.borg import Borg, Secrets, Stalled, check_argv, create_argv
@@ -239,7 +240,7 @@ def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path
             time.sleep(0.05)
         before = env.runs("local")
         started = time.monotonic()
-        config = env.variant(tmp_path, lock_wait=5)
+        config = env.variant(tmp_path, lock_wait=8)
         done = run_cli("backup", "--json", "--mode", "freeze", config=config)
         took = time.monotonic() - started
     finally:
@@ -247,11 +248,12 @@ def test_a_lock_held_on_the_offsite_repository_is_named(env: Env, tmp_path: Path
         holder.wait()
     assert done.returncode == 1, done.stderr
     warning = next(line for line in done.stderr.splitlines() if "repository offsite" in line)
-    assert "locked by another process" in warning and "waited 5 s" in warning
+    assert "locked by another process" in warning and "waited 8 s" in warning
     assert str(served / "lock.exclusive") in warning
     assert len(env.runs("local")) == len(before) + 1
     [item] = json.loads(done.stdout)["items"]
-    assert took > 5 and item["mode"] == "freeze" and item["window"] < 3, (took, item)
+    # The lock is waited for before anything is frozen: the window is much less than the wait.
+    assert took > 8 and item["mode"] == "freeze" and item["window"] < 6, (took, item)
     env.assert_released()
 
 
@@ -484,22 +486,22 @@ def test_a_stalled_server_never_holds_an_instance_frozen(env: Env, tmp_path: Pat
         max_window=10,
     )  # fmt: skip
     assert run_cli("init", config=config).returncode == 0
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while state(env) != "Frozen" or not env.sshd.serve_pids():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-        frozen = time.monotonic()
-        serves = env.sshd.serve_pids()
-        for pid in serves:
-            os.kill(pid, signal.SIGSTOP)
-        while state(env) == "Frozen":
-            if time.monotonic() - frozen > 10 + 5:
-                proc.kill()
-                raise AssertionError(f"held frozen past max_window: {proc.communicate()[1]}")
-        released = time.monotonic() - frozen
-        _, stderr = proc.communicate(timeout=120)
+        with paused(command(config, "backup"), f"held:default/{NAME}") as proc:
+            frozen = time.monotonic()
+            assert state(env) == "Frozen"
+            serves = env.sshd.serve_pids()
+            assert serves  # the offsite borg holds its repository's lock: it reads next
+            for pid in serves:
+                os.kill(pid, signal.SIGSTOP)
+            resume(proc)
+            while state(env) == "Frozen":
+                if time.monotonic() - frozen > 10 + 5:
+                    proc.kill()
+                    raise AssertionError(f"held frozen past max_window: {proc.communicate()[1]}")
+                time.sleep(0.05)
+            released = time.monotonic() - frozen
+            _, stderr = proc.communicate(timeout=120)
     finally:
         for pid in env.sshd.serve_pids():
             os.kill(pid, signal.SIGCONT)

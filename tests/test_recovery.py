@@ -1,9 +1,12 @@
 """Disaster recovery onto new hardware: `restore all` and `check --drill`.
 
-Daemon A (built once for the module) holds a `dir` and a btrfs-loop pool, two projects, a
-profile, a managed network, instances with snapshots on each pool, a custom filesystem volume
-with a snapshot attached to an instance, and a block volume with a snapshot; it is backed up
-once. Daemons B run in network namespaces of their own (A's bridge is recreated there under
+Daemon A (built once for the module) holds a `dir` and a btrfs-loop pool, the default project
+(with a key of the admin's) and three more, two of them with profiles of their own (whose
+`default` profiles Incus makes, each given devices, and another profile with devices), a
+profile, a managed network, instances with snapshots on each pool, containers whose files have
+hard links in both orders (the link's name sorting before and after the file's first name), a
+custom filesystem volume with a snapshot attached to an instance, a custom volume in a project
+of its own, and a block volume with a snapshot; it is backed up once. Daemons B run in network namespaces of their own (A's bridge is recreated there under
 its own name) and hold only a `dir` pool with another name and source: each `restore all`
 rebuilds A's run onto one of them through the real command line.
 """
@@ -29,6 +32,7 @@ import yaml
 from cli import incus_config, one_line_error, run_cli, write_config
 from harness.incusd import PrivateIncus, wait_for
 from harness.server import BTRFS_POOL, DEFAULT_POOL, SECOND_PROJECT, IncusServer, prepare_server
+from phases import command, paused, resume
 from test_restore import tree
 from test_restore_server import damage_segment
 
@@ -54,6 +58,9 @@ FILES = {
 }
 # What runs at backup time, by boot.autostart.priority (highest starts first).
 PRIORITY = {"f1": "20", "d1": "10"}
+OWN = {"rc-own1": "o1", "rc-own2": "o2"}  # projects with profiles of their own: their container
+# Hard links: `b` and its further names `a` (sorting before it) and `c` (after it).
+LINKS = "mkdir -p /root/hl && echo linked > /root/hl/b && ln /root/hl/b /root/hl/a && ln /root/hl/b /root/hl/c"
 
 
 @dataclass
@@ -94,6 +101,31 @@ def populate(server: IncusServer) -> None:
     for path, spec in FILES.items():
         server.push_file("d1", path, *spec)
     server.start("d1")
+    server.exec("d1", "sh", "-c", LINKS)
+    incus("project", "set", "default", "user.note=the admin's")
+    for project in OWN:
+        incus("project", "create", project, "-c", "features.profiles=true", "-c",
+              "features.images=false")  # fmt: skip
+        for device in (
+            ["root", "disk", "path=/", f"pool={DEFAULT_POOL}"],
+            ["eth0", "nic", f"network={server.bridge}", "name=eth0"],
+        ):
+            incus("profile", "device", "add", "default", *device, "--project", project)
+        incus("profile", "set", "default", f"user.project={project}", "--project", project)
+    incus("profile", "create", "rc-extra", "--project", "rc-own2")
+    incus("profile", "device", "add", "rc-extra", "null3", "unix-char", "source=/dev/null",
+          "path=/dev/null3", "--project", "rc-own2")  # fmt: skip
+    incus("storage", "volume", "create", DEFAULT_POOL, "ovol", "--project", "rc-own2")
+    for project, name in OWN.items():
+        server.launch(name, project=project, files={"/root/own": (project.encode(), 0, 0, 0o600)},
+                      start=False)  # fmt: skip
+        if project == "rc-own2":
+            incus("profile", "add", name, "rc-extra", "--project", project)
+            incus("storage", "volume", "attach", DEFAULT_POOL, "ovol", name, "/mnt/ovol",
+                  "--project", project)  # fmt: skip
+        server.start(name, project=project)
+        server.exec(name, "sh", "-c", LINKS, project=project)
+    server.exec("o2", "sh", "-c", "echo own > /mnt/ovol/f", project="rc-own2")
     server.exec("d1", "sh", "-c", "echo first > /mnt/vol/f && chown 1000:1000 /mnt/vol/f")
     incus("storage", "volume", "snapshot", "create", DEFAULT_POOL, "vol", "vs1")
     incus("snapshot", "create", "d1", "s1")
@@ -172,7 +204,8 @@ def world(
     scratch = Path(tempfile.mkdtemp(prefix="incus-borg-test-drill-", dir="/tmp"))
     scratch.chmod(0o711)
     world = World(server, root, config, scratch)
-    for project, name in (("default", "d1"), ("default", "f1"), (SECOND_PROJECT, "p1")):
+    held = [("default", "d1"), ("default", "f1"), (SECOND_PROJECT, "p1"), *OWN.items()]
+    for project, name in held:
         world.sums[(project, name)] = server.checksums(name, project=_project(project))
     world.entities = entities(daemon, MAPPED)
     assert run_cli("init", config=config).returncode == 0
@@ -267,12 +300,18 @@ def test_dry_run_lists_everything_and_changes_nothing(rebuilt: Rebuilt, world: W
     bridge = world.server.bridge
     for wanted in (
         f"create  project {SECOND_PROJECT}",
-        "exists  project default",
         f"exists  storage pool {DEFAULT_POOL} as {NEW_DIR}: used as it is (dir)",
         f"create  storage pool {BTRFS_POOL} as {NEW_BTRFS} (btrfs: size=1GiB)",
         f"create  network default/{bridge}",
         "create  profile default/rc-prof",
-        "fill    profile default/default",
+        "update  profile default/default: exists here unused",
+        "update  project default: exists here as Incus makes it",
+        "create  project rc-own1",
+        "update  profile rc-own1/default: Incus makes it with project rc-own1",
+        "update  profile rc-own2/default: Incus makes it with project rc-own2",
+        "create  profile rc-own2/rc-extra",
+        f"create  volume {DEFAULT_POOL}/rc-own2/ovol onto pool {NEW_DIR} (filesystem, 0 snapshot(s))",
+        f"create  instance rc-own1/o1 onto pool {NEW_DIR} (0 snapshot(s), running at backup time)",
         f"create  volume {DEFAULT_POOL}/default/vol onto pool {NEW_DIR} (filesystem, 1 snapshot(s))",
         f"create  volume {BTRFS_POOL}/default/blk onto pool {NEW_BTRFS} (block, 1 snapshot(s))",
         f"create  instance default/d1 onto pool {NEW_DIR} (1 snapshot(s), running at backup time)",
@@ -339,7 +378,19 @@ def test_instances_run_with_equal_files_snapshots_and_volume(
         for line in rebuilt.first.stdout.splitlines()
         if line.endswith(": started")
     ]
-    assert started == ["default/f1", "default/d1", f"{SECOND_PROJECT}/p1"]
+    assert started == [
+        "default/f1",
+        "default/d1",
+        "rc-own1/o1",
+        "rc-own2/o2",
+        f"{SECOND_PROJECT}/p1",
+    ]
+    assert b.exec("o2", "cat", "/mnt/ovol/f", project="rc-own2").stdout == "own\n"
+    for project, name in [("default", "d1"), *OWN.items()]:
+        inodes = b.exec(
+            name, "stat", "-c", "%i", *(f"/root/hl/{n}" for n in "abc"), project=_project(project)
+        ).stdout.split()
+        assert len(inodes) == 3 and len(set(inodes)) == 1, (name, inodes)
 
 
 def test_second_run_creates_nothing_and_says_what_exists(rebuilt: Rebuilt) -> None:
@@ -371,7 +422,7 @@ def test_collision_is_reported_and_left_untouched(rebuilt: Rebuilt) -> None:
 
 
 def test_failure_part_way_names_what_was_created_and_a_fixed_map_completes(
-    world: World, private_incus_factory: Factory
+    world: World, private_incus_factory: Factory, tmp_path: Path
 ) -> None:
     b = new_b(private_incus_factory)
     config = b_config(world, b, "b2")
@@ -389,22 +440,23 @@ def test_failure_part_way_names_what_was_created_and_a_fixed_map_completes(
     assert only.returncode == 0, only.stderr
     steps = [line.split(None, 1) for line in only.stdout.splitlines() if line.startswith("  ")]
     assert [(action, what.split(":")[0].split(" onto")[0]) for action, what in steps] == [
-        ("exists", "project default"),
+        ("update", "project default"),
         ("create", f"project {SECOND_PROJECT}"),
         ("exists", f"storage pool {DEFAULT_POOL} as {NEW_DIR}"),
         ("create", f"network default/{world.server.bridge}"),
-        ("fill", "profile default/default"),
+        ("update", "profile default/default"),
         ("create", f"instance {SECOND_PROJECT}/p1"),
     ]
     broken = (
         "--pool-map",
         f"{DEFAULT_POOL}={NEW_DIR}",
         "--pool-map",
-        f"{BTRFS_POOL}={NEW_BTRFS}:btrfs:source=/nonexistent/disk",
+        f"{BTRFS_POOL}={NEW_BTRFS}:btrfs:source={tmp_path}",  # exists, but is no btrfs
     )
     error = one_line_error(run_cli("restore", "all", "latest", *broken, config=config))
     assert f"restore all stopped at storage pool {NEW_BTRFS}" in error, error
-    assert f"created before it: project {SECOND_PROJECT};" in error, error
+    created = f"project rc-own1, project rc-own2, project {SECOND_PROJECT}"
+    assert f"created before it: {created}; updated from the archive: project default;" in error
     assert "run the same command again to continue" in error
     after = entities(b.daemon)
     assert SECOND_PROJECT in after["projects"]
@@ -468,7 +520,7 @@ def test_drill_restores_starts_and_compares_without_touching_the_host(world: Wor
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert any(re.match(r"drill: needs about \d+ MiB in ", line) for line in lines), done.stdout
-    for ref in ("default/d1", "default/f1", f"{SECOND_PROJECT}/p1"):
+    for ref in ("default/d1", "default/f1", f"{SECOND_PROJECT}/p1", "rc-own1/o1", "rc-own2/o2"):
         wanted = (
             rf"drill: instance {ref}: restored in [\d.]+ s, \d+ files match, started in [\d.]+ s$"
         )
@@ -478,11 +530,68 @@ def test_drill_restores_starts_and_compares_without_touching_the_host(world: Wor
     for ref in (f"{DEFAULT_POOL}/default/vol", f"{BTRFS_POOL}/default/blk"):
         wanted = rf"drill: volume {ref}: restored in [\d.]+ s, [1-9]\d* files match$"
         assert any(re.match(wanted, line) for line in lines), (ref, done.stdout)
-    assert re.search(r"drill: passed: local::\S+: 4 instance\(s\) restored", done.stdout)
+    assert re.search(r"drill: passed: local::\S+: 6 instance\(s\) restored", done.stdout)
+    assert " DIFFER" not in done.stdout
     assert_nothing_left(*drilled(done))
     assert host_links(world.server.bridge) == links
     assert entities(world.daemon) == before
     assert world.daemon.query("/1.0/instances?recursion=1&all-projects=true") == states
+
+
+def test_drill_reports_exactly_a_hard_link_restored_otherwise(world: World) -> None:
+    """The drill stopped between the restore and the comparison: one name of o1's hard-linked
+    file is replaced by another file; the drill names exactly that file."""
+    argv = command(world.config, "check", "--drill", "--scratch", str(world.scratch))
+    argv += ["--instance", "rc-own1/o1"]
+    with paused(argv, "drill-restored", stdout=subprocess.PIPE) as proc:
+        (link,) = world.scratch.glob(
+            "*/incus/storage-pools/*/containers/rc-own1_o1/rootfs/root/hl/a"
+        )
+        link.unlink()
+        link.write_text("linked\n")  # the same content, but no longer the same file
+        resume(proc)
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "drill: instance rc-own1/o1: restored in" in out and "1 of " in out, out
+    assert "instance rc-own1/o1: 1 file(s) differ: container/rootfs/root/hl/a" in err, err
+    assert_nothing_left(*drilled(out))
+
+
+def test_restore_test_compares_hard_links_by_their_file(world: World) -> None:
+    done = run_cli("check", "--restore-test", config=world.config)
+    assert done.returncode == 0, done.stderr
+    for ref in ("default/d1", "rc-own1/o1", "rc-own2/o2"):
+        assert f"restore test: instance {ref}: every file identical" in done.stdout, done.stdout
+
+
+def test_dry_run_names_what_collides_with_the_host(
+    world: World, private_incus_factory: Factory
+) -> None:
+    """A server in the host's network namespace, where A's bridge exists already, and a pool
+    map onto a source that does not exist: both are collisions, before anything changes."""
+    daemon = private_incus_factory()
+    daemon.start()
+    daemon.incus("storage", "create", NEW_DIR, "dir")
+    b = IncusServer(daemon=daemon, bridge="")
+    config = b_config(world, b, "host-netns")
+    before = entities(daemon)
+    missing = f"/tmp/incus-borg-test-missing-{os.getpid()}"
+    maps = ("--pool-map", f"{DEFAULT_POOL}={NEW_DIR}",
+            "--pool-map", f"{BTRFS_POOL}={NEW_BTRFS}:dir:source={missing}")  # fmt: skip
+    for args in (["--dry-run"], []):
+        done = run_cli("restore", "all", "latest", *maps, *args, config=config)
+        error = one_line_error(done)
+        bridge = world.server.bridge
+        assert (
+            f"collide network default/{bridge}: this server's host has a network interface named {bridge}"
+            in done.stdout
+        )
+        assert (
+            f"collide storage pool {BTRFS_POOL} as {NEW_BTRFS}: its source {missing} does not exist"
+            in done.stdout
+        )
+        assert "2 collision(s) with this server" in error, error
+        assert entities(daemon) == before
 
 
 def test_drill_of_a_damaged_run_names_the_instance_and_leaves_nothing(

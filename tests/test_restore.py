@@ -11,9 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from cli import borg, incus_config, one_line_error, run_cli
-from harness.incusd import children, cmdline
+from harness.incusd import cmdline
 from harness.server import (
     BTRFS_POOL,
     DEFAULT_POOL,
@@ -31,6 +28,7 @@ from harness.server import (
     IncusServer,
     unique_bridge_name,
 )
+from phases import command, paused, signal_and_resume
 
 from incus_borg.borg import Borg, Secrets
 from incus_borg.config import load as load_config
@@ -423,15 +421,10 @@ def test_sigterm_during_extraction_leaves_nothing_behind(env: Env) -> None:
     """SIGTERM to incus-borg alone while its borgs extract: they are stopped, the new
     instance is deleted, and the server is as before."""
     before = inventory(env)
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(env.config), "restore", "instance"]
-    argv += [env.run, "rs-many", "--as", "rs-term"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not extracting(proc.pid):
-        time.sleep(0.005)
-    assert proc.poll() is None, "the restore ended before its extraction could be seen"
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    argv = command(env.config, "restore", "instance", env.run, "rs-many", "--as", "rs-term")
+    with paused(argv, "restore-extracting") as proc:
+        signal_and_resume(proc, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
     assert "interrupted" in stderr
     assert inventory(env) == before
@@ -443,11 +436,6 @@ def test_sigterm_during_extraction_leaves_nothing_behind(env: Env) -> None:
         if repo in " ".join(cmdline(int(p.name)))
     ]
     assert not left, left
-
-
-def extracting(pid: int) -> bool:
-    """Whether process `pid` runs a `borg extract` of instance data (with excludes)."""
-    return any("extract" in (args := cmdline(c)) and "--exclude" in args for c in children(pid))
 
 
 def test_btrfs_instance_with_its_snapshot(env: Env) -> None:

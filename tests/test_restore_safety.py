@@ -4,7 +4,7 @@ private incusd of its own and a real repository.
 
 Kill matrix (the restore part). Each phase is held open deterministically, never by sleeping:
 a wrapper around `incus import` or around incus.stop_command/start_command blocks on a FIFO
-at that moment, or the borg children are seen (and stopped with SIGSTOP). Then incus-borg
+at that moment, or incus-borg stops itself at a pause point (INCUS_BORG_TEST_PAUSE_AT). Then incus-borg
 gets `kill -9`, and so do its orphaned children, as a service manager's stop would do. Then
 the next command runs. After it: no instance stopped or frozen that was running, no
 half-registered instance, no leftover mount or borg, the daemon up, the original data intact.
@@ -15,8 +15,8 @@ Phases of `restore instance` (journal: `instance@P@NAME.json` written before the
 |-----------------------------------------------------------------|-----------------------|------------------------------------------------------|
 | recorded, `incus import` not started (import wrapper held)      | the same restore      | exit 0: nothing was made; restored                   |
 | `incus import` under way: held, released after the kill, so the orphaned import makes `NAME-restoring-X` | the same restore | exit 1: warns, deletes `NAME-restoring-X`; restored |
-| extracting into the new instance (borg extract children seen)   | the same restore      | exit 1: warns, deletes `NAME-restoring-X`; restored  |
-| streaming, `--stream` (borg export-tar and incus import seen)   | the same restore      | exit 0: Incus got a cut upload, made nothing; restored |
+| extracting into the new instance (paused once its borgs run)    | the same restore      | exit 1: warns, deletes `NAME-restoring-X`; restored  |
+| streaming, `--stream` (paused: export-tar runs, no import yet)  | the same restore      | exit 0: Incus got a cut upload, made nothing; restored |
 | extracting                                                      | a restore of another instance | exit 1: names the leftover and `incus delete --project P NAME-restoring-X`, deletes nothing |
 
 Phases of `restore server` (journal: `server.json`, the plan, rewritten before each stage):
@@ -25,8 +25,8 @@ Phases of `restore server` (journal: `server.json`, the plan, rewritten before e
 |-----------------------------------------------------------------|-------------|----------------------------------------|--------------------------------------------------|
 | instances stopped, daemon up (stop_command held before)         | stopping    | the same restore; the command it names | exit 2, directory named untouched; `--roll-back`: instances started again |
 | daemon down, directory in place (stop_command held after)       | stopping    | the same restore; the command it names | exit 2; `--roll-back`: daemon and instances started again |
-| original moved aside, extracting the run (borg extract seen)    | extracting  | the same restore; the command it names | exit 2 naming `incus.incus-borg-old-*`; `--roll-back`: work dir removed, original back, all up |
-| putting volumes back, btrfs pool loop-mounted (borg extract of f1 seen) | pools | the same restore; the command it names | exit 2 naming the original; `--roll-back`: unmounted, half-restored dir kept aside, original back, all up |
+| original moved aside, about to extract the run (paused)        | extracting  | the same restore; the command it names | exit 2 naming `incus.incus-borg-old-*`; `--roll-back`: work dir removed, original back, all up |
+| putting volumes back, btrfs pool loop-mounted (paused before f1) | pools | the same restore; the command it names | exit 2 naming the original; `--roll-back`: unmounted, half-restored dir kept aside, original back, all up |
 | restored directory, daemon down (start_command held before)     | starting    | the same restore; the command it names | exit 2 naming the original; `--roll-back`: as above |
 | daemon up on the restored directory (start_command held after)  | starting    | the same restore; the command it names | exit 2 naming the original; `--roll-back`: restored daemon shut down, as above |
 
@@ -37,6 +37,7 @@ The tests print the matrix they measured (`pytest -s`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,7 +45,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,7 +56,7 @@ import yaml
 from cli import incus_config, one_line_error, run_cli, write_config
 from harness.incusd import PrivateIncus, children, cmdline, mounts_below, process_table, wait_for
 from harness.server import BTRFS_POOL, SECOND_PROJECT, IncusServer, prepare_server
-from test_restore import extracting
+from phases import command, pause_env, wait_paused
 from test_restore_server import (
     Setup,
     after_backup_changes,
@@ -156,16 +156,22 @@ class Holds:
 SPAWNED: list[subprocess.Popen[str]] = []  # what a failing test may leave held
 
 
-def spawn(config: Path, *args: str, path_first: Path | None = None) -> subprocess.Popen[str]:
-    """Start `incus-borg -c CONFIG ARGS...` (with `path_first` first on PATH)."""
+def spawn(
+    config: Path, *args: str, path_first: Path | None = None, pause: str | None = None
+) -> subprocess.Popen[str]:
+    """Start `incus-borg -c CONFIG ARGS...` (with `path_first` first on PATH); with `pause`,
+    once it stopped itself at that pause point (see phases.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BORG_", "INCUS_BORG"))}
     if path_first is not None:
         env["PATH"] = f"{path_first}:{env['PATH']}"
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), *args]
+    if pause is not None:
+        env = pause_env(pause, env)
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command(config, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     SPAWNED.append(proc)
+    if pause is not None:
+        wait_paused(proc, pause)
     return proc
 
 
@@ -200,24 +206,20 @@ def running(pid: int) -> bool:
 
 def kill_9(proc: subprocess.Popen[str], orphans: list[int]) -> None:
     """`kill -9` incus-borg, then its children (stopped first, so that they do no more)."""
-    for pid in orphans:
-        os.kill(pid, signal.SIGSTOP)
+    for pid in orphans:  # so that they do no more (gone already: nothing to stop)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
     proc.kill()
     proc.communicate(timeout=60)
     for pid in orphans:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert wait_for(lambda: not any(running(pid) for pid in orphans), 30)
 
 
 def child_running(pid: int, *words: str) -> list[int]:
     """Children of `pid` whose arguments hold every one of `words` (as a substring)."""
     return [c for c in children(pid) if all(any(w in a for a in cmdline(c)) for w in words)]
-
-
-def streaming(pid: int) -> list[int]:
-    """The `borg export-tar` and `incus import` children of `pid`, once both run."""
-    pair = child_running(pid, "export-tar") + child_running(pid, "import")
-    return pair if len(pair) == 2 else []
 
 
 def borgs_of(repo: Path) -> list[int]:
@@ -410,14 +412,11 @@ def test_signal_in_a_phase_of_restore_instance_undoes_it(
     import`: interrupted, and nothing is left (extraction: tests/test_restore.py)."""
     before = env.instances()
     args = ["restore", "instance", "latest", NAME, "--as", "sf-sig"]
-    if phase == "streaming":
-        proc = spawn(env.config, *args, "--stream", path_first=env.bin)
-        reach(proc, phase, lambda: streaming(proc.pid))
-    else:
-        env.holds.arm()
-        proc = spawn(env.config, *args, path_first=env.bin)
-        reach(proc, phase, env.holds.holder)
-        assert [p.name for p in env.journal.iterdir()] == ["instance@default@sf-sig.json"]
+    env.holds.arm()  # `incus import` held: in the streamed phase, once borg export-tar runs
+    stream = ["--stream"] if phase == "streaming" else []
+    proc = spawn(env.config, *args, *stream, path_first=env.bin)
+    reach(proc, phase, env.holds.holder)
+    assert [p.name for p in env.journal.iterdir()] == ["instance@default@sf-sig.json"]
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     env.holds.disarm()
@@ -457,7 +456,8 @@ def _kill_restore_instance(env: Env, phase: str, name: str) -> str | None:
     args += ["--stream"] if phase == "streaming" else []
     if phase.startswith("import"):
         env.holds.arm()
-    proc = spawn(env.config, *args, path_first=env.bin)
+    pause = {"extracting": "restore-extracting", "streaming": "restore-streaming"}.get(phase)
+    proc = spawn(env.config, *args, path_first=env.bin, pause=pause)
     if phase.startswith("import"):
         wrapper = reach(proc, phase, env.holds.holder)
         assert list(env.journal.glob("instance@default@*.json"))  # recorded before the import
@@ -468,11 +468,9 @@ def _kill_restore_instance(env: Env, phase: str, name: str) -> str | None:
             env.holds.release()  # the orphaned `incus import` goes on: Incus makes the instance
             assert wait_for(lambda: not running(wrapper), 60)
     elif phase == "extracting":
-        reach(proc, phase, lambda: extracting(proc.pid))
         kill_9(proc, child_running(proc.pid, "borg"))
     else:
-        reach(proc, phase, lambda: streaming(proc.pid))
-        kill_9(proc, streaming(proc.pid))
+        kill_9(proc, child_running(proc.pid, "export-tar"))
     env.holds.disarm()
     wait_no_operations(env.daemon)
     left = [i[1] for i in env.instances() if i[1].startswith(f"{name}-restoring-")]
@@ -620,13 +618,13 @@ def _kill_restore_server(setup: Setup, holds: Holds, hold: str) -> str:
     journal = setup.root / "staging.restore-journal" / "server.json"
     if not hold.startswith("borg"):
         holds.arm(hold)
-    proc = spawn(setup.config, "restore", "server", "latest", "--yes")
-    if hold.startswith("borg"):
-        found = reach(proc, hold, lambda: server_extraction(proc.pid, hold == "borg-part"))
+    pause = {"borg-run": "server-extracting", "borg-part": "server-pools:default/f1"}.get(hold)
+    proc = spawn(setup.config, "restore", "server", "latest", "--yes", pause=pause)
+    if pause is not None:
         stage = json.loads(journal.read_text())["stage"]
         if hold == "borg-part":
             assert mounts_below(setup.pool_path(BTRFS_POOL))  # the loop pool is mounted
-        kill_9(proc, found)
+        kill_9(proc, [])
     else:
         wrapper = reach(proc, hold, holds.holder)
         stage = json.loads(journal.read_text())["stage"]
@@ -635,19 +633,6 @@ def _kill_restore_server(setup: Setup, holds: Holds, hold: str) -> str:
         kill_9(proc, [wrapper])
     holds.disarm()
     return str(stage)
-
-
-def server_extraction(pid: int, part: bool) -> list[int]:
-    """The borg children of `restore server` (pid) extracting the Incus directory and
-    database, or (`part`) putting f1 back into its btrfs pool."""
-    found = []
-    for child in child_running(pid, "extract"):
-        args = cmdline(child)
-        if (part and any(a.startswith("instances/default/f1/backup/container") for a in args)) or (
-            not part and "incus" in args and "database" in args
-        ):
-            found.append(child)
-    return found
 
 
 def _next_commands(setup: Setup, before: dict[str, Any]) -> str:

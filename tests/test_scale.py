@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import yaml
 from cli import borg, incus_config, run_cli
 from harness.incusd import IncusError, cmdline, wait_for
 from harness.server import BTRFS_POOL, DEFAULT_POOL, IncusServer
-from phases import has_step, kill_9, stop_in_phase
+from phases import command, kill_9, paused
 
 from incus_borg import mounts
 
@@ -180,47 +179,25 @@ def test_run_of_the_previous_layout_restores(env: Env, tmp_path: Path) -> None:
         env.server.delete("sc-old")
 
 
-def _daemon_down(env: Env) -> Callable[[], bool]:
-    return lambda: (
-        not (env.server.daemon.incus_dir / "unix.socket").exists()
-        or not (env.server.daemon.running())
-    )
+def _snapshot_taken(env: Env) -> bool:
+    snaps = env.server.daemon.query("/1.0/instances/sc-b0/snapshots")
+    return any("incus-borg-" in s for s in snaps)
 
 
-def _snapshot_taken(env: Env) -> Callable[[], bool]:
-    def taken() -> bool:
-        try:
-            snaps = env.server.daemon.query("/1.0/instances/sc-b0/snapshots")
-        except IncusError:
-            return False
-        return any("incus-borg-" in s for s in snaps)
-
-    return taken
-
-
-def _borg_reading(env: Env, proc: subprocess.Popen[Any]) -> Callable[[], bool]:
-    return lambda: bool(borgs_of(env.root)) and bool(mounts.mounts_below(env.root / "staging"))
-
-
-PHASES: dict[str, Callable[[Env, subprocess.Popen[Any]], tuple[Callable[[], bool], ...]]] = {
-    "daemon stopped": lambda env, p: (has_step(env.root / "staging", "start_daemon"),
-                                      _daemon_down(env)),
-    "snapshot held": lambda env, p: (has_step(env.root / "staging", "delete_instance_snapshot"),
-                                     _snapshot_taken(env)),
-    "freeze held": lambda env, p: (has_step(env.root / "staging", "unfreeze"),
-                                   lambda: "Frozen" in env.states().values()),
-    "borg running": lambda env, p: (_borg_reading(env, p), lambda: True),
-}  # fmt: skip
+# Each phase: its pause point, and what holds while incus-borg is stopped there.
+PHASES: dict[str, tuple[str, Callable[[Env], bool]]] = {
+    "daemon stopped": ("daemon-stopped", lambda env: not env.server.daemon.running()),
+    "snapshot held": ("held:default/sc-b0", _snapshot_taken),
+    "freeze held": ("held:default/sc-d0", lambda env: env.states(["sc-d0"])["sc-d0"] == "Frozen"),
+    "borg running": ("borg-started", lambda env: bool(borgs_of(env.root))),
+}
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_kill_9_in_each_phase_then_backup_again(env: Env, phase: str) -> None:
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(env.config), "backup"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    reached, settled = PHASES[phase](env, proc)
-    try:
-        stop_in_phase(proc, reached, settled)
-    finally:
+    point, holds = PHASES[phase]
+    with paused(command(env.config, "backup"), point) as proc:
+        assert holds(env), phase
         kill_9(proc)
     assert wait_for(lambda: not borgs_of(env.root), 30), "the run's borg outlived it"
     done = run_cli("backup", config=env.config)

@@ -225,7 +225,8 @@ def test_metrics_file_after_a_backup(env: Env) -> None:
     started, ended = env.first_window
     first = env.first
     success = value(samples, "last_success_timestamp_seconds", name="st-a", repository="local")
-    assert started <= success <= ended and ended - success < 1.0, (started, success, ended)
+    # The run's end, not its start (the index, metrics and the process's exit come after it).
+    assert started <= success <= ended and ended - success < 5.0, (started, success, ended)
     assert value(samples, "last_exit_code", command="backup") == 0
     assert 0 < value(samples, "last_run_duration_seconds", command="backup") <= ended - started
     assert value(samples, "run_bytes_read", repository="local") == first["bytes_read"]["local"]
@@ -547,7 +548,9 @@ def test_status_is_fast_with_40_instances_and_30_runs(env: Env) -> None:
             done = run_cli(*args, config=env.config)
             elapsed = time.monotonic() - started
             assert done.returncode in (0, 1), done.stderr
-            assert elapsed <= 2.0, (args, elapsed)
+            # Measured well under 2 s; the bound leaves room for a loaded machine, and still
+            # fails a status that runs borg (seconds per repository).
+            assert elapsed <= 5.0, (args, elapsed)
             print(
                 f"{' '.join(args)}: {elapsed:.2f} s, {len(live)} instances, {len(known.runs)} runs"
             )

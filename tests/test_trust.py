@@ -22,17 +22,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cli import borg, incus_config, one_line_error, run_cli
-from harness.incusd import IncusError, wait_for
+from harness.incusd import wait_for
 from harness.server import BTRFS_POOL, IncusServer
-from phases import has_step, journal_steps, kill_9, stop_in_phase
+from phases import command, journal_steps, kill_9, paused, resume
 
 from incus_borg import mounts
 
@@ -61,10 +59,6 @@ class Env:
 
     def cli(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, config=config or self.config)
-
-    def popen(self, *args: str) -> subprocess.Popen[Any]:
-        argv = [sys.executable, "-m", "incus_borg", "-c", str(self.config), *args]
-        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +96,8 @@ def test_a_staging_dir_of_ordinary_files_is_refused_before_anything(
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me\n")
     config = incus_config(env.server, tmp_path, staging_dir=str(mine), instances=list(NAMES))
-    for command in (["backup"], ["hook", "pre"], ["hook", "post"]):
-        error = one_line_error(env.cli(*command, config=config))
+    for words in (["backup"], ["hook", "pre"], ["hook", "post"]):
+        error = one_line_error(env.cli(*words, config=config))
         assert "not empty and incus-borg did not make it" in error and str(mine) in error
     assert (mine / "notes.txt").read_text() == "keep me\n"
     assert not (tmp_path / "mine.journal").exists()
@@ -162,13 +156,12 @@ def test_a_full_staging_disk_while_frozen_releases_everything(
         env.server, tmp_path, staging_dir=str(staging), instances=list(NAMES), mode="freeze"
     )
     assert env.cli("init", config=config).returncode == 0
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stop_in_phase(proc, has_step(staging, "unfreeze"), lambda: "Frozen" in env.states().values())
     fill = small_disk / "fill"
-    subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=1M"], capture_output=True)
-    os.kill(proc.pid, 18)  # SIGCONT
-    _, stderr = proc.communicate(timeout=300)
+    with paused(command(config, "backup"), f"held:default/{NAMES[0]}") as proc:
+        assert env.states()[NAMES[0]] == "Frozen"
+        subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=1M"], capture_output=True)
+        resume(proc)
+        _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr
     assert "No space left on device" in stderr and "unexpected" not in stderr
     env.assert_released(staging)
@@ -182,26 +175,15 @@ def test_a_full_staging_disk_while_frozen_releases_everything(
 # --- kills in hook mode ----------------------------------------------------------------------
 
 
-def _daemon_down(env: Env) -> bool:
-    return not env.server.daemon.running()
-
-
-def _held(env: Env) -> bool:
-    try:
-        return "Frozen" in env.states().values()
-    except IncusError:
-        return False
-
-
-@pytest.mark.parametrize("phase", ["daemon stopped", "instances held"])
+@pytest.mark.parametrize("phase", ["daemon-stopped", f"held:default/{NAMES[0]}"])
 def test_hook_pre_killed_is_undone_by_the_next_backup(env: Env, phase: str) -> None:
     staging = env.root / "staging"
-    proc = env.popen("hook", "pre", "--mode", "freeze")
-    if phase == "daemon stopped":
-        stop_in_phase(proc, has_step(staging, "start_daemon"), lambda: _daemon_down(env))
-    else:
-        stop_in_phase(proc, has_step(staging, "unfreeze"), lambda: _held(env))
-    kill_9(proc)
+    with paused(command(env.config, "hook", "pre", "--mode", "freeze"), phase) as proc:
+        if phase == "daemon-stopped":
+            assert not env.server.daemon.running()
+        else:
+            assert env.states()[NAMES[0]] == "Frozen"
+        kill_9(proc)
     done = env.cli("backup")
     assert done.returncode == 1, done.stderr  # a warning: the dead hook pre was undone
     assert "`hook pre` that did not finish" in done.stderr
@@ -213,9 +195,9 @@ def test_hook_post_killed_half_way_is_finished_by_the_next(env: Env) -> None:
     staging = env.root / "staging"
     assert env.cli("hook", "pre", "--mode", "freeze").returncode == 0
     held = len(journal_steps(staging))
-    proc = env.popen("hook", "post")
-    stop_in_phase(proc, lambda: 0 < len(journal_steps(staging)) < held, lambda: True)
-    kill_9(proc)
+    with paused(command(env.config, "hook", "post"), "undone") as proc:
+        assert 0 < len(journal_steps(staging)) < held
+        kill_9(proc)
     done = env.cli("hook", "post")
     assert done.returncode == 0, done.stderr
     env.assert_released()
@@ -244,14 +226,12 @@ def test_an_instance_that_cannot_be_quiesced_is_left_out_and_the_run_is_partial(
     staging = tmp_path / "staging"
     config = incus_config(env.server, tmp_path, mode="freeze")  # the whole server
     assert env.cli("init", config=config).returncode == 0
-    argv = [sys.executable, "-m", "incus_borg", "-c", str(config), "backup"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    bound = lambda: any(s.get("path") == str(staging / "incus") for s in journal_steps(staging))  # noqa: E731
-    stop_in_phase(proc, bound, lambda: True)  # the server is captured, no borg reads yet
-    env.server.daemon.incus("stop", "--force", NAMES[0])
-    os.kill(proc.pid, 18)  # SIGCONT
     try:
-        _, stderr = proc.communicate(timeout=300)
+        with paused(command(config, "backup"), "captured") as proc:
+            assert any(s.get("path") == str(staging / "incus") for s in journal_steps(staging))
+            env.server.daemon.incus("stop", "--force", NAMES[0])
+            resume(proc)
+            _, stderr = proc.communicate(timeout=300)
     finally:
         env.server.start(NAMES[0])
     assert proc.returncode == 1, stderr

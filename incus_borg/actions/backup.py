@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import layout, monitoring, preflight
+from .. import layout, monitoring, preflight, testpoints
 from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.gate import Gate
@@ -106,6 +106,7 @@ def _run(ctx: Context, options: BackupOptions) -> int:
                 capture.capture_metadata(the_plan)
                 live = checked.result()
                 database = capture.capture_state()
+            testpoints.reached("captured")
             write_run(capture, the_plan, database, borg, live, outcome, options.progress)
     monitoring.record_backup(ctx, capture, the_plan, outcome)
     if options.as_json:

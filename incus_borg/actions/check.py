@@ -2,15 +2,13 @@
 
 The restore test imports every instance of the newest run into a scratch project, one per
 archived project so that same-named instances of two projects do not meet (never started, so
-it has no network), then compares each file of its root filesystem with the archive's own
+it has no network; see restore/sandbox.py), then compares each file of its root filesystem with the archive's own
 record of it (`borg list` with {sha256}, mode and owner): nothing extra is read at backup
 time. Each instance is deleted once compared, and the scratch projects afterwards.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,9 +22,10 @@ from ..context import Context
 from ..errors import UserError
 from ..incus import Incus
 from ..manifest import Item
-from ..restore.compare import same
+from ..restore.compare import differing, under
 from ..restore.journal import RestoreJournal
 from ..restore.rollback import refuse_pending_server
+from ..restore.sandbox import ScratchProjects
 from ..restore.source import BorgSource
 from . import drill as drill_action
 
@@ -76,37 +75,22 @@ def test_restore(config: Config, borg: Borg, repo: Repository) -> list[str]:
     """Import the newest run's instances into scratch projects and compare every file."""
     incus = Incus(config.incus.dir)
     source = BorgSource(borg, repo, "latest")
-    prefix = f"incus-borg-check-{time.strftime('%Y%m%d%H%M%S')}"
-    scratch: dict[str, str] = {}  # archived project -> its scratch project
+    scratch = ScratchProjects(incus, source)
     problems: list[str] = []
     try:
         for item in source.manifest.instances:
             if item.failed:  # left out of the run: nothing of it to test
                 continue
-            if item.project not in scratch:
-                scratch[item.project] = _scratch_project(incus, f"{prefix}-{len(scratch) + 1}")
-            problems += _check_instance(incus, borg, repo, source, item, scratch[item.project])
+            project = scratch.for_item(item)
+            problems += _check_instance(incus, borg, repo, source, item, project)
     finally:
-        for project in scratch.values():
-            for name in incus.entity_names("instances", project):
-                incus.delete_instance(project, name)
-            incus.delete_project(project)
+        scratch.remove()
     if not problems:
         count = len([i for i in source.manifest.instances if not i.failed])
         click.echo(
             f"repository {repo.name}: {source.archive} restores: {count} instance(s) identical"
         )
     return problems
-
-
-def _scratch_project(incus: Incus, name: str) -> str:
-    """Create an empty project that shares the default project's images, profiles, networks
-    and volumes."""
-    shared = ("images", "profiles", "networks", "storage.volumes")
-    incus.create_entity(
-        "projects", None, {"name": name, "config": {f"features.{f}": "false" for f in shared}}
-    )
-    return name
 
 
 def _check_instance(
@@ -120,12 +104,8 @@ def _check_instance(
     rootfs = f"{item.path}/backup/container/rootfs"
     listing = borg.run(list_files_argv(repo, item.archive or source.archive, rootfs), repo).stdout
     on_disk = layout.instance_data(Path(incus.dir), item.pool, project, item.name) / "rootfs"
-    wrong = [
-        relative
-        for entry in map(json.loads, listing.splitlines())
-        if (relative := entry["path"].removeprefix(rootfs).lstrip("/"))
-        and not same(entry, on_disk / relative)
-    ]
+    _, differ = differing(listing, under(rootfs, on_disk))
+    wrong = [path.removeprefix(rootfs).lstrip("/") for path in differ]
     incus.delete_instance(project, item.name)  # the disk it takes, back before the next one
     if wrong:
         shown = ", ".join(wrong[:MAX_REPORTED]) + (" ..." if len(wrong) > MAX_REPORTED else "")

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import click
 
-from .. import signals
+from .. import signals, testpoints
 from ..borg import Borg, explain_failure, list_files_argv, list_tree_argv
 from ..config import Config, Repository
 from ..errors import UserError
 from ..manifest import Item
 from ..restore import all as all_kind
 from ..restore import rebuild
-from ..restore.compare import differing, places
+from ..restore.compare import differing, in_places, places
 from ..restore.graph import Graph, Node
 from ..restore.journal import RestoreJournal, alive
 from ..restore.poolmap import PoolMap
@@ -130,6 +130,7 @@ def exercise(
     inner = RestoreJournal(scratch.root / "restore-journal")
     outcome = rebuild.carry_out(incus, plan, inner, keep_going=True)
     clock.lap("restore")
+    testpoints.reached("drill-restored")
     compared = compare(source, plan, outcome, scratch.dir)
     clock.lap("compare")
     started = all_kind.start_running(incus, plan, outcome.created)
@@ -218,7 +219,9 @@ def compare(
             found[node] = explain_failure("list", source.repo, result)
         else:
             where = places(incus_dir, plan.pool(item.pool), item)
-            found[node] = differing(result.stdout, item, where)
+            count, wrong = differing(result.stdout, in_places(item, where))
+            top = f"{item.path}/backup/"
+            found[node] = (count, [path.removeprefix(top) for path in wrong])
     return found
 
 

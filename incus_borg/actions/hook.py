@@ -8,7 +8,7 @@ from functools import partial
 
 import click
 
-from .. import layout, monitoring, preflight
+from .. import layout, monitoring, preflight, testpoints
 from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.plan import Plan
@@ -49,6 +49,7 @@ def _pre(ctx: Context, options: PreOptions) -> int:
             database = capture.capture_server(the_plan)
             for item in the_plan.items:
                 capture.hold(item)
+                testpoints.reached("held", item.ref)
                 session.report(f"{item.kind} {item.ref}: {item.mode}, held until `hook post`")
             manifest = capture.manifest(the_plan, database, _borg_version(), True)
             session.stage.write(layout.MANIFEST, manifest.to_json())

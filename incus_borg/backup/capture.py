@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import __version__, layout
+from .. import __version__, layout, testpoints
 from ..manifest import Item, Manifest
 from . import commands
 from .commands import Outcome
@@ -156,6 +156,7 @@ class Capture:
             return "dumps-only"
         started = time.monotonic()
         step = s.quiescer.stop_daemon()
+        testpoints.reached("daemon-stopped")
         s.stage.copy_database(Path(s.config.incus.dir))
         s.quiescer.release(step)
         self.daemon_downtime = time.monotonic() - started

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .. import mounts, processes
+from .. import mounts, processes, testpoints
 from ..config import IncusSettings
 from ..errors import UserError, Warnings
 from ..incus import Incus
@@ -270,6 +270,7 @@ class Quiescer:
                 self.journal.remove(step)
             except Exception as exc:
                 warnings.add(f"{describe(step)} was undone but the journal says otherwise: {exc}")
+            testpoints.reached("undone", step["op"])
         if not left:
             self.journal.clear()
         return left

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import layout
+from .. import layout, testpoints
 from ..borg import Borg, BorgProcess, BorgResult, file_statuses, progress_line
 from ..config import Repository
 from ..errors import UserError
@@ -99,6 +99,7 @@ class Reader:
                 process = borg.spawn(args, repo, env, stage_root)
                 self.capture.session.quiescer.watch_borg(process.pid)
                 self.lanes.append(Lane(repo, args, process))
+            testpoints.reached("borg-started")
             while any(lane.live for lane in self.lanes):
                 for opening in self.gate.wait(TICK):
                     self._on_open(opening)
@@ -173,6 +174,7 @@ class Reader:
             with self.capture.timed("quiesce"):
                 taken = self.snapshots.take(k) if item.mode == "snapshot" else None
                 self.held = (k, self.capture.hold(item, taken))
+            testpoints.reached("held", item.ref)
         except UserError as exc:  # read nothing of it, and say so
             item.failed = f"could not be quiesced: {exc}"
             self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import signals
+from .. import signals, testpoints
 from ..config import Config, Repository
 from ..errors import UserError
 from .failures import explain_failure, raw_tail, retryable
@@ -208,8 +208,10 @@ class Borg:
         repo: Repository,
         workers: int,
         ok_codes: Sequence[int] = (),
+        pause: str = "",
     ) -> list[BorgResult]:
-        """Run several borg commands (args, working directory), at most `workers` at once.
+        """Run several borg commands (args, working directory), at most `workers` at once
+        (`pause`: the test pause point reached once the first of them run).
 
         Every one that is still running is stopped on an interrupt; the first error exit
         (not in `ok_codes`) becomes a UserError once all have ended.
@@ -235,6 +237,8 @@ class Borg:
                         outputs[index] = ([], [])
                         running[index] = (proc, _drain(proc, *outputs[index]))
                     started[index] = time.monotonic()
+                if pause:
+                    testpoints.reached(pause)
                 for index, (proc, readers) in list(running.items()):
                     if proc.poll() is None:
                         continue

@@ -12,6 +12,7 @@ same command again continues. --start starts what was running at backup time, in
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from . import graph, poolmap, rebuild
 from .graph import Graph, Node
 from .journal import RestoreJournal
 from .poolmap import PoolMap
-from .rebuild import EXISTS, Plan
+from .rebuild import COLLIDE, CREATE, EXISTS, UPDATE, Plan, here_node
 from .rollback import refuse_pending_server
 from .source import NEWEST_COMPLETE, Source, open_run
 from .target import matching, report, require_member
@@ -54,12 +55,14 @@ def run(ctx: Context, options: AllOptions) -> int:
     source = open_run(ctx, options.archive, options.label, latest=NEWEST_COMPLETE)
     plan = prepare(incus, source, maps, projects=options.projects, member=member)
     show(plan, options.dry_run)
+    refuse_collisions(plan, options.dry_run)
     if options.dry_run:
         return 0
     with signals.interruptible():
         outcome = rebuild.carry_out(incus, plan, journal)
     kept = f", {len(outcome.kept)} already here and left alone" if outcome.kept else ""
-    report(f"restore all: {len(outcome.created)} created{kept}")
+    updated = f", {len(outcome.updated)} updated from the archive" if outcome.updated else ""
+    report(f"restore all: {len(outcome.created)} created{updated}{kept}")
     if options.start:
         started = start_running(incus, plan, outcome.created)
         failed = [f"{node.label}: {why}" for node, why in started.items() if isinstance(why, str)]
@@ -119,16 +122,29 @@ def selected(
 
 
 def show(plan: Plan, dry_run: bool) -> None:
-    """The plan: in a dry run every step, else what is left alone."""
-    todo = [s for s in plan.steps if s.action != EXISTS]
-    kept = [s for s in plan.steps if s.action == EXISTS]
+    """The plan: in a dry run every step, else what is left alone and what collides."""
+    counts = Counter(step.action for step in plan.steps)
     what = " (dry run: nothing is changed)" if dry_run else ""
+    collide = f", {counts[COLLIDE]} colliding" if counts[COLLIDE] else ""
     report(
-        f"restore all from {plan.source.description}{what}: {len(todo)} to create, "
-        f"{len(kept)} already here (left alone)"
+        f"restore all from {plan.source.description}{what}: {counts[CREATE]} to create, "
+        f"{counts[UPDATE]} to update (as Incus made them), {counts[EXISTS]} already here "
+        f"(left alone){collide}"
     )
-    for step in plan.steps if dry_run else kept:
-        report(step.line())
+    for step in plan.steps:
+        if dry_run or step.action in (EXISTS, COLLIDE):
+            report(step.line())
+
+
+def refuse_collisions(plan: Plan, dry_run: bool) -> None:
+    """Stop before anything changes when a step is known to fail here."""
+    if plan.collisions:
+        labels = ", ".join(here_node(plan, step.node).label for step in plan.collisions)
+        would = "would stop" if dry_run else "stopped before changing anything"
+        raise UserError(
+            f"restore all {would}: {len(plan.collisions)} collision(s) with this server: "
+            f"{labels} (see the lines marked collide)"
+        )
 
 
 def priority(plan: Plan, node: Node) -> int:

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import click
 
-from .. import layout, signals
+from .. import layout, signals, testpoints
 from ..context import Context
 from ..errors import UserError, Warnings
 from ..incus import Incus
@@ -139,6 +139,7 @@ def _create(
     try:
         if stream or target.pool["driver"] not in layout.READABLE_DRIVERS:
             with source.tar(item) as tarball:
+                testpoints.reached("restore-streaming")
                 incus.import_instance(tarball, temporary, target.pool["name"], project)
         else:
             pool = Pool(incus.dir, target.pool)

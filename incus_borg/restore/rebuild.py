@@ -1,14 +1,20 @@
-"""Rebuilding a run onto a server: the plan (every entity in creation order, each to create
-or already here), and carrying it out step by step.
+"""Rebuilding a run onto a server: the plan (every entity in creation order, each to create,
+to update, already here, or colliding), and carrying it out step by step.
 
 Pools are mapped (`poolmap`): an archived pool's volumes, instances and the devices naming it
-go to the pool it maps to. What exists here is never changed, with one exception that loses
-and changes nothing else: a profile that exists unused, with neither config nor devices (as
-Incus makes `default`), is filled from the archive.
+go to the pool it maps to. What exists is never changed, except what Incus made by itself
+and nobody changed since, which the archive's definition replaces (losing nothing): the
+default project as Incus makes it, each project's `default` profile (Incus makes it with a
+project that has profiles of its own, so a project the plan creates brings one), and any
+profile that exists unused with neither config nor devices. What the plan knows will fail
+is a collision, found before anything changes: a bridge whose name an interface of the
+server's host has, a network whose parent interface is missing, a pool whose source path
+does not exist.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +30,18 @@ from .poolmap import PoolMap, creation
 from .source import Source, definitions
 from .target import report
 
-CREATE, FILL, EXISTS = "create", "fill", "exists"
+CREATE, UPDATE, EXISTS, COLLIDE = "create", "update", "exists", "collide"
+# The default project's config as Incus makes it: its features, all on (they cannot change).
+DEFAULT_PROJECT_FEATURES = (
+    "features.images",
+    "features.networks",
+    "features.networks.zones",
+    "features.profiles",
+    "features.storage.buckets",
+    "features.storage.volumes",
+)
+# Network types whose host interface is named after the network.
+NAMED_INTERFACES = ("bridge",)
 DEFINED = ("projects", "storage-pools", "network-zones", "network-acls", "networks", "profiles")
 # What a created entity takes from its archived definition.
 FIELDS = {
@@ -42,7 +59,7 @@ class Step:
     """One entity of the plan, and what happens to it."""
 
     node: Node  # as archived
-    action: str  # CREATE, FILL or EXISTS
+    action: str  # CREATE, UPDATE, EXISTS or COLLIDE
     detail: str = ""
 
     def line(self) -> str:
@@ -69,12 +86,22 @@ class Plan:
         """Archived pools that map to a pool of another name (old -> new)."""
         return {old: m.new for old, m in self.pools.items() if m.new != old}
 
+    @property
+    def collisions(self) -> list[Step]:
+        """The steps that cannot be carried out here."""
+        return [step for step in self.steps if step.action == COLLIDE]
+
+    def action(self, node: Node) -> str | None:
+        """What the plan does with a node it holds (None: not in the plan)."""
+        return next((step.action for step in self.steps if step.node == node), None)
+
 
 @dataclass
 class Outcome:
     """What carrying out a plan did, step by step."""
 
     created: list[Node] = field(default_factory=list)
+    updated: list[Node] = field(default_factory=list)  # as Incus made them, now as archived
     kept: list[Node] = field(default_factory=list)
     failed: dict[Node, str] = field(default_factory=dict)
     seconds: dict[Node, float] = field(default_factory=dict)
@@ -111,12 +138,16 @@ class Here:
     def __init__(self, incus: Incus, pools: Iterable[str], member: str | None = None) -> None:
         self.found: dict[Node, dict[str, Any]] = {}
         self.drivers = incus.storage_drivers()
+        self.interfaces: set[str] = set()  # the host's network interfaces, as Incus sees them
         for project in incus.entities("projects"):
             self.found[Node("projects", "", project["name"])] = project
         for pool in incus.pools():
             self.found[Node("storage-pools", "", pool["name"])] = pool
         for kind in ("network-zones", "network-acls", "networks", "profiles", "instances"):
             for entity in incus.entities(kind):
+                if kind == "networks" and not entity.get("managed"):
+                    self.interfaces.add(entity["name"])
+                    continue
                 node = Node(kind, entity.get("project", "default"), entity["name"])
                 self.found[node] = entity
                 if kind == "network-acls":
@@ -171,10 +202,15 @@ def _step(plan: Plan, here: Here, node: Node) -> Step:
         return Step(node, EXISTS if existing else CREATE, _item_detail(plan, item, existing))
     body = body_of(plan, node)
     if existing is None:
-        return Step(node, CREATE)
-    if node.kind == "profiles" and blank(existing) and not blank(body):
-        return Step(node, FILL, ": exists here unused, with neither config nor devices")
-    differs = any(existing.get(k) != v for k, v in body.items() if k != "name")
+        made = _made_with_its_project(plan, node)
+        if made:
+            return Step(node, UPDATE, made)
+        collision = _network_collision(here, node, body)
+        return Step(node, COLLIDE, collision) if collision else Step(node, CREATE)
+    differs = [k for k, v in body.items() if k != "name" and existing.get(k) != v]
+    made = _as_incus_made_it(node, existing)
+    if made and differs:
+        return Step(node, UPDATE, made)
     return Step(
         node, EXISTS, ": left alone" + (" (it differs from the archive)" if differs else "")
     )
@@ -184,6 +220,48 @@ def blank(profile: dict[str, Any]) -> bool:
     """Whether a profile has neither config nor devices (as Incus makes `default`), and
     nothing uses it."""
     return not profile.get("config") and not profile.get("devices") and not profile.get("used_by")
+
+
+def _made_with_its_project(plan: Plan, node: Node) -> str | None:
+    """Why an entity missing here will exist once the plan created its project (Incus makes
+    a `default` profile with every project that has profiles of its own), or None."""
+    if node.kind != "profiles" or node.name != "default" or node.project == "default":
+        return None
+    project = Node("projects", "", node.project)
+    config = plan.graph.definitions.get(project, {}).get("config") or {}
+    if plan.action(project) == CREATE and config.get("features.profiles") == "true":
+        return f": Incus makes it with project {node.project}; filled from the archive"
+    return None
+
+
+def _as_incus_made_it(node: Node, existing: dict[str, Any]) -> str | None:
+    """Why an existing entity is as Incus made it, with nothing of an admin's to lose (so
+    that the archive's definition replaces it), or None."""
+    if node.kind == "profiles" and blank(existing):
+        return ": exists here unused, with neither config nor devices; filled from the archive"
+    config = existing.get("config") or {}
+    if node == Node("projects", "", "default") and set(config) <= set(DEFAULT_PROJECT_FEATURES):
+        return ": exists here as Incus makes it; its config and description from the archive"
+    return None
+
+
+def _network_collision(here: Here, node: Node, body: dict[str, Any]) -> str:
+    """Why a network cannot be created here ("" when it can): its bridge would take the name
+    of an interface of the host, or its parent interface is missing."""
+    if node.kind != "networks":
+        return ""
+    if body.get("type") in NAMED_INTERFACES and node.name in here.interfaces:
+        return (
+            f": this server's host has a network interface named {node.name}, which the bridge "
+            "would be: rename or remove that interface first"
+        )
+    parent = (body.get("config") or {}).get("parent")
+    if parent and parent not in here.interfaces:
+        return (
+            f": its parent interface {parent} does not exist on this server's host: create it "
+            "first (or restore with --project to leave the network out)"
+        )
+    return ""
 
 
 def _pool_step(plan: Plan, here: Here, node: Node, existing: dict[str, Any] | None) -> Step:
@@ -203,6 +281,14 @@ def _pool_step(plan: Plan, here: Here, node: Node, existing: dict[str, Any] | No
             f"storage pool {node.name} cannot be created here: this server has no {driver} "
             f"driver (it has: {', '.join(sorted(here.drivers))}); map it with "
             f"--pool-map {node.name}=NEW[:DRIVER]"
+        )
+    source = str(body["config"].get("source", ""))
+    if source.startswith("/") and not os.path.exists(source):
+        return Step(
+            node,
+            COLLIDE,
+            f"{named}: its source {source} does not exist on this host: create it, or map the "
+            f"pool with --pool-map {node.name}=NEW[:DRIVER[:source=...]]",
         )
     settings = ", ".join(f"{k}={v}" for k, v in sorted(body["config"].items()))
     return Step(node, CREATE, f"{named} ({driver}{': ' + settings if settings else ''})")
@@ -250,13 +336,26 @@ def apply(incus: Incus, plan: Plan, step: Step, journal: RestoreJournal) -> int:
         incus.create_network_acl(project, body_of(plan, node))
     elif node.kind == "network-acl-rules":
         incus.update_network_acl(project, node.name, body_of(plan, node))
-    elif step.action == FILL:
-        incus.update_entity(node.kind, project, node.name, body_of(plan, node))
+    elif step.action == UPDATE:
+        incus.update_entity(node.kind, project or None, node.name, update_body(incus, plan, node))
     else:
         incus.create_entity(node.kind, project or None, body_of(plan, node))
-    verb = "filled from the archive (it was empty)" if step.action == FILL else "created"
+    verb = "updated from the archive (as Incus made it)" if step.action == UPDATE else "created"
     report(f"{here_node(plan, node).label}: {verb}")
     return 0
+
+
+def update_body(incus: Incus, plan: Plan, node: Node) -> dict[str, Any]:
+    """What replaces an entity Incus made: its archived fields; the default project keeps
+    its features (Incus refuses to change them)."""
+    body = body_of(plan, node)
+    body.pop("name", None)
+    if node.kind == "projects":
+        here = incus.project(node.name).get("config") or {}
+        archived = body.get("config") or {}
+        body["config"] = {k: v for k, v in archived.items() if not k.startswith("features.")}
+        body["config"] |= {k: v for k, v in here.items() if k.startswith("features.")}
+    return body
 
 
 # Each instance and volume is restored with the options made by the two functions below:
@@ -288,6 +387,9 @@ def carry_out(
         if step.action == EXISTS:
             outcome.kept.append(node)
             continue
+        if step.action == COLLIDE:
+            outcome.failed[node] = f"not restored: {step.detail.removeprefix(': ')}"
+            continue
         blocked = sorted(plan.graph.deps[node] & outcome.failed.keys(), key=Node.sort_key)
         if blocked:
             outcome.failed[node] = f"not restored: it needs {blocked[0].label}, which failed"
@@ -306,15 +408,16 @@ def carry_out(
             report(f"{node.label}: failed: {exc}")
             continue
         outcome.seconds[node] = time.monotonic() - started
-        outcome.created.append(node)
+        (outcome.updated if step.action == UPDATE else outcome.created).append(node)
     return outcome
 
 
 def stopped(plan: Plan, node: Node, why: str, outcome: Outcome) -> UserError:
     """The error of a rebuild that stopped part-way: what it created, and what to do."""
     created = ", ".join(here_node(plan, n).label for n in outcome.created) or "nothing"
+    updated = ", ".join(here_node(plan, n).label for n in outcome.updated)
     return UserError(
         f"restore all stopped at {here_node(plan, node).label}: {why}; created before it: "
-        f"{created}; run the "
+        f"{created}{'; updated from the archive: ' + updated if updated else ''}; run the "
         "same command again to continue (what exists is skipped), or delete what it created"
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import layout, mounts, signals
+from .. import layout, mounts, signals, testpoints
 from ..config import Config
 from ..context import Context
 from ..errors import UserError
@@ -156,6 +156,7 @@ class ServerRestore:
         self._record("extracting")
         work = self.plan.work
         work.mkdir(mode=0o700)
+        testpoints.reached("server-extracting")
         self.source.extract(None, [str(layout.INCUS), str(layout.DATABASE)], 0, work)
         os.rename(work / str(layout.INCUS), self.dir)
         os.rename(work / str(layout.DATABASE), self.dir / "database")
@@ -188,6 +189,7 @@ class ServerRestore:
             target = place.parent if place.name == "root.img" else place
             snap = member.partition("/")[2] or None
             pool.volume_dir(target)
+            testpoints.reached("server-pools", item.ref)
             self.source.extract(item, [f"{backup}/{member}"], strip + member.count("/"), target)
             leaf = Path(member).name
             if leaf.endswith(".img"):

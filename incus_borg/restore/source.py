@@ -343,7 +343,7 @@ class BorgSource:
             for job in extractions.jobs
         ]
         extractions.prepare()
-        self.borg.run_parallel(calls, self.repo, os.cpu_count() or 1)
+        self.borg.run_parallel(calls, self.repo, os.cpu_count() or 1, pause="restore-extracting")
         extractions.finish()
 
     @contextmanager
