@@ -2,10 +2,10 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test unit check deps venv demo dist clean
+.PHONY: test unit check docs deps venv demo dist clean
 
-## test: install what is missing (system packages, venv), then ruff, mypy and pytest
-test: deps venv check
+## test: install what is missing (system packages, venv), then ruff, mypy, the docs and pytest
+test: deps venv check docs
 	$(BIN)/pytest
 
 ## unit: the pure unit tests only (seconds; no root, no Incus)
@@ -17,6 +17,10 @@ check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## docs: the documentation site in site/ (mkdocs build --strict: a broken link fails it)
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 ## demo: a throwaway private Incus is backed up, loses an instance and a profile, gets them back
 demo: deps venv
@@ -32,14 +36,14 @@ dist: venv
 deps:
 	bash scripts/install-system-deps.sh
 
-## venv: .venv with incus-borg and its test tools
+## venv: .venv with incus-borg, its test tools and the docs tools
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,docs]'
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build incus_borg.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist build incus_borg.egg-info site

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 INCUS_FIXTURES = frozenset(
     {"incus_server", "private_incus_factory", "module_incus_factory", "incus_cluster"}
 )
-CLUSTER_SIZE = 3  # members of `incus_cluster` (measured to fit 2 cores: see README, Tests)
+CLUSTER_SIZE = 3  # members of `incus_cluster` (measured to fit 2 cores: docs/development.md)
 
 _daemons: list[PrivateIncus] = []  # every daemon this session created
 _leftovers: list[str] = []  # what the session-finish check found

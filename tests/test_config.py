@@ -1,4 +1,4 @@
-"""Configuration: schema checks, error messages, sample and README reference."""
+"""Configuration: schema checks, error messages, sample and the documented reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cli import one_line_error, run_cli
 
 from incus_borg import config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "configuration.md"
 
 
 @pytest.mark.parametrize(
@@ -75,10 +75,11 @@ def test_public_key_names_are_kept() -> None:
         assert key in sample
 
 
-def test_readme_reference_matches_schema() -> None:
-    text = README.read_text()
+def test_documented_reference_matches_schema() -> None:
+    text = REFERENCE.read_text()
     match = re.search(r"<!-- config-reference -->\n(.*?)<!-- /config-reference -->", text, re.S)
-    assert match, "README.md lacks the config-reference markers"
+    assert match, f"{REFERENCE} lacks the config-reference markers"
     assert match.group(1) == config.reference(), (
-        "README's configuration reference is out of date; replace it with:\n" + config.reference()
+        f"the configuration reference in {REFERENCE} is out of date; replace the table "
+        "between its markers with:\n" + config.reference()
     )

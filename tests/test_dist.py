@@ -139,6 +139,7 @@ def test_wheel_carries_every_module_hook_and_example(dist: Path) -> None:
         members = {m.name.removeprefix(f"{DIST}/") for m in sdist.getmembers()}
     wanted = ["CHANGELOG.md", "README.md", "Makefile", *(f"hooks/{h}" for h in hooks)]
     wanted += [f"examples/{e}" for e in examples] + ["tests/conftest.py", "tests/harness/incusd.py"]
+    wanted += ["mkdocs.yml", "bench/README.md", *(f"docs/{d}" for d in repository_files("docs"))]
     assert [w for w in wanted if w not in members] == []
 
 

@@ -21,6 +21,7 @@ from incus_borg import mounts
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+DOCUMENTED = "docs/integrations.md"  # the page holding copies of the example files
 BIN = Path(sys.executable).parent
 NAMES = ("ig-dir", "ig-fast")
 
@@ -199,9 +200,9 @@ def test_restic_wrapper_then_restore_from_directory(env: Env, tmp_path: Path) ->
         env.server.delete("ig-restic")
 
 
-def test_readme_snippets_equal_examples() -> None:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"<!-- example: (\S+) -->\n```\w*\n(.*?)```", readme, re.S)
+def test_documented_snippets_equal_examples() -> None:
+    page = (ROOT / DOCUMENTED).read_text()
+    blocks = re.findall(r"<!-- example: (\S+) -->\n```\w*\n(.*?)```", page, re.S)
     assert {name for name, _ in blocks} >= {
         "examples/borgmatic/config.yaml",
         "examples/borgmatic/config-1.x.yaml",
@@ -212,4 +213,6 @@ def test_readme_snippets_equal_examples() -> None:
         "examples/systemd/incus-borg-drill.timer",
     }
     for name, text in blocks:
-        assert (ROOT / name).read_text() == text, f"README's copy of {name} differs from the file"
+        assert (ROOT / name).read_text() == text, (
+            f"{DOCUMENTED}'s copy of {name} differs from the file"
+        )

@@ -339,23 +339,23 @@ def test_passphrase_never_in_argv_or_logs(env: Env) -> None:
     assert not [log for log in logs if PASSPHRASE in log]
 
 
-def readme_block(name: str) -> str:
-    """The shell block the README marks with `<!-- name -->`."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(rf"<!-- {name} -->\n```sh\n(.*?)```", readme, re.S)
+def documented_block(name: str) -> str:
+    """The shell block the offsite page (docs/offsite.md) marks with `<!-- name -->`."""
+    page = (ROOT / "docs" / "offsite.md").read_text()
+    blocks = re.findall(rf"<!-- {name} -->\n```sh\n(.*?)```", page, re.S)
     assert len(blocks) == 1, name
     return str(blocks[0])
 
 
 def run_block(name: str, variables: dict[str, str], base_dir: Path | None = None) -> str:
-    """Run a README block with bash (-e: every step must succeed), as its reader would."""
+    """Run a documented block with bash (-e: every step must succeed), as its reader would."""
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
     environment |= {"PATH": path, **variables}
     if base_dir is not None:
         environment["BORG_BASE_DIR"] = str(base_dir)
     done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", readme_block(name)],
+        ["bash", "-euo", "pipefail", "-c", documented_block(name)],
         env=environment,
         capture_output=True,
         text=True,
@@ -365,7 +365,7 @@ def run_block(name: str, variables: dict[str, str], base_dir: Path | None = None
     return done.stdout
 
 
-def test_runs_pruned_through_the_append_only_key_come_back_by_the_readme(
+def test_runs_pruned_through_the_append_only_key_come_back_by_the_docs(
     env: Env, tmp_path: Path
 ) -> None:
     for _ in range(2):
@@ -380,7 +380,7 @@ def test_runs_pruned_through_the_append_only_key_come_back_by_the_readme(
     assert done.returncode == 1, done.stderr  # warns: space is reclaimed only by the server
     assert "append-only" in done.stderr
     assert env.runs("offsite") == [before[-1]]
-    # The server's owner, then root on the Incus host, follow the README step by step.
+    # The server's owner, then root on the Incus host, follow docs/offsite.md step by step.
     printed = run_block(
         "append-only recovery: server",
         {"REPO": str(served), "GOOD": good},
