@@ -3,7 +3,7 @@
 
 Builds a private Incus (tests/harness) with one container per pool (`default` = dir, `fast` =
 btrfs), each holding `--size-mb` files of 1 MiB of random data, serves a repository through a
-private sshd on 127.0.0.1 (append-only restricted key, as the README recommends), runs
+private sshd on 127.0.0.1 (append-only restricted key, as docs/offsite.md recommends), runs
 `incus-borg backup` twice and prints, for each run, borg's deduplicated bytes added and the
 growth of the repository on the server side, against the data size. Target: the second run
 sends < 1% of the data.

@@ -1,7 +1,7 @@
 """Configuration: the one schema (dataclasses with a description per key), loading and checks.
 
 Every key, its type, default and description is declared once below; validation, the
-generated sample (`incus-borg config generate`) and the README reference all read it.
+generated sample (`incus-borg config generate`) and the docs' reference page all read it.
 """
 
 from __future__ import annotations
@@ -448,7 +448,7 @@ def _sample_lines(cls: type, instance: Any, indent: str, lines: list[str]) -> No
 
 
 def reference() -> str:
-    """The configuration reference as a Markdown table, for the README."""
+    """The configuration reference as a Markdown table, for docs/reference/configuration.md."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:

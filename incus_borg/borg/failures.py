@@ -156,8 +156,8 @@ def explain_failure(command: str, repo: Repository, result: BorgResult) -> str:
         f"`BORG_RELOCATED_REPO_ACCESS_IS_OK=yes incus-borg list --repository {name}`), "
         "else fix its path",
         "rolled-back": f"repository {where} is older than this host last saw it ({detail}): "
-        "if its owner rolled it back on purpose, clear this host's record of it (README, "
-        "Offsite repositories: bringing deleted runs back), else find out who replaced it",
+        "if its owner rolled it back on purpose, clear this host's record of it (docs/offsite.md, "
+        "Bringing deleted runs back), else find out who replaced it",
         "locked": f"repository {where} is locked by another process: borg waited "
         f"{lock_wait} s for its lock ({detail}); retry later, raise lock_wait, or run "
         f"`borg break-lock {repo.path}` if no borg is using it",

@@ -265,7 +265,7 @@ CLUSTER_GUIDANCE = (
     "restore server cannot rebuild a cluster member (one member's copy of the cluster's "
     "database is not valid alone): join a fresh member to the cluster, then run "
     "`incus-borg restore all ARCHIVE --target NEW` to give it the lost member's instances "
-    "and volumes (README: Clusters)"
+    "and volumes (docs/clusters.md: Replacing a lost member)"
 )
 
 
