@@ -47,8 +47,9 @@ from cli import incus_config  # noqa: E402
 from harness.incusd import PrivateIncus  # noqa: E402
 from harness.server import BTRFS_POOL, DEFAULT_POOL, IncusServer, prepare_server  # noqa: E402
 
-from incus_borg import layout, signals  # noqa: E402
+from incus_borg import layout  # noqa: E402
 from incus_borg.borg import find_borg  # noqa: E402
+from incus_borg.host import signals  # noqa: E402
 
 T = TypeVar("T")
 R = TypeVar("R")

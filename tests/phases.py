@@ -1,4 +1,4 @@
-"""Reaching a phase of incus-borg's work by its pause points (`incus_borg.testpoints`):
+"""Reaching a phase of incus-borg's work by its pause points (`incus_borg.host.testpoints`):
 started with INCUS_BORG_TEST_PAUSE_AT=PHASE[:TARGET], incus-borg stops itself (SIGSTOP) when
 it gets there, with everything the phase holds still held. The test then kills it, signals
 it, or changes something behind its back, and lets it go on. Nothing here waits for a
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from incus_borg.backup.journal import Journal
-from incus_borg.testpoints import ENV, PHASES
+from incus_borg.host.testpoints import ENV, PHASES
 
 TIMEOUT = 300  # seconds a phase may take to be reached, generous for a loaded machine
 

@@ -18,7 +18,7 @@ from harness.incusd import children, cmdline
 from harness.server import IncusServer
 from phases import command, kill_9, paused, resume, signal_and_resume
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 
 pytestmark = pytest.mark.incus
 

@@ -17,7 +17,7 @@ import yaml
 from cli import PASSPHRASE, borg, incus_config, run_cli
 from harness.server import IncusServer
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -26,10 +26,10 @@ from harness.server import IncusServer
 from harness.sshd import PrivateSshd, small_disk
 from phases import command, paused, resume
 
-from incus_borg import mounts
 from incus_borg.borg import Borg, Secrets, Stalled, check_argv, create_argv
 from incus_borg.borg import runner as borg_runner
 from incus_borg.config import Repository
+from incus_borg.host import mounts
 
 NAME = "os-dir"
 DATA = os.urandom(1_500_000)

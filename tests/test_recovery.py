@@ -36,7 +36,7 @@ from phases import command, paused, resume
 from test_restore import tree
 from test_restore_server import damage_segment
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 
 pytestmark = pytest.mark.incus
 

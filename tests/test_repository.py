@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from cli import PASSPHRASE, one_line_error, run_cli, write_config
 
-from incus_borg import borg, signals
+from incus_borg import borg
 from incus_borg.errors import UserError
+from incus_borg.host import signals
 
 
 def repo_config(tmp_path: Path, **extra: object) -> Path:

@@ -18,7 +18,7 @@ from harness.incusd import PrivateIncus, wait_for
 from harness.server import BTRFS_POOL, DEFAULT_POOL, SECOND_PROJECT, IncusServer, prepare_server
 from test_restore import tree
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 
 pytestmark = pytest.mark.incus
 

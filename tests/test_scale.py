@@ -20,7 +20,7 @@ from harness.incusd import IncusError, cmdline, wait_for
 from harness.server import BTRFS_POOL, DEFAULT_POOL, IncusServer
 from phases import command, kill_9, paused
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 
 pytestmark = pytest.mark.incus
 

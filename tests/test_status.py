@@ -26,7 +26,7 @@ from harness.server import IncusServer
 from prometheus_client.parser import text_string_to_metric_families
 from test_integrations import BIN, EXAMPLES, borgmatic_config
 
-from incus_borg.index import IndexFile, Run
+from incus_borg.monitoring.index import IndexFile, Run
 
 pytestmark = pytest.mark.incus
 

@@ -32,7 +32,7 @@ from harness.incusd import wait_for
 from harness.server import BTRFS_POOL, IncusServer
 from phases import command, journal_steps, kill_9, paused, resume
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 
 pytestmark = pytest.mark.incus
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import layout, monitoring, preflight, testpoints
+from .. import layout, monitoring, preflight
 from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.gate import Gate
@@ -23,6 +23,7 @@ from ..borg import Borg, comment_argv, create_argv, delete_argv, file_statuses, 
 from ..config import Config, Repository
 from ..context import Context
 from ..errors import EXIT_ERROR, UserError, Warnings
+from ..host import testpoints
 
 # Snapshot copies change inodes and ctimes, not content; the paths are stable.
 FILES_CACHE = "mtime,size"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import click
 
-from .. import signals, testpoints
 from ..borg import Borg, explain_failure, list_files_argv, list_tree_argv
 from ..config import Config, Repository
 from ..errors import UserError
+from ..host import signals, testpoints
 from ..manifest import Item
 from ..restore import all as all_kind
 from ..restore import rebuild

@@ -8,7 +8,7 @@ from functools import partial
 
 import click
 
-from .. import layout, monitoring, preflight, testpoints
+from .. import layout, monitoring, preflight
 from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.plan import Plan
@@ -16,6 +16,7 @@ from ..backup.session import Session
 from ..borg import checked_version, find_borg
 from ..context import Context
 from ..errors import UserError, Warnings
+from ..host import testpoints
 
 
 @dataclass

@@ -12,11 +12,12 @@ from functools import partial
 
 import click
 
-from .. import monitoring, preflight, retention, runs
+from .. import monitoring, preflight, runs
 from ..borg import Borg, BorgResult, compact_argv, delete_argv
 from ..config import Repository, Retention
 from ..context import Context
 from ..errors import UserError, Warnings
+from ..runs import retention
 
 
 def run(ctx: Context, label: str | None, dry_run: bool, all_members: bool = False) -> int:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import click
 
-from .. import coverage, monitoring
+from .. import monitoring
 from ..context import Context
 from ..errors import UserError
-from ..page.render import Page, render
+from ..monitoring import coverage
+from ..monitoring.page.render import Page, render
 from . import status
 
 

@@ -16,14 +16,15 @@ from typing import Any
 
 import click
 
-from .. import coverage, monitoring, runs
+from .. import monitoring, runs
 from ..borg import Borg
 from ..config import Repository
 from ..context import Context
-from ..coverage import Standing
 from ..errors import UserError, Warnings
-from ..index import Index, Run, Stored
 from ..manifest import Manifest
+from ..monitoring import coverage
+from ..monitoring.coverage import Standing
+from ..monitoring.index import Index, Run, Stored
 
 
 @dataclass

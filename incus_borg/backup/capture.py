@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import __version__, layout, testpoints
+from .. import __version__, layout
+from ..host import testpoints
 from ..manifest import Item, Manifest
 from . import commands
 from .commands import Outcome

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .. import mounts, processes, testpoints
 from ..config import IncusSettings
 from ..errors import UserError, Warnings
+from ..host import mounts, processes, testpoints
 from ..incus import Incus
 from . import commands
 from .commands import Outcome

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import layout, testpoints
+from .. import layout
 from ..borg import Borg, BorgProcess, BorgResult, file_statuses, progress_line
 from ..config import Repository
 from ..errors import UserError
+from ..host import testpoints
 from ..manifest import Item
 from . import patterns, policy
 from .capture import Capture, Held

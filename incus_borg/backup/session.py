@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from .. import layout, mounts, signals
+from .. import layout
 from ..config import Config
 from ..errors import UserError, Warnings
+from ..host import mounts, signals
 from ..incus import Incus
 from .journal import Journal
 from .plan import Plan, build

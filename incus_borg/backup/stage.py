@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from .. import layout, mounts
+from .. import layout
 from ..errors import UserError
+from ..host import mounts
 from ..incus import Incus
 from ..manifest import Item
 from .plan import Plan

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import signals, testpoints
 from ..config import Config, Repository
 from ..errors import UserError
+from ..host import signals, testpoints
 from .failures import explain_failure, raw_tail, retryable
 from .result import BorgResult, Stalled, is_warning, parse_log_json, progress_line
 from .ssh import new_ssh_log, rsh_command, ssh_messages, temporary_ssh_log

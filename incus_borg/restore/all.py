@@ -16,9 +16,9 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .. import signals
 from ..context import Context
 from ..errors import UserError
+from ..host import signals
 from ..incus import Incus
 from . import graph, poolmap, rebuild
 from .graph import Graph, Node

@@ -28,9 +28,10 @@ from typing import IO, Any
 
 import click
 
-from .. import layout, signals, testpoints
+from .. import layout
 from ..context import Context
 from ..errors import UserError, Warnings
+from ..host import signals, testpoints
 from ..incus import Incus
 from ..manifest import Item
 from . import config, unpack, volume

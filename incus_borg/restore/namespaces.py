@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-from .. import mounts
+from ..host import mounts
 
 
 def submounts(top: str) -> list[str]:

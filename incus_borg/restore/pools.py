@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .. import mounts
 from ..errors import UserError
+from ..host import mounts
 
 # A pool's top directories, with the modes Incus gives them.
 VOLUME_DIRS = {

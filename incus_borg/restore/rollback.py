@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import mounts
 from ..config import DEFAULT_CONFIG_PATH, Config
 from ..errors import UserError
+from ..host import mounts
 from ..incus import Incus
 from .journal import SERVER, Entry, RestoreJournal, alive, when
 from .target import report

@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import mounts
 from ..errors import UserError
+from ..host import mounts
 from ..incus import Incus
 
 INCUSD = (

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import layout, mounts, signals, testpoints
+from .. import layout
 from ..config import Config
 from ..context import Context
 from ..errors import UserError
+from ..host import mounts, signals, testpoints
 from ..incus import Incus
 from ..manifest import Item
 from .journal import SERVER, RestoreJournal

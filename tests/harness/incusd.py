@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from incus_borg import mounts
+from incus_borg.host import mounts
 from incus_borg.restore.scratch import OWN_NAMESPACES
 
 log = logging.getLogger(__name__)

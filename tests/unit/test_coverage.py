@@ -12,11 +12,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from incus_borg import config, coverage, metrics
-from incus_borg.coverage import FAILED, NEVER, OK, SKIPPED, STALE, Live
+from incus_borg import config
 from incus_borg.errors import UserError
-from incus_borg.index import Ending, Entry, Index, IndexFile, Run, Stored
-from incus_borg.notify import HIDDEN, redact, tail, where
+from incus_borg.monitoring import coverage, metrics
+from incus_borg.monitoring.coverage import FAILED, NEVER, OK, SKIPPED, STALE, Live
+from incus_borg.monitoring.index import Ending, Entry, Index, IndexFile, Run, Stored
+from incus_borg.monitoring.notify import HIDDEN, redact, tail, where
 
 NOW = 1_800_000_000.0
 HOUR = 3600.0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from incus_borg import mounts
 from incus_borg.errors import UserError
+from incus_borg.host import mounts
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from incus_borg import layout, retention, runs
+from incus_borg import layout, runs
 from incus_borg.config import Retention
-from incus_borg.runs import COMPLETE, INCOMPLETE, PARTIAL, Archive, Run
+from incus_borg.runs import COMPLETE, INCOMPLETE, PARTIAL, Archive, Run, retention
 
 T0 = datetime(2024, 5, 10, 3, 0, 0)
 ONE_DAILY = Retention(keep_daily=1, keep_weekly=0, keep_monthly=0)

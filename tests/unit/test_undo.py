@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from incus_borg import processes
 from incus_borg.backup.journal import Journal
 from incus_borg.backup.quiesce import Quiescer
 from incus_borg.config import IncusSettings
 from incus_borg.errors import UserError, Warnings
+from incus_borg.host import processes
 
 
 class FakeIncus:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from urllib.parse import urlsplit
 
-from .config import Notify
+from ..config import Notify
 
 TAIL_LINES = 60  # lines of the log a body holds
 TAIL_CHARS = 10_000  # and at most this many characters (healthchecks keeps 100 kB)

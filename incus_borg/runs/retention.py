@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .config import Retention
-from .runs import COMPLETE, INCOMPLETE, PARTIAL, Run
+from ..config import Retention
+from .archives import COMPLETE, INCOMPLETE, PARTIAL, Run
 
 PERIODS: dict[str, Callable[[datetime], str]] = {
     "keep_daily": lambda t: t.strftime("%Y-%m-%d"),

@@ -22,11 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import layout
-from .borg import Borg, extract_stdout_argv, list_archives_argv
-from .config import Repository
-from .errors import UserError
-from .manifest import Manifest
+from .. import layout
+from ..borg import Borg, extract_stdout_argv, list_archives_argv
+from ..config import Repository
+from ..errors import UserError
+from ..manifest import Manifest
 
 COMPLETE, PARTIAL, UNKNOWN = layout.COMPLETE, layout.PARTIAL, layout.UNKNOWN
 INCOMPLETE = "incomplete"

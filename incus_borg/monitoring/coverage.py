@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .config import Config, parse_duration
-from .errors import EXIT_OK, EXIT_WARNING
-from .incus import Incus, instances_using
+from ..config import Config, parse_duration
+from ..errors import EXIT_OK, EXIT_WARNING
+from ..incus import Incus, instances_using
 from .index import Entry, Index, Run, ref
 
 OK, STALE, NEVER, SKIPPED, FAILED = "OK", "STALE", "NEVER", "SKIPPED", "FAILED"

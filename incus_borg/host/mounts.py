@@ -13,7 +13,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20

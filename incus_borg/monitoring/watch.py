@@ -21,15 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
-from . import coverage, layout, metrics
-from .backup.capture import Capture
-from .backup.plan import Plan
-from .backup.session import Session
-from .context import Context
+from .. import layout
+from ..backup.capture import Capture
+from ..backup.plan import Plan
+from ..backup.session import Session
+from ..context import Context
+from ..errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, UserError, Warnings
+from ..manifest import Manifest
+from . import coverage, metrics
 from .coverage import Standing
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, UserError, Warnings
 from .index import Ending, Entry, IndexFile, Run, Stored
-from .manifest import Manifest
 from .notify import Message, Sender, tail
 
 LOG_LINES = 200  # lines of output kept for a notification's body

@@ -25,8 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .manifest import Item, Manifest
+from ..errors import UserError
+from ..manifest import Item, Manifest
 
 FORMAT = 1
 

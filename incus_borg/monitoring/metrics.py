@@ -13,9 +13,9 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
+from ..errors import UserError
 from . import coverage
 from .coverage import Standing
-from .errors import UserError
 from .index import Index, Run
 
 PREFIX = "incus_borg_"
