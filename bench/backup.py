@@ -389,7 +389,6 @@ class BackupBench(Bench):
             "files": self.files,
             "changed": self.changed,
             "instances": [asdict(i) for i in self.instances],
-            "measures": {k: asdict(v) for k, v in self.measures.items()},
         }
 
 

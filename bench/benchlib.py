@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, TypeVar
 
@@ -680,7 +680,10 @@ class Bench:
 
     def raw(self) -> dict[str, Any]:
         """Everything measured, for --json."""
-        return {"args": {k: str(v) for k, v in vars(self.args).items()}}
+        return {
+            "args": {k: str(v) for k, v in vars(self.args).items()},
+            "measures": {k: asdict(v) for k, v in self.measures.items()},
+        }
 
     # -- helpers for the benchmarks --
 
@@ -782,6 +785,36 @@ class Bench:
         """Delete instance `name` (a restored copy) and flush."""
         self.daemon.incus("delete", "--force", name, timeout=600)
         os.sync()
+
+
+class PerPoolBench(Bench):
+    """One container per pool (`dir`, btrfs), each holding `--size-mb` MiB that `fill` writes."""
+
+    prefix: ClassVar[str]  # the containers' names: PREFIX-dir, PREFIX-btrfs
+    copies: ClassVar[int] = 2  # how many times the data the scratch filesystems must hold
+
+    @classmethod
+    def sizes(cls, args: argparse.Namespace) -> Sizes:
+        data = args.size_mb * MiB * len(POOLS)
+        btrfs = f"{max(2, math.ceil(cls.copies * data / GiB))}GiB"
+        return Sizes((cls.copies + 1) * data + 2 * GiB, cls.copies * data + 6 * GiB, btrfs)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.names = {f"{self.prefix}-{kind}": pool for kind, pool in POOLS.items()}
+        self.data = self.args.size_mb * MiB * len(self.names)
+
+    def fill(self, root: Path) -> None:
+        """Write one container's data below its rootfs."""
+        raise NotImplementedError
+
+    def build(self) -> None:
+        """One container per pool, filled."""
+        self.launch(self.names, lambda n, root: self.fill(root))
+
+    def raw(self) -> dict[str, Any]:
+        """Everything measured, for --json."""
+        return {**super().raw(), "data": self.data}
 
 
 def parse_args(bench: type[Bench], argv: Sequence[str] | None) -> argparse.Namespace:

@@ -13,20 +13,14 @@ Run as root: python bench/offsite.py [--size-mb N] (see bench/README.md)
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from benchlib import (
-    POOLS,
-    Bench,
     Column,
-    GiB,
     MiB,
-    Sizes,
+    PerPoolBench,
     columns,
     human,
     main,
@@ -41,33 +35,18 @@ MAX_SECOND = 0.01  # the second, unchanged run sends < 1% of the data
 RUNS = (("first", "first run"), ("second", "second run (unchanged)"))
 
 
-def fill(size_mib: int, root: Path) -> None:
-    """`size_mib` files of 1 MiB of random data in the container's /root/data."""
-    for i in range(1, size_mib + 1):
-        write_blob(root / "root" / "data" / f"f{i}", MiB, os.urandom)
-
-
-class OffsiteBench(Bench):
+class OffsiteBench(PerPoolBench):
     """Two runs into a repository served over SSH."""
 
     name = "offsite.py"
     description = "What a second, unchanged incus-borg run sends to an SSH repository. Needs root."
     options = (("--size-mb", positive(int), 200, "MiB of random files per container"),)
+    prefix = "off"
 
-    @classmethod
-    def sizes(cls, args: Any) -> Sizes:
-        data = args.size_mb * MiB * len(POOLS)
-        btrfs = f"{max(2, math.ceil(2 * data / GiB))}GiB"
-        return Sizes(3 * data + 2 * GiB, 2 * data + 6 * GiB, btrfs)
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.names = {f"off-{kind}": pool for kind, pool in POOLS.items()}
-        self.data = self.args.size_mb * MiB * len(self.names)
-
-    def build(self) -> None:
-        """One container per pool with its random files."""
-        self.launch(self.names, lambda n, root: fill(self.args.size_mb, root))
+    def fill(self, root: Path) -> None:
+        """`--size-mb` files of 1 MiB of random data in /root/data."""
+        for i in range(1, self.args.size_mb + 1):
+            write_blob(root / "root" / "data" / f"f{i}", MiB, os.urandom)
 
     def run(self) -> None:
         """Two backups into the SSH repository, measuring its growth on the server side."""
@@ -101,14 +80,6 @@ class OffsiteBench(Bench):
         """The second run against the data."""
         second = self.measures["second"].data["growth"] / self.data
         return [("second run sends < 1% of the data", f"{second:.3%}", second < MAX_SECOND)]
-
-    def raw(self) -> dict[str, Any]:
-        """Everything measured, for --json."""
-        return {
-            **super().raw(),
-            "data": self.data,
-            "measures": {k: asdict(v) for k, v in self.measures.items()},
-        }
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import math
 import statistics
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +245,6 @@ class RestoreBench(Bench):
         return {
             **super().raw(),
             "sizes": self.sizes_of,
-            "measures": {k: asdict(v) for k, v in self.measures.items()},
             "export_tar": self.export_tar,
             "small_read": self.small_read,
         }

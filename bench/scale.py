@@ -323,7 +323,6 @@ class ScaleBench(Bench):
             "files": self.files,
             "groups": [asdict(g) for g in self.groups],
             "alone": self.alone,
-            "measures": {k: asdict(v) for k, v in self.measures.items()},
         }
 
 

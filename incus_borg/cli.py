@@ -222,8 +222,9 @@ def key_export(options: Options, paper: bool, label: str | None) -> None:
 
 mode_option = click.option(
     "--mode",
-    type=click.Choice(["auto", "snapshot", "freeze", "stop", "none"]),
-    help="How to quiesce instances (default: the config's `mode`).",
+    type=click.Choice(["auto", "snapshot", "freeze", "stop", "none", "export"]),
+    help="How to quiesce instances, or `export` to read them through Incus's backup stream "
+    "(default: the config's `mode`).",
 )
 instance_option = click.option(
     "--instance",

@@ -23,7 +23,7 @@ from .errors import UserError
 DEFAULT_CONFIG_PATH = Path("/etc/incus-borg/config.yaml")
 CONFIG_ENV = "INCUS_BORG_CONFIG"
 
-Mode = Literal["auto", "snapshot", "freeze", "stop", "none"]
+Mode = Literal["auto", "snapshot", "freeze", "stop", "none", "export"]
 Encryption = Literal[
     "repokey-blake2", "repokey", "keyfile-blake2", "keyfile", "authenticated-blake2", "none"
 ]
@@ -196,7 +196,11 @@ class Config:
         "Where a run lays out metadata and stable mount points: a new or empty directory, "
         "which incus-borg marks as its own (.incus-borg-staging); it refuses any other.",
     )
-    mode: Mode = key("auto", "How instances are quiesced: auto, snapshot, freeze, stop or none.")
+    mode: Mode = key(
+        "auto",
+        "How instances are quiesced: auto, snapshot, freeze, stop or none; export reads every "
+        "instance and volume through Incus's own backup stream instead of in place.",
+    )
     quiesce_daemon: bool = key(
         True,
         "Stop the daemon for a moment to copy its database exactly; false keeps the API up "

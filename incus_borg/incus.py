@@ -16,12 +16,15 @@ import shlex
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from .errors import UserError
+from .host.processes import run_to_end
 
 DEFAULT_TIMEOUT = 120.0
 OPERATION_TIMEOUT = 600  # seconds an asynchronous operation (snapshot, state change) may take
@@ -70,6 +73,27 @@ def instances_using(used_by: Iterable[str]) -> list[tuple[str, str]]:
         if len(segments) == 2 and segments[0] == "instances":
             found.append((project, segments[1]))
     return found
+
+
+@dataclass(frozen=True)
+class BackupOf:
+    """What an Incus backup (export) is made of: an instance, or a custom volume of a pool."""
+
+    kind: str  # "instance" or "volume"
+    project: str
+    name: str
+    pool: str = ""
+
+    def segments(self) -> tuple[str, ...]:
+        """Its API path, below /1.0."""
+        if self.kind == "instance":
+            return ("instances", self.name)
+        return ("storage-pools", self.pool, "volumes", "custom", self.name)
+
+    @property
+    def resource(self) -> str:
+        """The kind of resource operations on it name (see `Incus.settle`)."""
+        return "instances" if self.kind == "instance" else "storage_volumes"
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -154,6 +178,36 @@ class Incus:
         if meta.get("status_code") != 200:
             raise self._api_error(method, path, str(meta.get("err") or meta.get("status")))
         return meta.get("metadata")
+
+    @contextmanager
+    def stream(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Iterator[IO[bytes]]:
+        """An API call whose answer is a byte stream (a backup's export), read as it comes;
+        an error answer (JSON) becomes a UserError."""
+        conn = _UnixConnection(self.socket, timeout or self.timeout)
+        data = None if body is None else json.dumps(body)
+        headers = {"Accept": "application/octet-stream"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                answer = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise self.unreachable() from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise UserError(f"Incus at {self.socket}: {method} {path}: {exc}") from None
+            if answer.status != 200 or "json" in (answer.getheader("Content-Type") or ""):
+                raw = answer.read()
+                try:
+                    message = str(json.loads(raw).get("error") or f"HTTP {answer.status}")
+                except ValueError:
+                    message = f"HTTP {answer.status}"
+                raise self._api_error(method, path, message)
+            yield answer
+        finally:
+            conn.close()
 
     def unreachable(self) -> UserError:
         """The error for a daemon that does not answer."""
@@ -453,6 +507,86 @@ class Incus:
         path = api_path("instances", name, project=project, target=target)
         self.request("POST", path, {"name": name, "migration": True}, timeout=OPERATION_TIMEOUT)
 
+    # --- backups: Incus's own export stream --------------------------------------------------
+
+    def extensions(self) -> set[str]:
+        """The API extensions this server offers."""
+        return set(self.server().get("api_extensions") or [])
+
+    def start_backup(self, of: BackupOf, backup: str, expires_at: str) -> str:
+        """Ask Incus to make a backup, uncompressed and not optimized (so that it restores
+        onto any driver), with every snapshot; returns the operation to wait for."""
+        body = {
+            "name": backup,
+            "expires_at": expires_at,
+            "compression_algorithm": "none",
+            "optimized_storage": False,
+        }
+        body |= {"instance_only": False} if of.kind == "instance" else {"volume_only": False}
+        path = api_path(*of.segments(), "backups", project=of.project)
+        answer = self._exchange("POST", path, body, self.timeout)
+        if answer.get("type") == "error":
+            raise self._api_error("POST", path, str(answer.get("error", "")))
+        return str(answer["operation"])
+
+    def wait_operation(self, operation: str, timeout: float) -> bool:
+        """Wait up to `timeout` s for an operation: True once it succeeded, False while it
+        runs; a failed operation raises."""
+        segments, _ = parse_url(operation)
+        limit = max(1, math.ceil(timeout))
+        done = self._exchange(
+            "GET", api_path(*segments, "wait", timeout=str(limit)), None, limit + 30
+        )
+        meta = done.get("metadata") or {}
+        if done.get("type") == "error" or meta.get("status") == "Running":
+            current = self._exchange("GET", api_path(*segments), None, self.timeout)
+            if (current.get("metadata") or {}).get("status") == "Running":
+                return False
+            meta = current.get("metadata") or {}
+        if meta.get("status_code") != 200:
+            what = "/".join(segments)
+            raise self._api_error("GET", what, str(meta.get("err") or meta.get("status")))
+        return True
+
+    def export_backup(self, of: BackupOf, backup: str) -> Any:
+        """The stream of a backup Incus made (a context manager)."""
+        path = api_path(*of.segments(), "backups", backup, "export", project=of.project)
+        return self.stream("GET", path)
+
+    def direct_backup(self, of: BackupOf) -> Any:
+        """A backup streamed as Incus makes it, stored nowhere (`direct_backup`; a context
+        manager)."""
+        body = {"compression_algorithm": "none", "optimized_storage": False}
+        body |= {"instance_only": False} if of.kind == "instance" else {"volume_only": False}
+        path = api_path(*of.segments(), "backups", project=of.project)
+        return self.stream("POST", path, body, timeout=OPERATION_TIMEOUT)
+
+    def usage(self, of: BackupOf) -> int | None:
+        """Bytes an instance's root volume or a custom volume uses, when its driver tells."""
+        state = self._get(*of.segments(), "state", project=of.project) or {}
+        if of.kind == "instance":
+            state = ((state.get("disk") or {}).get("root")) or {}
+        used = state.get("usage")
+        return int(used) if used else None
+
+    def backup_names(self, of: BackupOf) -> list[str]:
+        """The backups Incus holds of an instance or volume."""
+        return names_of(self._get(*of.segments(), "backups", project=of.project) or [])
+
+    def delete_backup(self, of: BackupOf, backup: str) -> None:
+        """Delete a backup Incus holds (nothing to do when it is gone)."""
+        try:
+            self.request("DELETE", api_path(*of.segments(), "backups", backup, project=of.project))
+        except UserError:
+            try:
+                held = backup in self.backup_names(of)
+            except UserError as listing:
+                if "not found" not in str(listing).lower():
+                    raise
+                held = False  # the instance or volume is gone, and its backups with it
+            if held:
+                raise
+
     def import_instance(self, stream: IO[bytes], name: str, pool: str, project: str) -> None:
         """`incus import`: an instance from a backup tarball read from `stream`. On a cluster
         it lands on this member (Incus 6.0 has no target for it: see `move_instance`)."""
@@ -576,14 +710,7 @@ class Incus:
         """Run a command with this server's environment; a missing program or a timeout
         becomes a UserError with the given message."""
         try:
-            return subprocess.run(
-                argv,
-                stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                capture_output=True,
-                env=self.env(),
-                timeout=timeout,
-                check=False,
-            )
+            return run_to_end(argv, stdin, self.env(), timeout)
         except FileNotFoundError:
             raise UserError(missing) from None
         except subprocess.TimeoutExpired:

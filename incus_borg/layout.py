@@ -34,6 +34,7 @@ DEFINITIONS = PurePosixPath("definitions")
 INCUS = PurePosixPath("incus")
 INSTANCES = PurePosixPath("instances")
 VOLUMES = PurePosixPath("volumes")
+EXPORTS = PurePosixPath("exports")  # in staging only: each repository's FIFOs of exported items
 SERVER_PATHS = (MANIFEST, HOST, DATABASE, DUMPS, DEFINITIONS, INCUS)
 
 # Inside the Incus directory: what is transient, or captured elsewhere in the tree.
@@ -58,6 +59,15 @@ RUN_COMMENT = "incus-borg"
 COMPLETE, PARTIAL, UNKNOWN = "complete", "partial", "unknown"
 # Pools whose volumes are plain files under the Incus directory: read and restored in place.
 READABLE_DRIVERS = frozenset({"dir", "btrfs"})
+# How an item's data reaches Borg: read in place (bind mounts of its pool's files), or through
+# Incus's own backup stream (everything Incus stores elsewhere: zfs, lvm, ceph, VMs, blocks).
+IN_PLACE, EXPORT = "in place", "export"
+# Drivers whose export Incus reads from a read-only snapshot of its own (filesystem volumes).
+EXPORT_SNAPSHOT_DRIVERS = frozenset({"btrfs", "zfs"})
+# In the run's second archive (`<run>@export`), each exported item is the tar stream Incus
+# gave, as this file below the item's subtree.
+EXPORT_STREAM = "backup.tar"
+EXPORT_ARCHIVE = "export"
 
 PART_MARK = "@"  # part archives are named <run>@<kind>@...
 # In the archived definition of a cluster's network or pool: member -> its member-specific keys.
@@ -72,6 +82,16 @@ def instance_archive(run: str, project: str, name: str) -> str:
 def volume_archive(run: str, pool: str, project: str, name: str) -> str:
     """The archive holding one custom volume of run `run` (when it has its own)."""
     return PART_MARK.join((run, "volume", pool, project, name))
+
+
+def export_archive(run: str) -> str:
+    """The run's second archive, holding the items read through Incus's export stream."""
+    return PART_MARK.join((run, EXPORT_ARCHIVE))
+
+
+def stream_path(item_path: str) -> str:
+    """Where an exported item's stream lies in the export archive (below its subtree)."""
+    return f"{item_path}/{EXPORT_STREAM}"
 
 
 def run_of(archive: str) -> str:

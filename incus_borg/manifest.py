@@ -11,7 +11,8 @@ from .errors import UserError
 
 # 1: one archive per instance and volume (Item.archive) and the run's archive with the rest.
 # 2: the run is one archive holding everything (Item.archive is None).
-FORMAT_VERSION = 2
+# 3: as 2, but the items read through Incus's export (Item.reader) are in `<run>@export`.
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -44,6 +45,12 @@ class Item:
     pre_duration: float | None = None
     post_exit: int | None = None
     post_duration: float | None = None
+    reader: str = "in place"  # how its data was read: "in place", or "export" (Incus's stream)
+
+    @property
+    def exported(self) -> bool:
+        """Whether its data is Incus's backup stream (one tar file), not a tree of files."""
+        return self.reader == "export"
 
     @property
     def ref(self) -> str:

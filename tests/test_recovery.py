@@ -6,8 +6,9 @@ Daemon A (built once for the module) holds a `dir` and a btrfs-loop pool, the de
 profile, a managed network, instances with snapshots on each pool, containers whose files have
 hard links in both orders (the link's name sorting before and after the file's first name), a
 custom filesystem volume with a snapshot attached to an instance, a custom volume in a project
-of its own, and a block volume with a snapshot; it is backed up once. Daemons B run in network namespaces of their own (A's bridge is recreated there under
-its own name) and hold only a `dir` pool with another name and source: each `restore all`
+of its own, and a block volume with a snapshot (the block volume, and o1 by its key, are read
+through Incus's export stream); it is backed up once. Daemons B run in network namespaces of
+their own (A's bridge is recreated there under its own name) and hold only a `dir` pool with another name and source: each `restore all`
 rebuilds A's run onto one of them through the real command line.
 """
 
@@ -119,6 +120,8 @@ def populate(server: IncusServer) -> None:
     for project, name in OWN.items():
         server.launch(name, project=project, files={"/root/own": (project.encode(), 0, 0, 0o600)},
                       start=False)  # fmt: skip
+        if project == "rc-own1":  # read through Incus's export stream
+            incus("config", "set", name, "user.incus-borg.mode=export", "--project", project)
         if project == "rc-own2":
             incus("profile", "add", name, "rc-extra", "--project", project)
             incus("storage", "volume", "attach", DEFAULT_POOL, "ovol", name, "/mnt/ovol",

@@ -102,7 +102,11 @@ def _check_instance(
     except UserError as exc:
         return [f"restore test: instance {item.ref} does not restore: {exc}"]
     rootfs = f"{item.path}/backup/container/rootfs"
-    listing = borg.run(list_files_argv(repo, item.archive or source.archive, rootfs), repo).stdout
+    archive = item.archive or source.archive
+    if item.exported:
+        listing = source.listing(item)
+    else:
+        listing = borg.run(list_files_argv(repo, archive, rootfs), repo).stdout
     on_disk = layout.instance_data(Path(incus.dir), item.pool, project, item.name) / "rootfs"
     _, differ = differing(listing, under(rootfs, on_disk))
     wrong = [path.removeprefix(rootfs).lstrip("/") for path in differ]

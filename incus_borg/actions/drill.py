@@ -205,23 +205,33 @@ def compare(
     """Per restored instance and volume: how many files were compared and those that differ
     from the archive's record, or why it could not be compared."""
     restored = [n for n in outcome.created if n in plan.graph.items]
+    listed = [n for n in restored if not plan.graph.items[n].exported]
     calls: list[tuple[Sequence[str], Path | None]] = []
-    for node in restored:
+    for node in listed:
         item = plan.graph.items[node]
         archive = item.archive or source.archive
         calls.append((list_files_argv(source.repo, archive, f"{item.path}/backup"), None))
     failures = tuple(range(2, 256))  # reported per item below
     results = source.borg.run_parallel(calls, source.repo, os.cpu_count() or 1, ok_codes=failures)
+    listings: dict[Node, str] = {}
     found: dict[Node, tuple[int, list[str]] | str] = {}
-    for node, result in zip(restored, results, strict=True):
-        item = plan.graph.items[node]
+    for node, result in zip(listed, results, strict=True):
         if result.returncode in failures:
             found[node] = explain_failure("list", source.repo, result)
         else:
-            where = places(incus_dir, plan.pool(item.pool), item)
-            count, wrong = differing(result.stdout, in_places(item, where))
-            top = f"{item.path}/backup/"
-            found[node] = (count, [path.removeprefix(top) for path in wrong])
+            listings[node] = result.stdout
+    for node in restored:
+        if node not in listed:
+            try:
+                listings[node] = source.listing(plan.graph.items[node])
+            except UserError as exc:
+                found[node] = str(exc)
+    for node, listing in listings.items():
+        item = plan.graph.items[node]
+        where = places(incus_dir, plan.pool(item.pool), item)
+        count, wrong = differing(listing, in_places(item, where))
+        top = f"{item.path}/backup/"
+        found[node] = (count, [path.removeprefix(top) for path in wrong])
     return found
 
 

@@ -44,6 +44,7 @@ def _pre(ctx: Context, options: PreOptions) -> int:
     with session.locked("hook pre"):
         selection = list(options.instances) or ctx.config.instances
         the_plan = session.plan(selection, options.mode)
+        leave_out_exports(session, the_plan)
         capture = Capture(session)
         with session.holding("hook", release=False):
             capture.run_pres(the_plan)  # their post commands run at `hook post`
@@ -77,6 +78,33 @@ def _post(ctx: Context, failed: bool) -> int:
     outcome = "after a failed backup" if failed else "after the backup"
     session.report(f"released every quiesce {outcome}; staging emptied")
     return warnings.exit_code
+
+
+def leave_out_exports(session: Session, the_plan: Plan) -> None:
+    """Items read through Incus's export stream cannot be laid out for another program's
+    Borg (their data is a stream that incus-borg writes into its own Borg). Those whose data
+    can be read in place (on a dir or btrfs pool: a block volume, or anything set to
+    `export`) are read in place instead, said in a line; the others are left out of the
+    hook-mode run, with a warning naming them, and the run is partial."""
+    for item in the_plan.items:
+        if not item.exported:
+            continue
+        if item.driver in layout.READABLE_DRIVERS and (item.kind, item.type) != (
+            "instance",
+            "virtual-machine",
+        ):
+            item.reader = layout.IN_PLACE
+            session.report(
+                f"{item.kind} {item.ref}: read in place (hook mode takes no export stream)"
+            )
+            continue
+        item.failed = "read through Incus's export, which only `incus-borg backup` writes"
+        session.warnings.add(
+            f"{item.kind} {item.ref} ({item.driver}, {item.type}) left out: its data is "
+            "read through Incus's export stream, which only `incus-borg backup` writes; "
+            "back it up with `incus-borg backup --instance`, or set its "
+            "user.incus-borg.mode to skip"
+        )
 
 
 def write_excludes(session: Session, the_plan: Plan) -> None:

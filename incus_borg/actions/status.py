@@ -92,7 +92,18 @@ def to_json(report: Report, code: int) -> dict[str, Any]:
 
 # --- the table -------------------------------------------------------------------------------
 
-HEADERS = ["STATE", "KIND", "NAME", "NEWEST RUN", "AGE", "REPOSITORIES", "READ", "ADDED", "WINDOW"]
+HEADERS = [
+    "STATE",
+    "KIND",
+    "NAME",
+    "NEWEST RUN",
+    "AGE",
+    "REPOSITORIES",
+    "READ",
+    "ADDED",
+    "WINDOW",
+    "READER",
+]
 
 
 def row(s: Standing, now: float) -> list[str]:
@@ -110,6 +121,7 @@ def row(s: Standing, now: float) -> list[str]:
         coverage.size_text(read),
         coverage.size_text(added),
         f"{window:.2f}s" if window is not None else "-",
+        s.entry.reader if s.entry else "-",
     ]
 
 

@@ -175,6 +175,8 @@ class Capture:
             if taken is None:
                 self._quiesce(held)
                 held.quiesced = time.monotonic()
+            if item.exported:  # Incus reads it: nothing to mount
+                return held
             mounts = self._mounts(item).items()
             stage = self.session.stage
             held.mounts = self.session.quiescer.bind({stage.path(r): src for r, src in mounts})
@@ -193,6 +195,8 @@ class Capture:
     def _quiesce(self, held: Held) -> None:
         item, q = held.item, self.session.quiescer
         snap = self.session.snapshot_name
+        if item.mode == "snapshot" and item.exported:
+            return  # Incus exports it from a read-only snapshot of its own
         if item.mode == "snapshot" and item.kind == "instance":
             held.snapshot = q.snapshot_instance(item.project, item.name, snap)
         elif item.mode == "snapshot":
@@ -241,6 +245,14 @@ class Capture:
         if held.snapshot is not None:
             self.session.quiescer.release(held.snapshot)
             held.snapshot = None
+
+    def places(self, item: Item) -> dict[str, Path]:
+        """An item's members below its `backup/` -> where they lie in its pool."""
+        incus_dir = Path(self.session.config.incus.dir)
+        args = (incus_dir, item.pool, item.project, item.name, item.snapshots)
+        if item.kind == "instance":
+            return layout.instance_places(*args)
+        return layout.volume_places(*args, item.type == "block")
 
     def _mounts(self, item: Item) -> dict[PurePosixPath, Path]:
         incus_dir = Path(self.session.config.incus.dir)

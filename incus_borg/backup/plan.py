@@ -1,4 +1,5 @@
-"""What a run will back up: instances and custom volumes, each with its quiesce mode."""
+"""What a run will back up: instances and custom volumes, each with its reader (in place, or
+through Incus's own export stream) and its quiesce mode."""
 
 from __future__ import annotations
 
@@ -38,15 +39,50 @@ class Plan:
         return [i for i in self.instances + self.volumes if i.failed is None]
 
 
-def effective_mode(requested: str, driver: str, running: bool) -> str:
-    """The quiesce mode for one item: `auto` resolved, nothing to do when not running."""
+def reader_of(requested: str, driver: str, readable: bool) -> str:
+    """How an item is read: through Incus's export stream when asked (`export`) or when its
+    data cannot be read in place (`readable`: a container or filesystem volume on a dir or
+    btrfs pool), else in place."""
+    in_place = readable and driver in layout.READABLE_DRIVERS and requested != "export"
+    return layout.IN_PLACE if in_place else layout.EXPORT
+
+
+def effective_mode(
+    requested: str,
+    driver: str,
+    running: bool,
+    reader: str = layout.IN_PLACE,
+    filesystem: bool = True,
+) -> str:
+    """The quiesce mode for one item: `auto` resolved, nothing to do when not running. An
+    exported filesystem on a driver whose export Incus reads from its own snapshot is
+    `snapshot` (nothing frozen); other exports are frozen while Incus makes them."""
     if requested in ("none", "skip"):
         return requested
     if not running:
         return "idle"
+    if reader == layout.EXPORT:
+        incus_snapshots = filesystem and driver in layout.EXPORT_SNAPSHOT_DRIVERS
+        if requested in ("auto", "export"):
+            return "snapshot" if incus_snapshots else "freeze"
+        return requested
     if requested == "auto":
         return "snapshot" if driver in ATOMIC_SNAPSHOT_DRIVERS else "freeze"
     return requested
+
+
+def check_export_mode(item: Item) -> None:
+    """Refuse a snapshot that an exported item cannot get: Incus reads a snapshot of its own
+    only for filesystems on btrfs and zfs."""
+    snapshots = (
+        item.type in ("container", "filesystem") and item.driver in layout.EXPORT_SNAPSHOT_DRIVERS
+    )
+    if item.reader == layout.EXPORT and item.mode == "snapshot" and not snapshots:
+        raise UserError(
+            f"{item.kind} {item.ref} ({item.driver}, {item.type}) is read through Incus's "
+            f"export, which takes no snapshot of it: set its mode (from {item.mode_source}) to "
+            "freeze, stop or none"
+        )
 
 
 def user_snapshots(names: list[str]) -> list[str]:
@@ -78,15 +114,6 @@ def build(
     notes: list[str] = []
     planned = [_instance_item(i, pools, _policy(i, profiles, *modes), notes) for i in chosen]
     instances = [i for i in planned if i.mode != "skip"]
-    unreadable = [
-        i.ref for i in instances if i.driver not in layout.READABLE_DRIVERS or i.type != "container"
-    ]
-    if unreadable:
-        raise UserError(
-            f"cannot back up {', '.join(unreadable)}: only containers on dir and btrfs pools "
-            "are read in place; leave them out with `instances:` or the key "
-            "user.incus-borg.mode=skip, and use `incus export`"
-        )
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
     volumes, other_volumes = _volumes(incus, pools, modes, running, wanted, member, notes)
@@ -173,7 +200,8 @@ def _instance_item(
     pool = raw["expanded_devices"].get("root", {}).get("pool", "")
     driver = pools.get(pool, "")
     status = raw["status"]
-    return Item(
+    reader = reader_of(wanted.mode, driver, raw["type"] == "container")
+    item = Item(
         kind="instance",
         project=raw["project"],
         name=raw["name"],
@@ -182,14 +210,19 @@ def _instance_item(
         type=raw["type"],
         snapshots=user_snapshots([s["name"] for s in raw.get("snapshots") or []]),
         state=status,
-        mode=effective_mode(wanted.mode, driver, status == "Running"),
+        mode=effective_mode(
+            wanted.mode, driver, status == "Running", reader, raw["type"] == "container"
+        ),
         path=str(layout.instance_stage(raw["project"], raw["name"])),
         mode_source=wanted.mode_source,
-        excludes=wanted.excludes,
+        excludes=_excludes(f"instance {raw['project']}/{raw['name']}", wanted, reader, notes),
         pre=wanted.pre,
         post=wanted.post,
         timeout=wanted.timeout if wanted.pre or wanted.post else None,
+        reader=reader,
     )
+    check_export_mode(item)
+    return item
 
 
 def _volumes(
@@ -220,14 +253,9 @@ def _volumes(
             ref = f"{pool}/{vol['project']}/{vol['name']}"
             chosen = policy.volume_policy(ref, vol, *modes)
             notes += chosen.notes
-            if driver not in layout.READABLE_DRIVERS and chosen.mode != "skip":
-                raise UserError(
-                    f"cannot back up volume {pool}/{vol['name']}: only dir and btrfs pools "
-                    "are read in place; leave it out with user.incus-borg.mode=skip"
-                )
             snapshots = user_snapshots(snaps.get((vol["project"], vol["name"]), []))
             running_users = [u for u in users if u in running]
-            items.append(_volume_item(vol, pool, driver, snapshots, running_users, chosen))
+            items.append(_volume_item(vol, pool, driver, snapshots, running_users, chosen, notes))
     return sorted(items, key=lambda i: (i.pool, i.project, i.name)), elsewhere
 
 
@@ -238,8 +266,11 @@ def _volume_item(
     snapshots: list[str],
     users: list[str],
     wanted: Policy,
+    notes: list[str],
 ) -> Item:
-    return Item(
+    filesystem = raw["content_type"] != "block"
+    reader = reader_of(wanted.mode, driver, filesystem)
+    item = Item(
         kind="volume",
         project=raw["project"],
         name=raw["name"],
@@ -248,12 +279,24 @@ def _volume_item(
         type=raw["content_type"],
         snapshots=snapshots,
         state="",
-        mode=effective_mode(wanted.mode, driver, bool(users)),
+        mode=effective_mode(wanted.mode, driver, bool(users), reader, filesystem),
         path=str(layout.volume_stage(pool, raw["project"], raw["name"])),
         users=users,
         mode_source=wanted.mode_source,
-        excludes=wanted.excludes,
+        excludes=_excludes(f"volume {pool}/{raw['project']}/{raw['name']}", wanted, reader, notes),
+        reader=reader,
     )
+    check_export_mode(item)
+    return item
+
+
+def _excludes(what: str, wanted: Policy, reader: str, notes: list[str]) -> list[str]:
+    """The item's exclude patterns; none for an exported item (Incus's stream is stored
+    whole), said in a note."""
+    if reader == layout.EXPORT and wanted.excludes:
+        notes.append(f"{what}: exclude patterns not applied: it is read as Incus's export stream")
+        return []
+    return wanted.excludes
 
 
 def _located(

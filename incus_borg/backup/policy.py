@@ -28,7 +28,7 @@ from ..manifest import Item
 from . import patterns as patterns_
 
 PREFIX = "user.incus-borg."
-MODES = ("auto", "snapshot", "freeze", "stop", "none", "skip")
+MODES = ("auto", "snapshot", "freeze", "stop", "none", "skip", "export")
 INSTANCE_KEYS = ("mode", "exclude", "pre", "post", "timeout")
 VOLUME_KEYS = ("mode", "exclude")  # custom volumes run no commands
 DEFAULT_TIMEOUT = 300  # seconds a pre or post command may take

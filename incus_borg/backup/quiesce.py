@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import IncusSettings
 from ..errors import UserError, Warnings
 from ..host import mounts, processes, testpoints
-from ..incus import Incus
+from ..incus import BackupOf, Incus
 from . import commands
 from .commands import Outcome
 from .journal import Journal, Step
@@ -78,6 +78,20 @@ class Quiescer:
         return self._take(
             step, lambda: self.incus.create_volume_snapshot(pool, project, name, snap, member)
         )
+
+    def backup(self, of: BackupOf, backup: str, expires_at: str) -> tuple[Step, str]:
+        """Ask Incus for a backup of an instance or volume (its export), journalled first so
+        that the server's copy is deleted on every path; returns the step and the operation
+        making it."""
+        step: Step = {"op": "delete_backup", "kind": of.kind, "project": of.project}
+        step |= {"name": of.name, "pool": of.pool, "backup": backup}
+        self.journal.add(step)
+        try:
+            operation = self.incus.start_backup(of, backup, expires_at)
+        except BaseException:
+            self._undo_quietly(step)
+            raise
+        return step, operation
 
     def bind(self, places: dict[Path, Path]) -> list[Step]:
         """Bind-mount each source read-only at its target (target -> source), journalled at
@@ -193,6 +207,8 @@ class Quiescer:
                          step["snap"], lambda: self.incus.volume_snapshots(*vol, member))  # fmt: skip
         elif op == "unmount":
             mounts.unmount_or_detach(Path(step["path"]))
+        elif op == "delete_backup":
+            self.incus.delete_backup(backup_of(step), step["backup"])
         else:
             raise UserError(f"unknown step {op!r} in {self.journal.path}: remove it by hand")
         return None
@@ -200,7 +216,9 @@ class Quiescer:
     def _settle(self, step: Step) -> None:
         """Wait for what a dead run may have left under way in Incus on the step's instance
         or volume (a freeze or snapshot it requested), so that undoing it is not undone."""
-        if step["op"] in (
+        if step["op"] == "delete_backup":
+            self.incus.settle(backup_of(step).resource, step["project"], step["name"])
+        elif step["op"] in (
             "unfreeze",
             "start",
             "delete_instance_snapshot",
@@ -276,6 +294,11 @@ class Quiescer:
         return left
 
 
+def backup_of(step: Step) -> BackupOf:
+    """What a journalled backup step is a backup of."""
+    return BackupOf(step["kind"], step["project"], step["name"], step.get("pool", ""))
+
+
 def describe(step: Step) -> str:
     """A step, in words."""
     op = step["op"]
@@ -288,5 +311,6 @@ def describe(step: Step) -> str:
         "delete_instance_snapshot": f"snapshot {target}/{step.get('snap')}",
         "delete_volume_snapshot": f"volume snapshot {step.get('pool')}/{target}/{step.get('snap')}",
         "unmount": f"the mount at {step.get('path')}",
+        "delete_backup": f"Incus's backup {step.get('backup')} of {step.get('kind')} {target}",
         "run_post": f"the commands of {target} (ending them, then its post command)",
     }.get(op, str(op))

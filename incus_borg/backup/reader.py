@@ -43,14 +43,12 @@ WINDOW_MODES = ("freeze", "stop")  # modes that keep an instance from running
 
 
 @dataclass
-class Lane:
-    """One repository's `borg create` of the run."""
+class BorgLane:
+    """One repository's `borg create`, as a reader drives it."""
 
     repo: Repository
     args: list[str]
     process: BorgProcess
-    position: int = -1  # the gate it waits at or last passed; len(items) is the manifest's
-    waiting: Opening | None = None  # its open() the gate holds
     failed: str | None = None
     result: BorgResult | None = None
 
@@ -58,6 +56,14 @@ class Lane:
     def live(self) -> bool:
         """Still reading (not failed, not finished)."""
         return self.failed is None and self.result is None
+
+
+@dataclass
+class Lane(BorgLane):
+    """One repository's `borg create` of the run."""
+
+    position: int = -1  # the gate it waits at or last passed; len(items) is the manifest's
+    waiting: Opening | None = None  # its open() the gate holds
 
 
 @dataclass

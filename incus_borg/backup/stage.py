@@ -176,6 +176,8 @@ class Stage:
         """Import indexes for every instance and volume the run reads (`member`: the cluster
         member whose volumes they are)."""
         for item in plan.items:
+            if item.exported:  # Incus's backup stream holds its own index
+                continue
             if item.kind == "instance":
                 self.write_instance_index(item)
             else:

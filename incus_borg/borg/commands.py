@@ -64,8 +64,11 @@ def create_argv(
     files_cache: str | None = None,
     progress: bool = False,
     comment: str = "",
+    read_special: bool = False,
+    chunker_params: str | None = None,
 ) -> list[str]:
-    """Create `archive` from `paths` (relative to the caller's working directory)."""
+    """Create `archive` from `paths` (relative to the caller's working directory);
+    `read_special` reads FIFOs as files (only ever given paths of FIFOs of our own)."""
     # --list --filter=AMEx logs only files that were not unchanged in the files cache, and
     # what was excluded (so that a run can tell it held everything it must).
     argv = ["create", "--json", "--numeric-ids", "--list", "--filter=AMEx"]
@@ -75,6 +78,10 @@ def create_argv(
         argv += ["--files-cache", files_cache]
     if progress:
         argv.append("--progress")
+    if read_special:
+        argv.append("--read-special")
+    if chunker_params:
+        argv += ["--chunker-params", chunker_params]
     for pattern in excludes:
         argv += ["--exclude", pattern]
     return [*argv, f"{repo.path}::{archive}", *paths]

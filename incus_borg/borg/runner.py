@@ -143,13 +143,14 @@ class Borg:
     def popen(self, args: Sequence[str], repo: Repository) -> subprocess.Popen[bytes]:
         """Start borg with its stdout as a pipe, for streaming; check it with `raise_for`."""
         _ = self.version
-        return subprocess.Popen(
-            self.argv(args, repo),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env(repo),
-        )
+        with signals.deferred():  # an interrupt never leaves a borg nobody knows of
+            return subprocess.Popen(
+                self.argv(args, repo),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.env(repo),
+            )
 
     def run(
         self,

@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
+from typing import IO
+
+from . import signals
 
 GONE_WAIT = 10.0  # seconds to wait for a killed process to be reaped
 
@@ -40,3 +44,38 @@ def end(pid: int, started: int | None, wait: float = GONE_WAIT) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def run_to_end(
+    argv: list[str], stdin: IO[bytes] | None, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[bytes]:
+    """`subprocess.run(argv)` with its output captured, started whole: an interrupt that
+    comes while the child starts is held back until it is known (and then kills it), so
+    that no child outlives the run holding a pipe open. Raises subprocess.TimeoutExpired."""
+    with signals.deferred():
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def stop(proc: subprocess.Popen[bytes], wait: float = GONE_WAIT) -> int:
+    """End a child whose reader gave up: SIGTERM (borg then lets its lock go), SIGKILL when
+    it is still there after `wait` seconds. Returns its exit code."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

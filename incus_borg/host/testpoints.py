@@ -19,6 +19,8 @@ PHASES = {
     "captured": "backup: the server's state is in staging; no borg runs yet",
     "borg-started": "backup: every repository's borg create runs; nothing is quiesced yet",
     "held": "backup, hook pre: an item (TARGET: P/NAME) is quiesced and mounted",
+    "export-requested": "backup: Incus makes an item's (TARGET: P/NAME) backup, journalled",
+    "export-streaming": "backup: part of an item's (TARGET: P/NAME) export is in its borgs",
     "undone": "every release: one journalled step (TARGET: its op) was undone",
     "restore-extracting": "restore instance: made under its temporary name, its borgs extract",
     "restore-streaming": "restore instance --stream: borg export-tar runs, incus import not yet",

@@ -105,6 +105,7 @@ class Standing:
             "run_deduplicated_bytes_added": added,
             "window": self.entry.window if self.entry else None,
             "changed_files": self.entry.changed_files if self.entry else None,
+            "reader": self.entry.reader if self.entry else None,
         }
 
 

@@ -42,6 +42,7 @@ class Entry:
     window: float | None = None  # seconds it was quiesced (None in hook mode)
     changed_files: int | None = None
     failed: str | None = None  # why the run left it out
+    reader: str = "in place"  # "in place" or "export" (see backup/plan.py)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -59,6 +60,7 @@ class Entry:
             item.window,
             item.changed_files,
             item.failed,
+            item.reader,
         )
 
 

@@ -193,9 +193,13 @@ def _files_item(source: Source, ref: str) -> Item:
 
 
 def _instance_idmap(source: Source, item: Item) -> list[dict[str, Any]]:
-    backup = yaml.safe_load(source.read(f"{item.path}/backup/container/backup.yaml", item))
-    raw = backup["container"]["config"].get("volatile.last_state.idmap") or "[]"
-    return list(json.loads(raw))
+    if item.exported:  # the index comes first in Incus's stream, backup.yaml after the snapshots
+        index = yaml.safe_load(source.read(f"{item.path}/backup/index.yaml", item))
+        config = index["config"]["container"]["config"]
+    else:
+        backup = yaml.safe_load(source.read(f"{item.path}/backup/container/backup.yaml", item))
+        config = backup["container"]["config"]
+    return list(json.loads(config.get("volatile.last_state.idmap") or "[]"))
 
 
 def _volume_idmap(source: Source, item: Item) -> list[dict[str, Any]]:

@@ -138,7 +138,7 @@ def _create(
     entry = {"project": project, "name": name, "temporary": temporary}
     journal.record(key, entry | {"source": source.description})
     try:
-        if stream or target.pool["driver"] not in layout.READABLE_DRIVERS:
+        if stream or item.exported or target.pool["driver"] not in layout.READABLE_DRIVERS:
             with source.tar(item) as tarball:
                 testpoints.reached("restore-streaming")
                 incus.import_instance(tarball, temporary, target.pool["name"], project)
@@ -253,7 +253,7 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
         )
     definition = _definition(source, "instances", item)
     volumes = _attached_volumes(definition)
-    renamed = _renamed_pools(definition, options, pool["driver"], item.ref)
+    renamed = _renamed_pools(definition, options, pool["driver"], item)
     mapped = [f"{options.pool_map.get(p, p)}/{n}" for p, n in (v.split("/", 1) for v in volumes)]
     missing = volumes if new_project else _missing_volumes(incus, volumes, mapped, project, member)
     if missing and not options.with_volumes:
@@ -401,21 +401,28 @@ def _missing_volumes(
 
 
 def _renamed_pools(
-    definition: dict[str, Any], options: InstanceOptions, driver: str, ref: str
+    definition: dict[str, Any], options: InstanceOptions, driver: str, item: Item
 ) -> dict[str, str]:
     """The pools --pool-map renames (old -> new), for the devices of the definition Incus
-    imports; refused where only the streamed import can be used, which takes the archived
-    devices as they are."""
+    imports; refused where only the streamed import can be used (with --stream, onto other
+    drivers, and for an item read through Incus's export), which takes the archived devices
+    as they are."""
     renamed = {old: new for old, new in options.pool_map.items() if old != new}
     disks = [d for d in (definition.get("devices") or {}).values() if d.get("type") == "disk"]
     # Incus moves the root disk to the pool it imports onto by itself; not the others.
     others = sorted(
         {d["pool"] for d in disks if d.get("pool") and d.get("path") != "/"} & renamed.keys()
     )
-    if others and (options.stream or driver not in layout.READABLE_DRIVERS):
+    streamed = options.stream or item.exported or driver not in layout.READABLE_DRIVERS
+    if others and streamed:
+        how = (
+            "its run holds Incus's export of it, which Incus imports with its devices as they were"
+            if item.exported
+            else "restore it onto a dir or btrfs pool, without --stream"
+        )
         raise UserError(
-            f"instance {ref} has volumes on pools {', '.join(others)}, which are mapped to "
-            "other pools: restore it onto a dir or btrfs pool, without --stream"
+            f"instance {item.ref} has volumes on pools {', '.join(others)}, which are mapped "
+            f"to other pools: {how}"
         )
     return renamed
 

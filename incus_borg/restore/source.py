@@ -31,7 +31,9 @@ from ..borg import (
 from ..config import Repository
 from ..context import Context
 from ..errors import UserError
+from ..host.processes import stop
 from ..manifest import Item, Manifest
+from .stream import listing, member_name, read_member, untar
 from .unpack import Entry, Extractions, parse_listing, walk_listing
 
 ARCHIVE_MISSING = 31  # borg's exit code for an archive that does not exist
@@ -72,8 +74,25 @@ class Source(Protocol):
 
 def needed(item: Item) -> list[str]:
     """The paths of an item a run must hold for it to be restored."""
+    if item.exported:
+        return [layout.stream_path(item.path)]
     members = layout.item_members(item.kind, item.type == "block")
     return [f"{item.path}/backup/{member}" for member in members]
+
+
+def stream_member(item: Item, stream: IO[bytes], path: str, where: str) -> bytes:
+    """One file of an exported item (an archive path of its subtree), read from its stream."""
+    found = read_member(stream, member_name(item, path))
+    if found is None:
+        raise UserError(f"{path} is not in the export of {item.kind} {item.ref} in {where}")
+    return found
+
+
+def untar_paths(item: Item, stream: IO[bytes], paths: list[str], strip: int, dest: Path) -> None:
+    """Extract archive paths of an exported item's subtree from its stream into `dest`
+    (`strip`: leading parts of the archive paths dropped)."""
+    names = [member_name(item, path) for path in paths]
+    untar(stream, names, strip - len(Path(item.path).parts), dest)
 
 
 def definitions(source: Source, kind: str) -> list[dict[str, Any]]:
@@ -175,6 +194,9 @@ class DirectorySource:
         self.manifest = Manifest.from_json(self.read(str(layout.MANIFEST)).decode())
 
     def read(self, path: str, item: Item | None = None) -> bytes:
+        if item is not None and item.exported:
+            with self.tar(item) as stream:
+                return stream_member(item, stream, path, self.description)
         try:
             return (self.root / path).read_bytes()
         except OSError as exc:
@@ -182,11 +204,22 @@ class DirectorySource:
 
     @contextmanager
     def tar(self, item: Item) -> Iterator[IO[bytes]]:
+        if item.exported:
+            try:
+                with (self.root / layout.stream_path(item.path)).open("rb") as stream:
+                    yield stream
+            except OSError as exc:
+                raise UserError(f"cannot read {item.path} in {self.root}: {exc.strerror}") from None
+            return
         argv = ["tar", "-C", str(self.root / item.path), "--numeric-owner", "--xattrs"]
         argv += ["--xattrs-include=*", "-cf", "-", "backup"]
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             assert proc.stdout is not None
-            yield proc.stdout
+            try:
+                yield proc.stdout
+            except BaseException:
+                stop(proc)
+                raise
             proc.stdout.close()
             if proc.wait() != 0:
                 stderr = proc.stderr.read().decode() if proc.stderr else ""
@@ -200,6 +233,10 @@ class DirectorySource:
         dest: Path,
         excludes: tuple[str, ...] = (),
     ) -> None:
+        if item is not None and item.exported:
+            with self.tar(item) as tarball:
+                untar_paths(item, tarball, paths, strip, dest)
+            return
         for path in paths:
             if not os.path.lexists(self.root / path):
                 raise UserError(f"{path} is not in {self.root}")
@@ -319,6 +356,9 @@ class BorgSource:
 
     def read(self, path: str, item: Item | None = None) -> bytes:
         archive = self._archive_of(item)
+        if item is not None and item.exported:
+            with self.tar(item, partial=True) as stream:
+                return stream_member(item, stream, path, self.description)
         if archive == self.archive and path.startswith(f"{layout.DEFINITIONS}/"):
             return self._run_files.get(path, b"")
         return self.borg.run(
@@ -346,20 +386,36 @@ class BorgSource:
         self.borg.run_parallel(calls, self.repo, os.cpu_count() or 1, pause="restore-extracting")
         extractions.finish()
 
+    def listing(self, item: Item) -> str:
+        """An exported item's files, as `borg list` gives those of an item read in place."""
+        with self.tar(item) as stream:
+            return listing(item, stream)
+
     @contextmanager
-    def tar(self, item: Item) -> Iterator[IO[bytes]]:
+    def tar(self, item: Item, partial: bool = False) -> Iterator[IO[bytes]]:
+        """The item as a tar stream of `backup/...`: Incus's own stream for an exported item,
+        else its subtree (`borg export-tar`). With `partial`, the reader may stop early (borg
+        then ends on a broken pipe, which is no failure)."""
         strip = len(Path(item.path).parts)
-        argv = export_tar_argv(self.repo, self._archive_of(item), item.path, strip)
+        archive = self._archive_of(item)
+        if item.exported:
+            argv = extract_stdout_argv(self.repo, archive, layout.stream_path(item.path))
+        else:
+            argv = export_tar_argv(self.repo, archive, item.path, strip)
         proc = self.borg.popen(argv, self.repo)
         assert proc.stdout is not None and proc.stderr is not None
         try:
             yield proc.stdout
+        except BaseException:
+            stop(proc)  # its reader failed or was interrupted: borg may never see a broken pipe
+            raise
         finally:
             proc.stdout.close()
             code = proc.wait()
             stderr = proc.stderr.read().decode("utf-8", "replace")
             proc.stderr.close()
-        raise_for("export-tar", self.repo, code, stderr)
+        if not partial:
+            raise_for(argv[0], self.repo, code, stderr)
 
     def extract(
         self,
@@ -369,6 +425,10 @@ class BorgSource:
         dest: Path,
         excludes: tuple[str, ...] = (),
     ) -> None:
+        if item is not None and item.exported:
+            with self.tar(item) as tarball:
+                untar_paths(item, tarball, paths, strip, dest)
+            return
         argv = extract_argv(self.repo, self._archive_of(item), paths, strip, excludes)
         self.borg.run(argv, self.repo, cwd=dest)
 

@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "incus_borg"
 # From the bottom up; a part may import the parts of the layers below its own.
 LAYERS = [
     {"errors", "__init__"},
-    {"config", "manifest", "layout", "host", "incus"},
+    {"host"},
+    {"config", "manifest", "layout", "incus"},
     {"borg", "preflight"},
     {"runs"},
     {"context"},

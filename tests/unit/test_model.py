@@ -70,7 +70,7 @@ def manifest(**changes: object) -> Manifest:
 def test_the_manifest_round_trips() -> None:
     written = manifest()
     read = Manifest.from_json(written.to_json())
-    assert read == written and read.format == FORMAT_VERSION == 2
+    assert read == written and read.format == FORMAT_VERSION == 3
 
 
 def test_a_format_1_manifest_is_read_with_its_part_archives() -> None:
