@@ -21,7 +21,10 @@ REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "config
         ("colour: blue\n", "unknown key 'colour'"),
         ("incus: {dir: 5}\n", "'incus.dir' must be a string, got int"),
         ("retention: {keep_daily: yes}\n", "'retention.keep_daily' must be an integer, got bool"),
-        ("mode: fast\n", "'mode' must be one of auto, snapshot, freeze, stop, none, got 'fast'"),
+        (
+            "mode: fast\n",
+            "'mode' must be one of auto, snapshot, freeze, stop, none, export, got 'fast'",
+        ),
         ("repositories: /x\n", "'repositories' must be a list of mappings, got str"),
         ("repositories: [{label: a}]\nincus: [\n", "invalid YAML at line 3"),
         ("repositories: []\n", "'repositories' must list at least one repository"),
