@@ -34,14 +34,17 @@ def differing(listing: str, locate: Locate) -> tuple[int, list[str]]:
     `locate` puts them, and the archive paths of those that differ."""
     entries = [json.loads(line) for line in listing.splitlines() if line.strip()]
     by_path = {entry["path"]: entry for entry in entries}
-    compared, wrong = 0, []
-    for entry in entries:
+    compared, wrong, differ = 0, [], set()
+    for entry in entries:  # a hard link comes after the file it links to
         found = locate(entry["path"])
         if found is None:
             continue
         compared += 1
-        if not _same(entry, *found, by_path, locate):
+        # A link whose file differs is not blamed for no longer sharing its inode.
+        linked = not is_hard_link(entry) or str(entry["source"]) not in differ
+        if not _same(entry, *found, by_path, locate, linked):
             wrong.append(entry["path"])
+            differ.add(entry["path"])
     return compared, wrong
 
 
@@ -51,9 +54,10 @@ def _same(
     modes: bool,
     by_path: dict[str, dict[str, Any]],
     locate: Locate,
+    linked: bool = True,
 ) -> bool:
-    """Whether a restored item has the archived content (for a hard link: its target's, and
-    the target's inode), and (with `modes`) mode and owner."""
+    """Whether a restored item has the archived content (for a hard link: its target's, and,
+    with `linked`, the target's inode), and (with `modes`) mode and owner."""
     record, mode = entry, str(entry["mode"])
     if is_hard_link(entry):
         target = by_path.get(str(entry["source"]))
@@ -70,7 +74,7 @@ def _same(
         entry["gid"],
     ):
         return False
-    if record is not entry and not _one_inode(st, locate(str(record["path"]))):
+    if record is not entry and linked and not _one_inode(st, locate(str(record["path"]))):
         return False
     if stat.S_ISREG(st.st_mode):
         with path.open("rb") as f:

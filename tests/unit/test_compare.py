@@ -57,6 +57,15 @@ def test_a_changed_hard_link_is_the_one_reported(tmp_path: Path) -> None:
     assert differing(listing, under(ROOT, top)) == (5, [f"{ROOT}/d/a"])
 
 
+def test_a_changed_first_name_is_the_one_reported(tmp_path: Path) -> None:
+    """The file the links name is replaced: it alone differs; its further names still hold
+    the archived content, as one inode with each other."""
+    top, listing = restored(tmp_path)
+    (top / "d" / "b").unlink()
+    (top / "d" / "b").write_bytes(b"other content\n")
+    assert differing(listing, under(ROOT, top)) == (5, [f"{ROOT}/d/b"])
+
+
 def test_a_hard_link_restored_as_a_copy_is_reported(tmp_path: Path) -> None:
     top, listing = restored(tmp_path)
     (top / "d" / "c").unlink()
