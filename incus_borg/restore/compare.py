@@ -3,8 +3,9 @@ mode and owner: nothing extra is read at backup time).
 
 Borg records a file with several names once, under the first name it met, and each further
 name as a hard link (its mode starts with `h`, its `source` is the first name, and it has no
-digest of its own). A hard link is compared by the content of the file it links to, and it
-must be the same inode as that file on disk.
+digest of its own). A hard link is compared by the content of the file it links to, and all
+the names of one file must be one inode on disk: the names restored apart from the inode
+most of them share are the ones reported.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,18 +36,43 @@ def differing(listing: str, locate: Locate) -> tuple[int, list[str]]:
     `locate` puts them, and the archive paths of those that differ."""
     entries = [json.loads(line) for line in listing.splitlines() if line.strip()]
     by_path = {entry["path"]: entry for entry in entries}
-    compared, wrong, differ = 0, [], set()
-    for entry in entries:  # a hard link comes after the file it links to
+    groups: dict[str, list[str]] = {}  # a file's first name -> all its names
+    for entry in entries:
+        if is_hard_link(entry):
+            source = str(entry["source"])
+            groups.setdefault(source, [source]).append(str(entry["path"]))
+    apart = {path for names in groups.values() for path in _apart(names, locate)}
+    compared, wrong = 0, []
+    for entry in entries:
         found = locate(entry["path"])
         if found is None:
             continue
         compared += 1
-        # A link whose file differs is not blamed for no longer sharing its inode.
-        linked = not is_hard_link(entry) or str(entry["source"]) not in differ
-        if not _same(entry, *found, by_path, locate, linked):
+        if entry["path"] in apart or not _same(entry, *found, by_path):
             wrong.append(entry["path"])
-            differ.add(entry["path"])
     return compared, wrong
+
+
+def _apart(names: list[str], locate: Locate) -> set[str]:
+    """The names of one hard-linked file that were not restored as the one inode most of
+    them share (on a tie, the first name's)."""
+    inodes = {}
+    for name in names:
+        where = locate(name)
+        if where is None:
+            continue
+        try:
+            st = where[0].lstat()
+        except OSError:
+            continue  # missing: `_same` reports it
+        inodes[name] = (st.st_dev, st.st_ino)
+    if not inodes:
+        return set()
+    counts = Counter(inodes.values())
+    most = max(counts.values())
+    first = inodes.get(names[0])
+    shared = first if first is not None and counts[first] == most else counts.most_common(1)[0][0]
+    return {name for name, inode in inodes.items() if inode != shared}
 
 
 def _same(
@@ -53,11 +80,9 @@ def _same(
     path: Path,
     modes: bool,
     by_path: dict[str, dict[str, Any]],
-    locate: Locate,
-    linked: bool = True,
 ) -> bool:
-    """Whether a restored item has the archived content (for a hard link: its target's, and,
-    with `linked`, the target's inode), and (with `modes`) mode and owner."""
+    """Whether a restored item has the archived content (for a hard link: its file's), and
+    (with `modes`) mode and owner."""
     record, mode = entry, str(entry["mode"])
     if is_hard_link(entry):
         target = by_path.get(str(entry["source"]))
@@ -74,23 +99,10 @@ def _same(
         entry["gid"],
     ):
         return False
-    if record is not entry and linked and not _one_inode(st, locate(str(record["path"]))):
-        return False
     if stat.S_ISREG(st.st_mode):
         with path.open("rb") as f:
             return bool(hashlib.file_digest(f, "sha256").hexdigest() == record["sha256"])
     return True
-
-
-def _one_inode(st: Any, target: tuple[Path, bool] | None) -> bool:
-    """Whether a restored hard link is the same inode as where its target was restored."""
-    if target is None:
-        return True  # its target is not compared here: its content is all there is to check
-    try:
-        other = target[0].lstat()
-    except OSError:
-        return False
-    return bool((other.st_ino, other.st_dev) == (st.st_ino, st.st_dev))
 
 
 def under(root: str, on_disk: Path) -> Locate:

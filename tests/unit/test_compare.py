@@ -66,6 +66,15 @@ def test_a_changed_first_name_is_the_one_reported(tmp_path: Path) -> None:
     assert differing(listing, under(ROOT, top)) == (5, [f"{ROOT}/d/b"])
 
 
+def test_a_first_name_restored_as_a_copy_is_the_one_reported(tmp_path: Path) -> None:
+    """Its further names still share one inode: the first name is the one apart."""
+    top, listing = restored(tmp_path)
+    (top / "d" / "b").unlink()
+    (top / "d" / "b").write_bytes(b"shared content\n")
+    os.chmod(top / "d" / "b", 0o644)
+    assert differing(listing, under(ROOT, top)) == (5, [f"{ROOT}/d/b"])
+
+
 def test_a_hard_link_restored_as_a_copy_is_reported(tmp_path: Path) -> None:
     top, listing = restored(tmp_path)
     (top / "d" / "c").unlink()
