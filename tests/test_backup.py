@@ -297,15 +297,19 @@ def borg_creating(pid: int) -> bool:
 
 def test_hook_pre_create_post_matches_backup(env: Env, tmp_path: Path) -> None:
     pre = run_cli("hook", "pre", config=env.config)
-    assert pre.returncode == 0, pre.stderr
-    staging = env.root / "staging"
-    assert env.server.state("bk-dir") == "Frozen"
-    assert json.loads((staging / "manifest.json").read_text())["hook_mode"] is True
-    blocked = run_cli("backup", config=env.config)
-    assert "hook-mode backup" in one_line_error(blocked)
-    repo = env.root / "repo"
-    borg("create", "--numeric-ids", f"{repo}::hook-run", f"{staging}/./")
-    assert run_cli("hook", "post", config=env.config).returncode == 0
+    try:
+        assert pre.returncode == 0, pre.stderr
+        staging = env.root / "staging"
+        assert env.server.state("bk-dir") == "Frozen"
+        assert json.loads((staging / "manifest.json").read_text())["hook_mode"] is True
+        blocked = run_cli("backup", config=env.config)
+        assert "hook-mode backup" in one_line_error(blocked)
+        repo = env.root / "repo"
+        borg("create", "--numeric-ids", f"{repo}::hook-run", f"{staging}/./")
+        assert run_cli("hook", "post", config=env.config).returncode == 0
+    except BaseException:
+        run_cli("hook", "post", "--failed", config=env.config)  # a failing test leaves nothing
+        raise
     assert run_cli("hook", "post", "--failed", config=env.config).returncode == 0  # repeatable
     assert_nothing_left(env)
     hooked = tmp_path / "hook"
