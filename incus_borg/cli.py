@@ -265,10 +265,18 @@ def hook() -> None:
 @hook.command()
 @mode_option
 @instance_option
+@click.option(
+    "--hold",
+    type=click.Choice(["just-in-time", "whole-run"]),
+    help="Quiesce each instance only while Borg reads it (a gate keeper stays behind), or "
+    "everything until `hook post` (restic) (default: the config's `hook_hold`).",
+)
 @pass_options
-def pre(options: Options, mode: str | None, instances: tuple[str, ...]) -> int:
-    """Quiesce Incus and lay out the staging tree for another program to back up."""
-    return hook_action.pre(options.context(), hook_action.PreOptions(mode, instances))
+def pre(options: Options, mode: str | None, instances: tuple[str, ...], hold: str | None) -> int:
+    """Lay out the staging tree for another program to back up, each instance quiesced
+    while it is read (or, with --hold whole-run, until `hook post`)."""
+    wanted = hook_action.PreOptions(mode, instances, hold)
+    return hook_action.pre(options.context(), wanted)
 
 
 @hook.command()

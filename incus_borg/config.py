@@ -28,6 +28,7 @@ Encryption = Literal[
     "repokey-blake2", "repokey", "keyfile-blake2", "keyfile", "authenticated-blake2", "none"
 ]
 Outcome = Literal["success", "warning", "failure"]
+HookHold = Literal["just-in-time", "whole-run"]
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 DURATION = re.compile(r"(\d+(\.\d+)?[smhdw])+")
 
@@ -216,6 +217,19 @@ class Config:
         "Seconds a repository's borg may make no progress at all before it is stopped and the "
         "repository skipped for the run (at least lock_wait plus a minute).",
     )
+    hook_hold: HookHold = key(
+        "just-in-time",
+        "How `hook pre` quiesces for another program's Borg: just-in-time leaves a gate "
+        "keeper that quiesces each instance only while Borg reads it (borgmatic, any Borg); "
+        "whole-run holds everything until `hook post` (restic, which reads files in its own "
+        "order). `hook pre --hold` overrides it.",
+    )
+    keeper_lifetime: str = key(
+        "24h",
+        "Longest life of the gate keeper `hook pre` leaves: it releases everything and ends "
+        "by itself after this long (s, m, h, d or w), or once the program that ran `hook pre` "
+        "is gone.",
+    )
     quiesce_per_repository: bool = key(
         False,
         "Quiesce each instance once per repository, the repositories read one after another, "
@@ -320,6 +334,7 @@ def parse(text: str, source: str) -> Config:
             f"{config.policy.max_timeout}"
         )
     ages: list[tuple[str, str | None]] = [("max_age", config.max_age)]
+    ages += [("keeper_lifetime", config.keeper_lifetime)]
     ages += [(f"repositories[{i}].max_age", r.max_age) for i, r in enumerate(config.repositories)]
     for where, age in ages:
         if age is not None and parse_duration(age) is None:

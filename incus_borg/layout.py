@@ -20,6 +20,9 @@ The staging tree, relative to `staging_dir`, is exactly what an archive holds:
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import os
 import re
 import socket
 import string
@@ -50,6 +53,63 @@ INCUS_EXCLUDES = (
     "disks",
     "storage-pools/*/*/*",
 )
+
+
+@dataclasses.dataclass
+class IncusView:
+    """The Incus directory without INCUS_EXCLUDES, laid out for a Borg that is given no
+    excludes (hook mode): directories to make, parents first, each a copy of its source's
+    owner, mode and times; symbolic links to copy; and what to bind-mount into them."""
+
+    made: list[tuple[PurePosixPath, Path]] = dataclasses.field(default_factory=list)
+    links: dict[PurePosixPath, str] = dataclasses.field(default_factory=dict)
+    bound: dict[PurePosixPath, Path] = dataclasses.field(default_factory=dict)
+
+
+def incus_view(incus_dir: Path) -> IncusView:
+    """What of `incus_dir` a run holds (staging paths below `incus/`). A directory on
+    another file system (a pool's own mount) is held empty, as a bind mount of the Incus
+    directory shows it, with its parent's owner and mode (the directory under the mount
+    cannot be seen)."""
+    view = IncusView()
+
+    def walk(relative: PurePosixPath, source: Path) -> None:
+        if source != incus_dir and os.path.ismount(source):
+            view.made.append((INCUS / relative, source.parent))
+            return
+        view.made.append((INCUS / relative, source))
+        for entry in sorted(source.iterdir()):
+            below = relative / entry.name
+            if _excluded(below):
+                continue
+            if entry.is_symlink():
+                view.links[INCUS / below] = os.readlink(entry)
+            elif entry.is_dir() and _leads_to_excluded(below):
+                walk(below, entry)
+            else:
+                view.bound[INCUS / below] = entry
+
+    walk(PurePosixPath(), incus_dir)
+    return view
+
+
+def _excluded(relative: PurePosixPath) -> bool:
+    return any(
+        len(pattern.split("/")) == len(relative.parts)
+        and all(map(fnmatch.fnmatchcase, relative.parts, pattern.split("/")))
+        for pattern in INCUS_EXCLUDES
+    )
+
+
+def _leads_to_excluded(relative: PurePosixPath) -> bool:
+    """Whether something below `relative` is excluded (so it cannot be mounted whole)."""
+    depth = len(relative.parts)
+    return any(
+        len(pattern.split("/")) > depth
+        and all(map(fnmatch.fnmatchcase, relative.parts, pattern.split("/")[:depth]))
+        for pattern in INCUS_EXCLUDES
+    )
+
 
 STAGING_MARKER = ".incus-borg-staging"  # in the staging directory: incus-borg made it
 SNAPSHOT_PREFIX = "incus-borg-"  # temporary snapshots a run takes

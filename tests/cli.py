@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 PASSPHRASE = "correct horse battery staple"
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 def run_cli(
@@ -87,3 +89,34 @@ def borg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
     )
     assert done.returncode in (0, 1), done.stderr
     return done
+
+
+def tool_env(config: Path) -> dict[str, str]:
+    """What borgmatic, restic and the hooks need: the venv first on PATH, the config."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BORG_", "INCUS_BORG"))}
+    return clean | {
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "INCUS_BORG": str(BIN / "incus-borg"),
+        "INCUS_BORG_CONFIG": str(config),
+    }
+
+
+def borgmatic_config(example: Path, root: Path, repo: Path, config: Path) -> dict[str, Any]:
+    """An example borgmatic config with this test's paths, and no monitoring over the network."""
+    data: dict[str, Any] = yaml.safe_load(example.read_text())
+    data["source_directories"] = [f"{root / 'staging'}/./"]
+    data["repositories"] = [{"path": str(repo), "label": "local"}]
+    data["encryption_passphrase"] = PASSPHRASE
+    data.pop("healthchecks", None)
+    for hook in data.get("commands", []):
+        hook["run"] = [_local_hook(line, config) for line in hook["run"]]
+    for key in ("before_backup", "after_backup", "on_error"):
+        if key in data:
+            data[key] = [_local_hook(line, config) for line in data[key]]
+    return data
+
+
+def _local_hook(line: str, config: Path) -> str:
+    return line.replace("/opt/incus-borg", str(ROOT)).replace(
+        "/etc/incus-borg/config.yaml", str(config)
+    )

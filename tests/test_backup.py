@@ -300,7 +300,7 @@ def test_hook_pre_create_post_matches_backup(env: Env, tmp_path: Path) -> None:
     try:
         assert pre.returncode == 0, pre.stderr
         staging = env.root / "staging"
-        assert env.server.state("bk-dir") == "Frozen"
+        assert env.server.state("bk-dir") == "Running"  # until Borg reads it
         assert json.loads((staging / "manifest.json").read_text())["hook_mode"] is True
         blocked = run_cli("backup", config=env.config)
         assert "hook-mode backup" in one_line_error(blocked)
@@ -321,6 +321,20 @@ def test_hook_pre_create_post_matches_backup(env: Env, tmp_path: Path) -> None:
         assert tree_digest(hooked / sub) == tree_digest(backed / sub), name
     for sub in ("volumes/default/default/bk-vol/backup", "definitions/profiles.yaml", "host"):
         assert tree_digest(hooked / sub) == tree_digest(backed / sub), sub
+    # The Incus directory holds the same (no instance's data a second time), with the same
+    # owners and modes.
+    assert incus_tree(hooked) == incus_tree(backed)
+
+
+def incus_tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every directory down to a pool's contents below incus/, with its owner and mode."""
+    incus = root / "incus"
+    found = [incus, *incus.glob("*"), *incus.glob("storage-pools/*/*"), *incus.glob("*/*")]
+    return {
+        str(p.relative_to(root)): (p.stat().st_uid, p.stat().st_mode)
+        for p in found
+        if p.is_dir() and not p.is_symlink() and "logs" not in p.parts
+    }
 
 
 def tree_digest(root: Path) -> dict[str, tuple[str, int]]:

@@ -6,23 +6,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from cli import PASSPHRASE, borg, incus_config, run_cli
+from cli import BIN, PASSPHRASE, ROOT, borg, borgmatic_config, incus_config, run_cli, tool_env
 from harness.server import IncusServer
 
 from incus_borg.host import mounts
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DOCUMENTED = "docs/integrations.md"  # the page holding copies of the example files
-BIN = Path(sys.executable).parent
 NAMES = ("ig-dir", "ig-fast")
 
 
@@ -37,12 +33,7 @@ class Env:
 
     def tool_env(self) -> dict[str, str]:
         """What borgmatic, restic and the hooks need: the venv first on PATH, our config."""
-        clean = {k: v for k, v in os.environ.items() if not k.startswith(("BORG_", "INCUS_BORG"))}
-        return clean | {
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-            "INCUS_BORG": str(BIN / "incus-borg"),
-            "INCUS_BORG_CONFIG": str(self.config),
-        }
+        return tool_env(self.config)
 
     def assert_released(self) -> None:
         """Nothing frozen, no temporary snapshot, nothing mounted, no journal."""
@@ -52,27 +43,6 @@ class Env:
             assert not [s for s in snaps if "incus-borg-" in s]
         assert not mounts.mounts_below(self.root / "staging")
         assert not (self.root / "staging.journal").exists()
-
-
-def borgmatic_config(example: Path, root: Path, repo: Path, config: Path) -> dict[str, Any]:
-    """An example borgmatic config with this test's paths, and no monitoring over the network."""
-    data: dict[str, Any] = yaml.safe_load(example.read_text())
-    data["source_directories"] = [f"{root / 'staging'}/./"]
-    data["repositories"] = [{"path": str(repo), "label": "local"}]
-    data["encryption_passphrase"] = PASSPHRASE
-    data.pop("healthchecks", None)
-    for hook in data.get("commands", []):
-        hook["run"] = [_local(line, config) for line in hook["run"]]
-    for key in ("before_backup", "after_backup", "on_error"):
-        if key in data:
-            data[key] = [_local(line, config) for line in data[key]]
-    return data
-
-
-def _local(line: str, config: Path) -> str:
-    return line.replace("/opt/incus-borg", str(ROOT)).replace(
-        "/etc/incus-borg/config.yaml", str(config)
-    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +69,9 @@ def test_borgmatic_create_then_restore(env: Env) -> None:
     assert created.returncode == 0, created.stderr
     done = borgmatic(env, "create", "--verbosity", "1")
     assert done.returncode == 0, done.stderr
-    assert "held until `hook post`" in done.stderr and "released every quiesce" in done.stderr
+    assert "just in time while Borg reads it" in done.stderr, done.stderr
+    assert "frozen 1 time(s) while Borg read it" in done.stderr, done.stderr
+    assert "released every quiesce" in done.stderr
     env.assert_released()
     archives = json.loads(borg("list", "--json", str(env.root / "repo")).stdout)["archives"]
     assert len(archives) == 1
@@ -183,6 +155,7 @@ def test_restic_wrapper_then_restore_from_directory(env: Env, tmp_path: Path) ->
     wrapper = EXAMPLES / "restic/incus-restic-backup"
     done = subprocess.run([str(wrapper)], env=restic_env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert "whole-run hold" in done.stderr, done.stderr
     env.assert_released()
     target = tmp_path / "restored"
     restore = ["restic", "restore", "latest", "--target", str(target)]

@@ -9,14 +9,18 @@ from functools import partial
 import click
 
 from .. import layout, monitoring, preflight
-from ..backup import policy
+from ..backup import keeper, policy
 from ..backup.capture import Capture
+from ..backup.gate import Gate
+from ..backup.keeper import GATED_MODES
 from ..backup.plan import Plan
 from ..backup.session import Session
 from ..borg import checked_version, find_borg
+from ..config import parse_duration
 from ..context import Context
 from ..errors import UserError, Warnings
-from ..host import testpoints
+from ..host import processes, signals, testpoints
+from ..manifest import Item
 
 
 @dataclass
@@ -25,6 +29,7 @@ class PreOptions:
 
     mode: str | None = None
     instances: tuple[str, ...] = ()
+    hold: str | None = None  # just-in-time or whole-run (default: the config's hook_hold)
 
 
 def _session(ctx: Context, mode: str | None, warnings: Warnings) -> Session:
@@ -33,7 +38,8 @@ def _session(ctx: Context, mode: str | None, warnings: Warnings) -> Session:
 
 
 def pre(ctx: Context, options: PreOptions) -> int:
-    """Quiesce everything and leave the complete staging tree; returns the exit code."""
+    """Lay out the complete staging tree, each item quiesced just in time by a gate keeper
+    left behind (or everything until `hook post`); returns the exit code."""
     return monitoring.watched(ctx, "hook pre", partial(_pre, ctx, options))
 
 
@@ -45,33 +51,110 @@ def _pre(ctx: Context, options: PreOptions) -> int:
         selection = list(options.instances) or ctx.config.instances
         the_plan = session.plan(selection, options.mode)
         leave_out_exports(session, the_plan)
+        just_in_time = _just_in_time(session, options.hold or ctx.config.hook_hold)
+        record = keeper.Record(keeper.record_path(session.stage.root))
+        record.clear()
         capture = Capture(session)
         with session.holding("hook", release=False):
             capture.run_pres(the_plan)  # their post commands run at `hook post`
             database = capture.capture_server(the_plan)
-            for item in the_plan.items:
-                capture.hold(item)
-                testpoints.reached("held", item.ref)
-                session.report(f"{item.kind} {item.ref}: {item.mode}, held until `hook post`")
+            gated = _lay_out(capture, the_plan, just_in_time)
             manifest = capture.manifest(the_plan, database, _borg_version(), True)
             session.stage.write(layout.MANIFEST, manifest.to_json())
             write_excludes(session, the_plan)
+        if gated:
+            _leave_keeper(session, capture, gated, record)
     session.report(
         f"staging tree ready at {session.stage.root}; run `incus-borg hook post` after the backup"
     )
     return warnings.exit_code
 
 
+def _just_in_time(session: Session, hold: str) -> bool:
+    """Whether a gate keeper quiesces each item while it is read (else: the whole run)."""
+    if hold == "whole-run":
+        session.report(WHOLE_RUN)
+        return False
+    try:
+        Gate().close()
+    except UserError as exc:
+        session.warnings.add(f"{exc}; every instance is held until `hook post` instead")
+        return False
+    return True
+
+
+WHOLE_RUN = (
+    "whole-run hold (hook_hold: whole-run, or --hold whole-run): every instance stays "
+    "quiesced from now until `hook post`; restic reads files in its own order, so no gate "
+    "keeper can follow it (for borgmatic or Borg, use just-in-time)"
+)
+
+
+def _lay_out(capture: Capture, the_plan: Plan, just_in_time: bool) -> list[Item]:
+    """Mount every item at its stable paths: quiesced until `hook post`, or (just in time)
+    with its live data, to be quiesced by the keeper while it is read. Returns the items
+    the keeper quiesces."""
+    gated = []
+    for item in the_plan.items:
+        if just_in_time and item.mode in GATED_MODES:
+            capture.mount_live(item)
+            gated.append(item)
+            capture.session.report(
+                f"{item.kind} {item.ref}: {item.mode}, just in time while Borg reads it"
+            )
+            continue
+        capture.hold(item)
+        testpoints.reached("held", item.ref)
+        until = "read as it is" if just_in_time else "held until `hook post`"
+        capture.session.report(f"{item.kind} {item.ref}: {item.mode}, {until}")
+    return gated
+
+
+def _leave_keeper(
+    session: Session, capture: Capture, gated: list[Item], record: keeper.Record
+) -> None:
+    """Leave the gate keeper behind; if it cannot start, undo everything."""
+    config = session.config
+    lifetime = parse_duration(config.keeper_lifetime) or 0.0
+    started_by = keeper.starter()
+    kept = keeper.Keeper(
+        capture, gated, session.stage.root, record, config.max_window, lifetime, started_by
+    )
+    try:
+        pid = keeper.leave(kept, (session.journal.lock_fd,))
+    except BaseException:
+        with signals.shielded():
+            session.journal.follow()
+            session.finish()
+        raise
+    session.journal.follow()
+    name = " ".join(processes.cmdline(started_by[0])[:2]) or "?"
+    session.report(
+        f"gate keeper (pid {pid}) quiesces each instance while Borg reads it; it ends at "
+        f"`hook post`, after {config.keeper_lifetime} (keeper_lifetime), or once the program "
+        f"that ran `hook pre` ({name}, pid {started_by[0]}) is gone"
+    )
+
+
 def post(ctx: Context, failed: bool) -> int:
-    """Release every quiesce and mount, and empty staging; safe to run more than once. The
-    run goes into the local index (not after a failure); metrics and notifications follow."""
+    """End the gate keeper, release every quiesce and mount, and empty staging; safe to run
+    more than once. Reports each instance's windows; a keeper that was killed or ended by
+    itself makes the run not consistent (exit 1). The run goes into the local index (not
+    after a failure); metrics and notifications follow."""
     return monitoring.watched(ctx, "hook post", partial(_post, ctx, failed), failed=failed)
 
 
 def _post(ctx: Context, failed: bool) -> int:
     warnings = Warnings()
     session = _session(ctx, None, warnings)
+    session.quiescer.end_keepers()  # it holds the run lock
     ready = None if failed else monitoring.hook_run(session)  # before staging is emptied
+    record = keeper.Record(keeper.record_path(session.stage.root))
+    windows = keeper.report(record, session.report, warnings.add)
+    if ready is not None:
+        for item in ready.instances + ready.volumes:
+            if windows.get(item.ref):
+                item.window = max(windows[item.ref])
     with session.locked("hook post"):
         pass
     monitoring.record_hook_run(ctx, ready)

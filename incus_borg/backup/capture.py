@@ -122,7 +122,7 @@ class Capture:
     def capture_server(self, plan: Plan) -> str:
         """The server's metadata, then its state (see `capture_state`)."""
         self.capture_metadata(plan)
-        return self.capture_state()
+        return self.capture_state(whole=False)
 
     def capture_metadata(self, plan: Plan) -> None:
         """Definitions, dumps, host files and import indexes (nothing quiesced)."""
@@ -134,12 +134,20 @@ class Capture:
             s.stage.copy_host_files(Path(s.config.incus.subuid), Path(s.config.incus.subgid))
             s.stage.write_plan_indexes(s.incus, plan, s.member)
 
-    def capture_state(self) -> str:
-        """The database and the Incus directory. Returns "exact" when the database was
-        copied with the daemon stopped, else "dumps-only"."""
+    def capture_state(self, whole: bool = True) -> str:
+        """The database and the Incus directory: mounted `whole` (incus-borg's own Borg is
+        given INCUS_EXCLUDES), or without what they exclude (hook mode: another program's
+        Borg is given none). Returns "exact" when the database was copied with the daemon
+        stopped, else "dumps-only"."""
         s = self.session
         database = self._capture_database()
-        s.quiescer.bind({s.stage.path(layout.INCUS): Path(s.config.incus.dir)})
+        incus_dir = Path(s.config.incus.dir)
+        if whole:
+            s.quiescer.bind({s.stage.path(layout.INCUS): incus_dir})
+            return database
+        view = layout.incus_view(incus_dir)
+        s.stage.make_view(view)
+        s.quiescer.bind({s.stage.path(r): source for r, source in view.bound.items()})
         return database
 
     def _capture_database(self) -> str:
@@ -177,13 +185,38 @@ class Capture:
                 held.quiesced = time.monotonic()
             if item.exported:  # Incus reads it: nothing to mount
                 return held
-            mounts = self._mounts(item).items()
-            stage = self.session.stage
-            held.mounts = self.session.quiescer.bind({stage.path(r): src for r, src in mounts})
+            held.mounts = self._bind(self._mounts(item))
         except BaseException:
             self.release(held)
             raise
         return held
+
+    def mount_live(self, item: Item) -> list[Step]:
+        """Bind-mount an item's live data at its stable paths, quiescing nothing (hook mode:
+        what Borg reads of an item that the gate keeper does not hold)."""
+        return self._bind(self._mounts(item, live=True))
+
+    def hold_mounted(self, item: Item) -> Held:
+        """Quiesce an item whose live data `mount_live` mounted; its snapshot, if it takes
+        one, is mounted over the live data at the same paths until it is released."""
+        held = Held(item)
+        try:
+            self._quiesce(held)
+            held.quiesced = time.monotonic()
+            if held.snapshot is not None:
+                live = self._mounts(item, live=True)
+                over = {r: src for r, src in self._mounts(item).items() if live[r] != src}
+                held.mounts = self._bind(over, stacked=True)
+        except BaseException:
+            self.release(held)
+            raise
+        return held
+
+    def _bind(self, mounts: dict[PurePosixPath, Path], stacked: bool = False) -> list[Step]:
+        stage = self.session.stage
+        return self.session.quiescer.bind(
+            {stage.path(r): src for r, src in mounts.items()}, stacked
+        )
 
     def take_snapshot(self, item: Item) -> Held:
         """Only the temporary snapshot of a snapshot-mode item (mounted later by `hold`)."""
@@ -254,9 +287,9 @@ class Capture:
             return layout.instance_places(*args)
         return layout.volume_places(*args, item.type == "block")
 
-    def _mounts(self, item: Item) -> dict[PurePosixPath, Path]:
+    def _mounts(self, item: Item, live: bool = False) -> dict[PurePosixPath, Path]:
         incus_dir = Path(self.session.config.incus.dir)
-        snap = self.session.snapshot_name if item.mode == "snapshot" else None
+        snap = self.session.snapshot_name if item.mode == "snapshot" and not live else None
         args = (incus_dir, item.pool, item.project, item.name)
         if item.kind == "instance":
             source = (

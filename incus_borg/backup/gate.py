@@ -23,6 +23,7 @@ FAN_CLOEXEC = 0x1
 FAN_NONBLOCK = 0x2
 FAN_CLASS_CONTENT = 0x4
 FAN_MARK_ADD = 0x1
+FAN_CLOSE_NOWRITE = 0x10
 FAN_OPEN_PERM = 0x10000
 FAN_ONDIR = 0x40000000
 FAN_ALLOW = 0x1
@@ -43,11 +44,13 @@ _libc.fanotify_mark.argtypes = [
 
 @dataclass(frozen=True)
 class Opening:
-    """A process waiting to open a marked path."""
+    """A process waiting to open a marked path (or, with `closed`, one that closed it: no
+    answer is due, `drop` it)."""
 
     fd: int  # the event's descriptor: answer with it, then it is closed
     pid: int
     path: str
+    closed: bool = False
 
 
 class Gate:
@@ -66,9 +69,11 @@ class Gate:
             )
         self.fd = fd
 
-    def mark(self, path: Path) -> None:
-        """Hold every open of `path` (a directory or a file) until it is allowed."""
-        mask = FAN_OPEN_PERM | FAN_ONDIR
+    def mark(self, path: Path, closes: bool = False) -> None:
+        """Hold every open of `path` (a directory or a file) until it is allowed; with
+        `closes`, also report each last close of it (a directory that Borg walked is closed
+        once Borg has read everything below it)."""
+        mask = FAN_OPEN_PERM | FAN_ONDIR | (FAN_CLOSE_NOWRITE if closes else 0)
         if _libc.fanotify_mark(self.fd, FAN_MARK_ADD, mask, AT_FDCWD, os.fsencode(path)) != 0:
             errno = ctypes.get_errno()
             raise UserError(f"cannot watch {path}: {os.strerror(errno)}")
@@ -84,21 +89,25 @@ class Gate:
             return []
         openings = []
         for offset in range(0, len(buf), _EVENT.size):
-            length, _, _, _, _, fd, pid = _EVENT.unpack_from(buf, offset)
+            length, _, _, _, mask, fd, pid = _EVENT.unpack_from(buf, offset)
             if length != _EVENT.size or fd < 0:
                 continue
-            openings.append(Opening(fd, pid, os.readlink(f"/proc/self/fd/{fd}")))
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            openings.append(Opening(fd, pid, path, closed=not mask & FAN_OPEN_PERM))
         return openings
 
     def allow(self, opening: Opening) -> None:
-        """Let a waiting open through."""
+        """Let a waiting open through (nothing to do when its process was killed since)."""
         try:
             os.write(self.fd, _RESPONSE.pack(opening.fd, FAN_ALLOW))
+        except FileNotFoundError:  # the kernel holds no such event any more
+            pass
         finally:
             os.close(opening.fd)
 
     def drop(self, opening: Opening) -> None:
-        """Forget the open of a process that was killed while it waited (no answer is due)."""
+        """Forget an event that needs no answer: a close, or the open of a process that was
+        killed while it waited."""
         os.close(opening.fd)
 
     def __enter__(self) -> Gate:

@@ -33,6 +33,7 @@ class Journal:
     staging_dir: Path
     _offset: int = 0
     _next_id: int = 0
+    lock_fd: int = -1  # the run lock's descriptor, while it is held
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -55,15 +56,34 @@ class Journal:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                keepers = [s for s in self.steps() if s["op"] == "end_keeper"]
+                if any(str(s["pid"]) == holder for s in keepers):
+                    raise UserError(
+                        f"the gate keeper (pid {holder}) of a hook-mode backup holds "
+                        f"{self.lock_path}: once its backup program is done, run "
+                        "`incus-borg hook post`"
+                    ) from None
                 raise UserError(
                     f"another incus-borg run (pid {holder}) holds {self.lock_path}: "
                     "wait for it to finish"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.lock_fd = fd
+            self.claim_lock()
             yield
         finally:
+            self.lock_fd = -1
             os.close(fd)
+
+    def claim_lock(self) -> None:
+        """Write this process's pid into the held lock (a process that inherited it, such as
+        the gate keeper, holds it from then on)."""
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def follow(self) -> None:
+        """Continue after whatever another process appended since (the gate keeper)."""
+        with self._lock:
+            self._offset = 0
 
     # --- reading -----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from .commands import Outcome
 from .journal import Journal, Step
 
 POST_WORKERS = 4  # post commands run side by side while a run goes on
+KEEPER_GRACE = 30  # seconds the gate keeper has to release what it holds when asked to end
 START_RETRY = 75  # seconds an instance's start is tried again while Incus says "unavailable"
 
 
@@ -93,10 +94,14 @@ class Quiescer:
             raise
         return step, operation
 
-    def bind(self, places: dict[Path, Path]) -> list[Step]:
+    def bind(self, places: dict[Path, Path], stacked: bool = False) -> list[Step]:
         """Bind-mount each source read-only at its target (target -> source), journalled at
-        once; on a failure the mounts made so far are undone."""
-        steps = [{"op": "unmount", "path": str(target)} for target in places]
+        once; on a failure the mounts made so far are undone. `stacked` mounts go over what
+        is mounted there already, and their release uncovers it again."""
+        steps = [
+            {"op": "unmount", "path": str(target)} | ({"stacked": True} if stacked else {})
+            for target in places
+        ]
         self.journal.add(*steps)
         for step, (target, source) in zip(steps, places.items(), strict=True):
             try:
@@ -123,6 +128,20 @@ class Quiescer:
         step: Step = {"op": "end_borg", "pid": pid, "started": processes.start_time(pid)}
         self.journal.add(step)
         return step
+
+    def watch_keeper(self, pid: int) -> Step:
+        """Journal the gate keeper `hook pre` leaves (see keeper.py): whatever undoes this
+        run's steps ends it first (asked, then killed), so that it takes nothing more."""
+        step: Step = {"op": "end_keeper", "pid": pid, "started": processes.start_time(pid)}
+        self.journal.add(step)
+        return step
+
+    def end_keepers(self) -> None:
+        """End the gate keeper a journalled `hook pre` left, if it is still there: it holds
+        the run lock. Its step is forgotten by `undo_all`, under the lock."""
+        for step in self.journal.steps():
+            if step["op"] == "end_keeper":
+                self._undo(step)
 
     def stop_daemon(self) -> Step:
         """Stop the Incus daemon only (instances keep running)."""
@@ -188,9 +207,10 @@ class Quiescer:
         op = step["op"]
         if op == "run_post":
             return commands.finish(self.incus, step, self.report, self.warnings.add)
-        if op == "end_borg":
-            if not processes.end(step["pid"], step["started"]):
-                raise UserError(f"borg (pid {step['pid']}) was killed but is still there")
+        if op in ("end_borg", "end_keeper"):
+            graceful = KEEPER_GRACE if op == "end_keeper" else None
+            if not processes.end(step["pid"], step["started"], graceful=graceful):
+                raise UserError(f"{describe(step)} was killed but is still there")
         elif op == "start_daemon":
             if not self.incus.reachable():
                 self.incus.run_daemon_command(self.settings.start_command, "start_command")
@@ -205,6 +225,8 @@ class Quiescer:
             vol, member = (step["pool"], step["project"], step["name"]), step.get("member")
             self._delete(lambda: self.incus.delete_volume_snapshot(*vol, step["snap"], member),
                          step["snap"], lambda: self.incus.volume_snapshots(*vol, member))  # fmt: skip
+        elif op == "unmount" and step.get("stacked"):
+            mounts.unmount_top(Path(step["path"]))
         elif op == "unmount":
             mounts.unmount_or_detach(Path(step["path"]))
         elif op == "delete_backup":
@@ -264,15 +286,16 @@ class Quiescer:
                 raise
 
     def undo_all(self, warnings: Warnings) -> list[str]:
-        """Undo every journalled step: the run's borgs first (nothing may read an instance
-        once it is released), then the daemon, then newest to oldest. Every step is tried,
+        """Undo every journalled step: the gate keeper and the run's borgs first (nothing may
+        quiesce or read an instance once it is released), then the daemon, then newest to
+        oldest. Every step is tried,
         whatever happens to the others or to the journal.
 
         Returns what could not be undone (it stays journalled for the next run).
         """
         self.wait()
         steps = self.journal.steps()
-        first = ("end_borg", "start_daemon")
+        first = ("end_keeper", "end_borg", "start_daemon")
         ordered = [s for op in first for s in steps if s["op"] == op]
         ordered += [s for s in reversed(steps) if s["op"] not in first]
         left = []
@@ -305,6 +328,7 @@ def describe(step: Step) -> str:
     target = f"{step.get('project')}/{step.get('name')}"
     return {
         "end_borg": f"borg (pid {step.get('pid')}) of the run",
+        "end_keeper": f"the gate keeper (pid {step.get('pid')}) of `hook pre`",
         "start_daemon": "the stopped Incus daemon",
         "unfreeze": f"the freeze of {target}",
         "start": f"the stop of {target}",

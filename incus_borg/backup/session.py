@@ -122,14 +122,22 @@ class Session:
     def _recover(self, command: str) -> None:
         """Undo what an earlier run left, unless a complete `hook pre` awaits its `hook post`."""
         data = self.journal.read() or {}
-        if data.get("kind") == "hook" and data.get("phase") == "ready" and command == "backup":
+        kept = any(step["op"] == "end_keeper" for step in data.get("steps", []))
+        ready = data.get("kind") == "hook" and data.get("phase") == "ready"
+        if ready and command == "backup" and not kept:  # a live keeper holds the lock
             raise UserError(
                 f"a hook-mode backup ({data.get('run')}) is under way: `incus-borg hook pre` ran "
                 "and `incus-borg hook post` did not; if nothing is reading the staging tree, "
                 "run `incus-borg hook post`"
             )
         if data.get("steps") and command != "hook post":
-            what = "`hook pre` that did not finish" if data.get("kind") == "hook" else "run"
+            what = "run"
+            if data.get("kind") == "hook":
+                what = (
+                    "hook-mode run, whose gate keeper is gone,"
+                    if kept
+                    else ("`hook pre` that did not finish")
+                )
             self.warnings.add(
                 f"an earlier {what} ({data.get('run')}) left {len(data['steps'])} step(s) "
                 "to undo: undoing them first"

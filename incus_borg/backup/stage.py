@@ -140,6 +140,21 @@ class Stage:
             if source.exists():
                 self.write(layout.HOST / name, source.read_bytes())
 
+    def make_view(self, view: layout.IncusView) -> None:
+        """Make the view's directories (each with its source's owner, mode and times) and
+        symbolic links; its mounts are the caller's."""
+        for relative, source in view.made:
+            target = self.path(relative)
+            target.mkdir(exist_ok=True, mode=0o700)
+            st = source.stat()
+            os.chown(target, st.st_uid, st.st_gid)
+            os.chmod(target, st.st_mode & 0o7777)
+        for relative, link in view.links.items():
+            os.symlink(link, self.path(relative))
+        for relative, source in reversed(view.made):  # children first: making them sets times
+            st = source.stat()
+            os.utime(self.path(relative), ns=(st.st_atime_ns, st.st_mtime_ns))
+
     def copy_database(self, incus_dir: Path) -> None:
         """Copy the Incus database directory (call while the daemon is stopped)."""
         target = self.path(layout.DATABASE)

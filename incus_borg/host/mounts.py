@@ -91,6 +91,16 @@ def unmount(target: Path, lazy: bool = False) -> None:
         _call("unmount", _libc.umount2(os.fsencode(target), flags), target)
 
 
+def unmount_top(target: Path) -> None:
+    """Unmount only the mount stacked last at `target` (the one below it stays), detaching
+    it lazily when it is still busy; nothing when nothing is mounted there."""
+    if not is_mounted(target):
+        return
+    where = os.fsencode(target)
+    if _libc.umount2(where, 0) != 0:
+        _call("unmount", _libc.umount2(where, MNT_DETACH), target)
+
+
 def unmount_or_detach(target: Path) -> None:
     """Unmount `target`; when it is still busy (a borg being stopped still holds a file open
     in it), detach it lazily: it leaves the tree at once and is gone with its last file."""

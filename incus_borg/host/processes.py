@@ -16,28 +16,69 @@ from . import signals
 GONE_WAIT = 10.0  # seconds to wait for a killed process to be reaped
 
 
-def start_time(pid: int) -> int | None:
-    """When `pid` started (clock ticks since boot), or None when there is no such process."""
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, first);
+    empty when there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return None
+        return []
     # The command name (field 2) may hold spaces and parentheses: split after its last ")".
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
-def end(pid: int, started: int | None, wait: float = GONE_WAIT) -> bool:
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), or None when there is no such process."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def end(
+    pid: int, started: int | None, wait: float = GONE_WAIT, graceful: float | None = None
+) -> bool:
     """Kill the process `pid` that started at `started` and wait until it is gone, reaped
-    too: until then it still counts as alive (a borg's repository lock stays held). Returns
+    too: until then it still counts as alive (a borg's repository lock stays held). With
+    `graceful`, it is first asked to end (SIGTERM) and given that many seconds. Returns
     whether it is gone; a process of another start time is left alone (it is gone)."""
-    if started is None or start_time(pid) != started:
+    if graceful is not None and _signal_and_wait(pid, started, signal.SIGTERM, graceful):
+        return True
+    return _signal_and_wait(pid, started, signal.SIGKILL, wait)
+
+
+def alive(pid: int, started: int | None) -> bool:
+    """Whether the process `pid` that started at `started` is still there."""
+    return started is not None and start_time(pid) == started
+
+
+def running(pid: int, started: int | None) -> bool:
+    """Whether that process is alive and not a zombie waiting to be reaped."""
+    return alive(pid, started) and _stat(pid)[:1] != [b"Z"]
+
+
+def parent(pid: int) -> int:
+    """The parent of `pid` (0 when there is no such process)."""
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of `pid` (empty when there is no such process, or it is a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
+
+
+def _signal_and_wait(pid: int, started: int | None, sig: int, wait: float) -> bool:
+    if not alive(pid, started):
         return True
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + wait
-    while start_time(pid) == started:
+    while alive(pid, started):
         with contextlib.suppress(ChildProcessError):  # another's: its parent or init reaps it
             os.waitpid(pid, os.WNOHANG)  # a child of this process is reaped here
         if time.monotonic() > deadline:

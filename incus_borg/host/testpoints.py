@@ -18,7 +18,8 @@ PHASES = {
     "daemon-stopped": "backup, hook pre: the daemon is stopped, its database not yet copied",
     "captured": "backup: the server's state is in staging; no borg runs yet",
     "borg-started": "backup: every repository's borg create runs; nothing is quiesced yet",
-    "held": "backup, hook pre: an item (TARGET: P/NAME) is quiesced and mounted",
+    "held": "backup, hook pre, its gate keeper: an item (TARGET: P/NAME) is quiesced and "
+    "mounted; a keeper's reader waits at the gate",
     "export-requested": "backup: Incus makes an item's (TARGET: P/NAME) backup, journalled",
     "export-streaming": "backup: part of an item's (TARGET: P/NAME) export is in its borgs",
     "undone": "every release: one journalled step (TARGET: its op) was undone",

@@ -1,0 +1,413 @@
+"""The gate keeper that `hook pre` leaves behind, so that another program's Borg (borgmatic's)
+finds each instance quiesced only while it reads it.
+
+`hook pre` mounts every item's live data at its stable paths, then forks this keeper, which
+owns a gate (gate.py) on the items' staging directories. When a process opens one, the
+keeper quiesces that item (freezes or stops it, or mounts a fresh snapshot over its live
+data), lets the open through, and releases the item once that process has closed the
+directory (Borg keeps a directory open until it has read everything below it), has opened
+another item, or is gone. So each Borg pass (borgmatic runs one per repository) gets its own
+windows, and nothing is held between passes or by a Borg that reads no staging directory. A
+`borg create --dry-run` (borgmatic's check of the paths it plans to read) reads no data: it
+goes through without a quiesce.
+
+Bounds: a freeze or stop that lasts `max_window` is released (that read is then not
+consistent, and `hook post` says so); the keeper ends by itself after its lifetime, or once
+the process that ran `hook pre` is gone, releasing everything it holds. If it is killed, the
+kernel lets every pending open through: Borg reads the live data, and `hook post` reports the
+run as not consistent. Every quiesce is journalled, so whatever undoes the run (`hook post`,
+or the next run) undoes what a dead keeper left.
+
+The keeper writes what it did as JSON lines in a file beside the journal (see `Record`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ..errors import UserError
+from ..host import processes, testpoints
+from ..manifest import Item
+from .capture import Capture, Held
+from .gate import Gate, Opening
+from .reader import WINDOW_MODES
+
+TICK = 0.05  # seconds between checks of the bounds while nothing is opened
+READY_WAIT = 30.0  # seconds `hook pre` waits for the keeper to have its gate in place
+SHELLS = ("sh", "dash", "bash")
+GATED_MODES = (*WINDOW_MODES, "snapshot")  # the modes a keeper quiesces just in time
+
+
+def record_path(staging_dir: Path) -> Path:
+    """The keeper's record, beside the staging directory."""
+    return staging_dir.with_name(staging_dir.name + ".keeper")
+
+
+class Record:
+    """What the keeper did, one JSON object per line: `start`, `enter` (an item quiesced
+    for a reader), `window` (it was released), `failed`, `end` (why the keeper ended)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def clear(self) -> None:
+        """Begin an empty record, readable by root only."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+
+    def write(self, entry: str, **fields: Any) -> None:
+        """Append one line: {entry: fields}."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({entry: fields}) + "\n")
+
+    def read(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every complete line, as (kind, fields); nothing when there is no record."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        parsed = []
+        for line in lines:
+            try:
+                ((kind, fields),) = json.loads(line).items()
+            except ValueError:
+                continue  # a line torn by a kill
+            parsed.append((kind, fields))
+        return parsed
+
+
+@dataclass
+class Hold:
+    """One item the keeper quiesced, and the readers it holds it for."""
+
+    held: Held
+    readers: set[int]  # those reading it now
+    pids: set[int] = field(default_factory=set)  # every one that read it in this window
+    allowed: float = field(default_factory=time.monotonic)  # when its first read began
+
+
+@dataclass
+class Reader:
+    """A process that opened a gated directory: a Borg holds the item it walks; any other
+    program (restic, tar) may read files in any order, so it holds every item until it is
+    gone."""
+
+    started: int | None
+    borg: bool
+    items: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Keeper:
+    """Quiesces each gated item while a reader walks its staging directory."""
+
+    capture: Capture
+    items: list[Item]  # the gated ones
+    stage_root: Path
+    record: Record
+    max_window: float
+    lifetime: float
+    starter: tuple[int, int | None]  # the process that ran `hook pre`, and its start time
+    holds: dict[int, Hold] = field(default_factory=dict)  # item index -> its hold
+    readers: dict[int, Reader] = field(default_factory=dict)  # by pid
+    ending: str | None = None
+
+    def __post_init__(self) -> None:
+        paths = [os.path.realpath(self.stage_root / item.path) for item in self.items]
+        self.paths = {path: k for k, path in enumerate(paths)}
+
+    def mark(self, gate: Gate) -> None:
+        """Put every gated item's directory behind the gate."""
+        for path in self.paths:
+            gate.mark(Path(path), closes=True)
+
+    def run(self, gate: Gate) -> None:
+        """Keep the gate until asked to end (SIGTERM), or a bound ends it; then release
+        everything and close the gate."""
+        deadline = time.monotonic() + self.lifetime
+        with self._asked_to_end():
+            try:
+                while self.ending is None:
+                    for event in gate.wait(TICK):
+                        self._on(gate, event)
+                    self._check(deadline)
+            finally:
+                gate.close()
+                for k in list(self.holds):
+                    self._release(k, "released as the keeper ended")
+        self.record.write("end", why=self.ending, asked=self.ending == ASKED)
+
+    @contextmanager
+    def _asked_to_end(self) -> Iterator[None]:
+        def ask(signum: int, frame: FrameType | None) -> None:
+            self.ending = self.ending or ASKED
+
+        previous = {s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGINT)}
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # --- the gate --------------------------------------------------------------------------
+
+    def _on(self, gate: Gate, event: Opening) -> None:
+        k = self.paths.get(event.path)
+        reader = self.readers.get(event.pid)
+        if event.closed:
+            gate.drop(event)
+            if k is not None and reader is not None and reader.borg and k in reader.items:
+                self._leave(event.pid, k)
+            return
+        try:
+            if k is not None:
+                self._enter(event.pid, k)
+        finally:
+            gate.allow(event)
+
+    def _enter(self, pid: int, k: int) -> None:
+        """Quiesce item k for reader `pid` (a Borg: once the item it read before is
+        released), or every item for a reader that is not Borg."""
+        reader = self.readers.get(pid)
+        if reader is None:
+            argv = processes.cmdline(pid)
+            if is_borg(argv) and ("--dry-run" in argv or "-n" in argv):
+                return  # reads no data
+            reader = self.readers[pid] = Reader(processes.start_time(pid), is_borg(argv))
+            if not reader.borg:
+                name = os.path.basename(argv[0]) if argv else "?"
+                self.record.write("other", pid=pid, program=name)
+        wanted = {k} if reader.borg else set(range(len(self.items)))
+        for j in reader.items - wanted:
+            self._leave(pid, j)
+        for j in sorted(wanted - reader.items):
+            reader.items.add(j)
+            self._hold(pid, j)
+
+    def _hold(self, pid: int, k: int) -> None:
+        if k in self.holds:
+            self.holds[k].readers.add(pid)
+            self.holds[k].pids.add(pid)
+            return
+        item = self.items[k]
+        try:
+            self.holds[k] = Hold(self.capture.hold_mounted(item), {pid}, {pid})
+        except UserError as exc:  # read live: the run is not consistent for it
+            self.record.write("failed", ref=item.ref, kind=item.kind, pid=pid, why=str(exc))
+            return
+        self.record.write("enter", ref=item.ref, kind=item.kind, pid=pid)
+        testpoints.reached("held", item.ref)
+
+    def _leave(self, pid: int, k: int) -> None:
+        """Reader `pid` has read item k: release it unless another reads it."""
+        self.readers[pid].items.discard(k)
+        hold = self.holds.get(k)
+        if hold is not None:
+            hold.readers.discard(pid)
+            if not hold.readers:
+                self._release(k)
+
+    def _release(self, k: int, note: str = "") -> None:
+        hold = self.holds.pop(k)
+        item, now = self.items[k], time.monotonic()
+        fields: dict[str, Any] = {"ref": item.ref, "kind": item.kind, "mode": item.mode}
+        fields |= {"pids": sorted(hold.pids), "read": now - hold.allowed, "note": note}
+        fields["quiesce"] = hold.allowed - hold.held.started  # how long taking it took
+        try:
+            window = self.capture.release(hold.held)
+        except Exception as exc:  # still journalled: `hook post` undoes it
+            self.record.write("failed", why=f"could not release it: {exc}", **fields)
+            return
+        fields["release"] = time.monotonic() - now
+        self.record.write("window", length=window, **fields)
+
+    # --- the bounds ------------------------------------------------------------------------
+
+    def _check(self, deadline: float) -> None:
+        for pid, reader in list(self.readers.items()):
+            if not processes.running(pid, reader.started):
+                for k in list(reader.items):
+                    self._leave(pid, k)
+                del self.readers[pid]
+        now = time.monotonic()
+        for k, hold in list(self.holds.items()):
+            if hold.held.item.mode in WINDOW_MODES and now - hold.held.started > self.max_window:
+                self._release(k, TOO_LONG.format(self.max_window))
+        if now > deadline:
+            self.ending = self.ending or f"it reached its lifetime ({self.lifetime:.0f} s)"
+        if not processes.running(*self.starter):
+            self.ending = self.ending or (
+                f"the process that ran `hook pre` (pid {self.starter[0]}) is gone"
+            )
+
+
+ASKED = "asked to end"
+TOO_LONG = "released after max_window ({:.0f} s) while Borg still read it: not consistent"
+
+
+def is_borg(argv: list[str]) -> bool:
+    """Whether a command line runs Borg (directly, or its script through Python)."""
+    return any(os.path.basename(arg) == "borg" for arg in argv[:2])
+
+
+def starter() -> tuple[int, int | None]:
+    """The process that ran this one, through the shells (a hook script, `sh -c`) between
+    them: borgmatic, or the admin's shell."""
+    pid = os.getppid()
+    while pid > 1:
+        argv = processes.cmdline(pid)
+        if not argv or os.path.basename(argv[0]).lstrip("-") not in SHELLS or len(argv) < 2:
+            break
+        pid = processes.parent(pid)
+    return pid, processes.start_time(pid)
+
+
+def leave(keeper: Keeper, keep_fds: tuple[int, ...]) -> int:
+    """Fork the keeper into its own session, detached from the caller's terminal and pipes
+    (borgmatic waits for a hook's output to end), and return its pid once its gate is in
+    place. A keeper that cannot start is ended, and its error raised."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the keeper: never returns
+        os.close(ready_r)
+        _keep(keeper, ready_w, keep_fds)
+    os.close(ready_w)
+    try:
+        answer = _read_ready(ready_r)
+    finally:
+        os.close(ready_r)
+    if answer != "ready":
+        processes.end(pid, processes.start_time(pid))
+        raise UserError(f"the gate keeper could not start: {answer}")
+    return pid
+
+
+def _read_ready(fd: int) -> str:
+    deadline = time.monotonic() + READY_WAIT
+    chunks = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    text = b"".join(chunks).decode(errors="replace")
+    return text or f"it gave no sign within {READY_WAIT:.0f} s"
+
+
+def _keep(keeper: Keeper, ready: int, keep_fds: tuple[int, ...]) -> None:
+    """The keeper process: detach, take the gate, say so on `ready`, keep it, exit."""
+    code = 0
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        keep = sorted({ready, *keep_fds})
+        start = 3
+        for fd in keep:
+            os.closerange(start, fd)
+            start = fd + 1
+        os.closerange(start, os.sysconf("SC_OPEN_MAX"))
+        session = keeper.capture.session
+        session.journal.claim_lock()
+        session.quiescer.watch_keeper(os.getpid())
+        with Gate() as gate:
+            keeper.mark(gate)
+            refs = [{"ref": i.ref, "kind": i.kind, "mode": i.mode} for i in keeper.items]
+            keeper.record.write("start", pid=os.getpid(), items=refs, lifetime=keeper.lifetime)
+            os.write(ready, b"ready")
+            os.close(ready)
+            ready = -1
+            keeper.run(gate)
+    except BaseException as exc:
+        code = 1
+        why = str(exc) if isinstance(exc, UserError) else traceback.format_exc()
+        if ready >= 0:
+            os.write(ready, why.encode())
+        keeper.record.write("end", why=f"it failed: {why}", asked=False)
+    finally:
+        os._exit(code)
+
+
+# --- what `hook post` says -----------------------------------------------------------------
+
+DID = {"freeze": "frozen", "stop": "stopped", "snapshot": "snapshotted"}
+
+
+def report(record: Record, say: Callable[[str], None], warn: Callable[[str], None]) -> Windows:
+    """Say what the keeper did, per item: its windows and their lengths; warn (the run is not
+    consistent) about every read it did not quiesce. Returns the windows per item ref."""
+    lines = record.read()
+    starts = [fields for kind, fields in lines if kind == "start"]
+    if not starts:
+        return {}
+    items = starts[0]["items"]
+    windows: Windows = {item["ref"]: [] for item in items}
+    covered: dict[int, set[str]] = {}  # reader pid -> the items it read quiesced
+    entered: dict[str, int] = {}  # item -> the reader it is held for, until released
+    last = None  # the reader that came to the gate last
+    parts: dict[str, list[str]] = {}  # each window in words
+    for kind, fields in lines:
+        ref = fields.get("ref", "")
+        if kind in ("enter", "failed") and "pid" in fields:
+            last = fields["pid"]
+        if kind == "enter":
+            entered[ref] = fields["pid"]
+        elif kind == "window":
+            windows[ref].append(fields["length"])
+            took = f"Incus {fields.get('quiesce', 0.0):.2f} s to quiesce"
+            said = f"{fields['length']:.2f} s ({took}, Borg {fields['read']:.2f} s to read)"
+            parts.setdefault(ref, []).append(said)
+            entered.pop(ref, None)
+            for pid in fields["pids"]:
+                covered.setdefault(pid, set()).add(ref)
+            if fields["note"]:
+                warn(f"{fields['kind']} {ref}: {fields['note']}")
+        elif kind == "failed":
+            entered.pop(ref, None)
+            warn(f"{fields['kind']} {ref} read without a quiesce: {fields['why']}")
+    for item in items:
+        done = windows[item["ref"]]
+        said = ", ".join(parts.get(item["ref"], []))
+        what = f"{DID[item['mode']]} {len(done)} time(s) while Borg read it: {said}"
+        say(f"{item['kind']} {item['ref']}: " + (what if done else "not read by Borg"))
+    ends = [fields for kind, fields in lines if kind == "end"]
+    if not ends:
+        warn(_killed(items, covered.get(last, set()) if last else None, entered))
+    elif not ends[-1]["asked"]:
+        warn(
+            f"the gate keeper ended by itself: {ends[-1]['why']}; whatever Borg read after "
+            "that was not quiesced, so this run is not consistent"
+        )
+    return windows
+
+
+Windows = dict[str, list[float]]
+
+
+def _killed(items: list[dict[str, Any]], read: set[str] | None, held: dict[str, int]) -> str:
+    """Why a run whose keeper was killed is not consistent, naming the instances: those the
+    Borg under way (`read`: what it read quiesced) had not read, or all when it had read
+    them all (a later pass read them live) or no Borg came at all."""
+    refs = [item["ref"] for item in items]
+    live = [ref for ref in refs if read is not None and ref not in read and ref not in held]
+    kept = f"; {', '.join(held)} stayed quiesced until `hook post`" if held else ""
+    return (
+        f"the gate keeper was killed: Borg may have read {', '.join(live or refs)} without a "
+        f"quiesce, so this run is not consistent for them{kept}"
+    )
