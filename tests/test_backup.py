@@ -333,7 +333,7 @@ def incus_tree(root: Path) -> dict[str, tuple[int, int]]:
     return {
         str(p.relative_to(root)): (p.stat().st_uid, p.stat().st_mode)
         for p in found
-        if p.is_dir() and not p.is_symlink() and "logs" not in p.parts
+        if p.is_dir() and not p.is_symlink() and not {"logs", "run"} & set(p.parts)
     }
 
 

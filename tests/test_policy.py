@@ -454,7 +454,7 @@ def test_hook_mode_with_borgmatic_runs_pre_at_hook_pre_and_post_at_hook_post(
     pre = log.index("instance default/po-db1: pre command ran")
     assert (
         pre
-        < log.index("held until `hook post`")
+        < log.index("just in time while Borg reads it")
         < log.index("instance default/po-db1: post command ran")
     )
     (archive,) = json.loads(borg("list", "--json", str(tmp_path / "repo")).stdout)["archives"]

@@ -175,10 +175,14 @@ def test_a_full_staging_disk_while_frozen_releases_everything(
 # --- kills in hook mode ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("phase", ["daemon-stopped", f"held:default/{NAMES[0]}"])
-def test_hook_pre_killed_is_undone_by_the_next_backup(env: Env, phase: str) -> None:
+@pytest.mark.parametrize(
+    ("phase", "hold"),
+    [("daemon-stopped", "just-in-time"), (f"held:default/{NAMES[0]}", "whole-run")],
+)
+def test_hook_pre_killed_is_undone_by_the_next_backup(env: Env, phase: str, hold: str) -> None:
     staging = env.root / "staging"
-    with paused(command(env.config, "hook", "pre", "--mode", "freeze"), phase) as proc:
+    argv = command(env.config, "hook", "pre", "--mode", "freeze", "--hold", hold)
+    with paused(argv, phase) as proc:
         if phase == "daemon-stopped":
             assert not env.server.daemon.running()
         else:

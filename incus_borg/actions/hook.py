@@ -47,12 +47,13 @@ def _pre(ctx: Context, options: PreOptions) -> int:
     preflight.check(ctx.config, ctx.path)
     warnings = Warnings()
     session = _session(ctx, options.mode, warnings)
+    record = keeper.Record(keeper.record_path(session.stage.root))
+    session.quiescer.end_keepers(record.keepers())  # of a `hook pre` whose post never came
     with session.locked("hook pre"):
         selection = list(options.instances) or ctx.config.instances
         the_plan = session.plan(selection, options.mode)
         leave_out_exports(session, the_plan)
         just_in_time = _just_in_time(session, options.hold or ctx.config.hook_hold)
-        record = keeper.Record(keeper.record_path(session.stage.root))
         record.clear()
         capture = Capture(session)
         with session.holding("hook", release=False):
@@ -147,9 +148,9 @@ def post(ctx: Context, failed: bool) -> int:
 def _post(ctx: Context, failed: bool) -> int:
     warnings = Warnings()
     session = _session(ctx, None, warnings)
-    session.quiescer.end_keepers()  # it holds the run lock
-    ready = None if failed else monitoring.hook_run(session)  # before staging is emptied
     record = keeper.Record(keeper.record_path(session.stage.root))
+    session.quiescer.end_keepers(record.keepers())  # it holds the run lock
+    ready = None if failed else monitoring.hook_run(session)  # before staging is emptied
     windows = keeper.report(record, session.report, warnings.add)
     if ready is not None:
         for item in ready.instances + ready.volumes:

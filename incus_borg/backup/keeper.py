@@ -71,6 +71,14 @@ class Record:
         with self.path.open("a") as f:
             f.write(json.dumps({entry: fields}) + "\n")
 
+    def keepers(self) -> list[dict[str, Any]]:
+        """The keeper that wrote the record, as a journal step that ends it."""
+        return [
+            {"op": "end_keeper", "pid": fields["pid"], "started": fields.get("started")}
+            for kind, fields in self.read()
+            if kind == "start"
+        ]
+
     def read(self) -> list[tuple[str, dict[str, Any]]]:
         """Every complete line, as (kind, fields); nothing when there is no record."""
         try:
@@ -329,7 +337,10 @@ def _keep(keeper: Keeper, ready: int, keep_fds: tuple[int, ...]) -> None:
         with Gate() as gate:
             keeper.mark(gate)
             refs = [{"ref": i.ref, "kind": i.kind, "mode": i.mode} for i in keeper.items]
-            keeper.record.write("start", pid=os.getpid(), items=refs, lifetime=keeper.lifetime)
+            pid, started = os.getpid(), processes.start_time(os.getpid())
+            keeper.record.write(
+                "start", pid=pid, started=started, items=refs, lifetime=keeper.lifetime
+            )
             os.write(ready, b"ready")
             os.close(ready)
             ready = -1

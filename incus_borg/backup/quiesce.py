@@ -136,12 +136,12 @@ class Quiescer:
         self.journal.add(step)
         return step
 
-    def end_keepers(self) -> None:
-        """End the gate keeper a journalled `hook pre` left, if it is still there: it holds
-        the run lock. Its step is forgotten by `undo_all`, under the lock."""
-        for step in self.journal.steps():
-            if step["op"] == "end_keeper":
-                self._undo(step)
+    def end_keepers(self, recorded: list[Step]) -> None:
+        """End the gate keeper a `hook pre` left, if it is still there: it holds the run
+        lock. The journal names it (its step is forgotten by `undo_all`, under the lock), and
+        so does its own record (`recorded`), should the journal be lost."""
+        for step in [s for s in self.journal.steps() if s["op"] == "end_keeper"] + recorded:
+            self._undo(step)
 
     def stop_daemon(self) -> Step:
         """Stop the Incus daemon only (instances keep running)."""
