@@ -4,15 +4,16 @@
 
 Builds a private Incus (tests/harness) with `--instances` running containers on the `dir`
 pool (freeze mode), each holding the small tree of bench/scale.py and `--unique-mb` MiB of
-its own random data. Then, into fresh repositories, first and unchanged:
+its own random data. Then, into fresh repositories, a first run and `--rounds` unchanged
+ones of each, the order alternating:
 
   backup     incus-borg backup --json: the run's time, each instance's freeze window
   borgmatic  borgmatic create with examples/borgmatic/config.yaml (its hooks run
              `incus-borg hook pre` and `hook post`): the run's time, each instance's
              freeze window from the gate keeper's record
 
-and prints the total times, the longest and median freeze per instance, and the target: the
-longest freeze under borgmatic within 1.2x of backup's. Everything is removed afterwards.
+and prints the total times, the longest and median freeze per instance, and the targets: the
+longest (and the 90th percentile) freeze under borgmatic within 1.2x of backup's. Everything is removed afterwards.
 
 Run as root: python bench/keeper.py [--instances N] (see bench/README.md)
 """
@@ -43,8 +44,13 @@ from scale import fill
 
 from incus_borg.backup.keeper import record_path
 
-PHASES = ("first", "unchanged")
 MAX_RATIO = 1.2  # longest freeze under borgmatic <= 1.2 x backup's
+SLOW = 0.9  # seconds: a window this long holds liblxc's one-second freezer sleep
+
+
+def p90(values: list[float]) -> float:
+    """The 90th percentile."""
+    return statistics.quantiles(values, n=10)[-1]
 
 
 class KeeperBench(Bench):
@@ -59,6 +65,7 @@ class KeeperBench(Bench):
         ("--instances", positive(int), 40, "containers on the dir pool"),
         ("--unique-mb", positive(float), 4.0, "MiB of unique data per container"),
         ("--jobs", positive(int), 4, "containers launched at a time"),
+        ("--rounds", positive(int), 3, "unchanged runs of each method after the first"),
     )
 
     @classmethod
@@ -76,20 +83,25 @@ class KeeperBench(Bench):
         self.launch(self.names, lambda n, root: fill(root, unique), jobs=self.args.jobs)
 
     def run(self) -> None:
+        """A first run of each method, then `--rounds` unchanged ones, the order alternating."""
         backup = self.config("backup", instances=list(self.names), mode="freeze")
-        for phase in PHASES:
-            _, summary, _ = self.backup(f"backup-{phase}", f"incus-borg backup ({phase})", backup)
-            found = instance_windows(summary)
-            self.windows[f"backup {phase}"] = {n: [w] for n, (_, w) in found.items()}
         hooked = self.config("borgmatic", instances=list(self.names), mode="freeze")
         settings = self.borgmatic_settings(hooked)
         env = tool_env(hooked)
         argv = [str(Path(sys.executable).parent / "borgmatic"), "-c", str(settings)]
         self.runner.run([*argv, "repo-create", "--encryption", "repokey-blake2"], env=env)
-        for phase in PHASES:
-            with self.step(f"borgmatic-{phase}", f"borgmatic create ({phase})"):
-                self.runner.run([*argv, "create"], env=env)
-            self.windows[f"borgmatic {phase}"] = keeper_windows(hooked)
+        phases = ["first", *(f"unchanged{n}" for n in range(1, self.args.rounds + 1))]
+        for n, phase in enumerate(phases):
+            for method in ("backup", "borgmatic")[:: 1 if n % 2 == 0 else -1]:
+                key = f"{method} {phase}"
+                if method == "backup":
+                    _, summary, _ = self.backup(key, f"incus-borg backup ({phase})", backup)
+                    found = instance_windows(summary)
+                    self.windows[key] = {name: [w] for name, (_, w) in found.items()}
+                    continue
+                with self.step(key, f"borgmatic create ({phase})"):
+                    self.runner.run([*argv, "create"], env=env)
+                self.windows[key] = keeper_windows(hooked)
 
     def borgmatic_settings(self, config: Path) -> Path:
         """examples/borgmatic/config.yaml with this run's staging, repository and hooks."""
@@ -101,38 +113,52 @@ class KeeperBench(Bench):
         path.write_text(yaml.safe_dump(data))
         return path
 
+    def all_windows(self, method: str, first: bool) -> list[float]:
+        """Every freeze window of `method`'s first run, or of its unchanged runs."""
+        return [
+            w
+            for key, per_name in self.windows.items()
+            if key.split()[0] == method and (key.split()[1] == "first") == first
+            for windows in per_name.values()
+            for w in windows
+        ]
+
     def sections(self) -> list[str]:
         rows = []
         for key, per_name in self.windows.items():
-            method, phase = key.split()
             longest = [max(w) for w in per_name.values() if w]
-            run = self.measures[f"{method}-{phase}"].seconds
             rows.append(
                 [
-                    method,
-                    phase,
-                    secs(run, 2),
+                    *key.split(),
+                    secs(self.measures[key].seconds, 2),
                     secs(max(longest, default=None), 2),
                     secs(statistics.median(longest) if longest else None, 2),
+                    str(sum(1 for w in longest if w >= SLOW)),
                     str(len(longest)),
                 ]
             )
-        headers = ["method", "run", "total", "longest freeze", "median freeze", "instances"]
+        headers = ["method", "run", "total", "longest", "median", f">= {SLOW} s", "instances"]
         title = f"{len(self.names)} dir containers in freeze mode, one repository"
-        return [self.headline(title), table(headers, rows)]
+        note = (
+            f"freeze windows per instance; a window of {SLOW} s or more is liblxc's cgroup-v1 "
+            "freezer sleeping a second before it looks again (Incus's own freeze, either way)"
+        )
+        return [self.headline(title, note), table(headers, rows)]
 
     def target_rows(self) -> list[tuple[str, str, bool]]:
         rows = []
-        for phase in PHASES:
-            ours = max(max(w) for w in self.windows[f"borgmatic {phase}"].values() if w)
-            theirs = max(max(w) for w in self.windows[f"backup {phase}"].values() if w)
-            rows.append(
-                (
-                    f"{phase}: longest freeze under borgmatic <= {MAX_RATIO} x backup's",
-                    f"{ours:.2f} s vs {theirs:.2f} s = {ours / theirs:.2f}x",
-                    ours <= MAX_RATIO * theirs,
+        for first, label in ((True, "first run"), (False, "unchanged runs")):
+            ours = self.all_windows("borgmatic", first)
+            theirs = self.all_windows("backup", first)
+            for what, pick in (("longest", max), ("p90", p90)):
+                a, b = pick(ours), pick(theirs)
+                rows.append(
+                    (
+                        f"{label}: {what} freeze under borgmatic <= {MAX_RATIO} x backup's",
+                        f"{a:.2f} s vs {b:.2f} s = {a / b:.2f}x",
+                        a <= MAX_RATIO * b,
+                    )
                 )
-            )
         return rows
 
     def raw(self) -> dict[str, Any]:

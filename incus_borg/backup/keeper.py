@@ -389,6 +389,11 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
                 covered.setdefault(pid, set()).add(ref)
             if fields["note"]:
                 warn(f"{fields['kind']} {ref}: {fields['note']}")
+        elif kind == "other":
+            say(
+                f"{fields['program']} (pid {fields['pid']}) is not Borg, and may read files in "
+                "any order: every instance was held from its first read until it ended"
+            )
         elif kind == "failed":
             entered.pop(ref, None)
             warn(f"{fields['kind']} {ref} read without a quiesce: {fields['why']}")

@@ -50,6 +50,12 @@ def test_a_clean_run_says_each_window(tmp_path: Path) -> None:
     )
 
 
+def test_a_reader_that_is_not_borg_is_said(tmp_path: Path) -> None:
+    lines, warned = said(tmp_path, [("other", {"pid": 7, "program": "restic"}), ASKED])
+    assert not warned
+    assert lines[0].startswith("restic (pid 7) is not Borg")
+
+
 def test_keeper_killed_in_a_pass_names_what_that_pass_read_live(tmp_path: Path) -> None:
     lines = [*a_pass(10)[:2], ("enter", {"ref": "default/c1", "kind": "instance", "pid": 10})]
     _, warned = said(tmp_path, lines)
