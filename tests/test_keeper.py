@@ -97,8 +97,8 @@ def keeper_pid(root: Path) -> int:
 def env(incus_server: IncusServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("keeper")
     for name in DIRS:
-        data = {"/root/data.bin": (os.urandom(SIZE), 0, 0, 0o600)}
-        incus_server.launch(name, pool=DEFAULT_POOL, files=data)
+        files = {"/root/data.bin": (os.urandom(SIZE), 0, 0, 0o600)}
+        incus_server.launch(name, pool=DEFAULT_POOL, files=files)
     for name in BTRFS:
         incus_server.launch(name, pool=BTRFS_POOL, files={"/root/f": (b"f\n", 0, 0, 0o644)})
     config = incus_config(incus_server, root, instances=NAMES)
@@ -172,18 +172,15 @@ def freezer(server: IncusServer, name: str) -> tuple[Path, str]:
     freezer's freezer.state, else cgroup v2's cgroup.events."""
     pid = server.daemon.query(f"/1.0/instances/{name}/state")["pid"]
     lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    found = {}
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        found[controllers] = Path(path)
+    found = {line.split(":", 2)[1]: Path(line.split(":", 2)[2]) for line in lines}
     if "freezer" in found:
         where, file, frozen = Path("/sys/fs/cgroup/freezer"), "freezer.state", "FROZEN"
-        path = found["freezer"]
+        cgroup = found["freezer"]
     else:
         where, file, frozen = Path("/sys/fs/cgroup"), "cgroup.events", "frozen 1"
-        path = found[""]
-    top = next(i for i, part in enumerate(path.parts) if part.startswith("lxc.payload"))
-    state = where.joinpath(*path.parts[1 : top + 1], file)
+        cgroup = found[""]
+    top = next(i for i, part in enumerate(cgroup.parts) if part.startswith("lxc.payload"))
+    state = where.joinpath(*cgroup.parts[1 : top + 1], file)
     assert frozen not in state.read_text(), state
     return state, frozen
 

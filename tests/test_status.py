@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 import yaml
-from cli import PASSPHRASE, borg, incus_config, one_line_error, run_cli
+from cli import BIN, PASSPHRASE, borg, borgmatic_config, incus_config, one_line_error, run_cli
 from harness.server import IncusServer
 from prometheus_client.parser import text_string_to_metric_families
-from test_integrations import BIN, EXAMPLES, borgmatic_config
+from test_integrations import EXAMPLES
 
 from incus_borg.monitoring.index import IndexFile, Run
 
