@@ -180,7 +180,10 @@ def test_installed_hooks_run_the_installed_incus_borg(
 ) -> None:
     config = incus_config(incus_server, tmp_path, instances=[instance])
     own = str(installed.venv / "bin" / "incus-borg")
-    for hook, words in (("incus-borg-pre", "Quiesce Incus"), ("incus-borg-post", "Release")):
+    for hook, words in (
+        ("incus-borg-pre", "Lay out the staging tree"),
+        ("incus-borg-post", "Release"),
+    ):
         # The repository's hooks/ against the installed copy, as the examples run them.
         done = installed.run(str(ROOT / "hooks" / hook), "--help", INCUS_BORG=own)
         assert done.returncode == 0 and words in done.stderr, done.stderr
@@ -189,7 +192,7 @@ def test_installed_hooks_run_the_installed_incus_borg(
         assert done.returncode == 0 and words in done.stderr, done.stderr
     done = installed.run("incus-borg-pre", str(config), PATH=SYSTEM_PATH)
     assert done.returncode == 0, done.stderr
-    assert "held until `hook post`" in done.stderr
+    assert "read as it is" in done.stderr
     manifest = json.loads((tmp_path / "staging" / "manifest.json").read_text())
     assert manifest["incus_borg_version"] == VERSION
     assert [i["name"] for i in manifest["instances"]] == [instance]
