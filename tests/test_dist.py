@@ -191,11 +191,15 @@ def test_installed_hooks_run_the_installed_incus_borg(
         done = installed.run(hook, "--help", PATH=SYSTEM_PATH)
         assert done.returncode == 0 and words in done.stderr, done.stderr
     done = installed.run("incus-borg-pre", str(config), PATH=SYSTEM_PATH)
-    assert done.returncode == 0, done.stderr
-    assert "read as it is" in done.stderr
-    manifest = json.loads((tmp_path / "staging" / "manifest.json").read_text())
-    assert manifest["incus_borg_version"] == VERSION
-    assert [i["name"] for i in manifest["instances"]] == [instance]
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "read as it is" in done.stderr
+        manifest = json.loads((tmp_path / "staging" / "manifest.json").read_text())
+        assert manifest["incus_borg_version"] == VERSION
+        assert [i["name"] for i in manifest["instances"]] == [instance]
+    except BaseException:  # a failing test leaves nothing mounted
+        installed.run("incus-borg-post", str(config), "--failed", PATH=SYSTEM_PATH)
+        raise
     done = installed.run("incus-borg-post", str(config), PATH=SYSTEM_PATH)
     assert done.returncode == 0 and "released every quiesce" in done.stderr, done.stderr
     assert not (tmp_path / "staging" / "manifest.json").exists()
