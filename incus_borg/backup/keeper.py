@@ -358,6 +358,7 @@ def _keep(keeper: Keeper, ready: int, keep_fds: tuple[int, ...]) -> None:
 # --- what `hook post` says -----------------------------------------------------------------
 
 DID = {"freeze": "frozen", "stop": "stopped", "snapshot": "snapshotted"}
+Windows = dict[str, list[float]]  # item ref -> its windows, in seconds
 
 
 def report(record: Record, say: Callable[[str], None], warn: Callable[[str], None]) -> Windows:
@@ -411,9 +412,6 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
             "that was not quiesced, so this run is not consistent"
         )
     return windows
-
-
-Windows = dict[str, list[float]]
 
 
 def _killed(items: list[dict[str, Any]], read: set[str] | None, held: dict[str, int]) -> str:
