@@ -45,7 +45,9 @@ from .reader import WINDOW_MODES
 
 TICK = 0.05  # seconds between checks of the bounds while nothing is opened
 READY_WAIT = 30.0  # seconds `hook pre` waits for the keeper to have its gate in place
-SHELLS = ("sh", "dash", "bash")
+# Programs that run a command and wait for it: the shells of a hook script or `sh -c`, and
+# the wrappers an admin puts before `hook pre` (they fork, so they stand between).
+WRAPPERS = ("sh", "dash", "bash", "sudo", "su", "runuser", "timeout", "flock", "nohup")
 GATED_MODES = (*WINDOW_MODES, "snapshot")  # the modes a keeper quiesces just in time
 
 
@@ -212,7 +214,7 @@ class Keeper:
         item = self.items[k]
         try:
             self.holds[k] = Hold(self.capture.hold_mounted(item), {pid}, {pid})
-        except UserError as exc:  # read live: the run is not consistent for it
+        except (UserError, OSError) as exc:  # read live: the run is not consistent for it
             self.record.write("failed", ref=item.ref, kind=item.kind, pid=pid, why=str(exc))
             return
         self.record.write("enter", ref=item.ref, kind=item.kind, pid=pid)
@@ -271,12 +273,13 @@ def is_borg(argv: list[str]) -> bool:
 
 
 def starter() -> tuple[int, int | None]:
-    """The process that ran this one, through the shells (a hook script, `sh -c`) between
-    them: borgmatic, or the admin's shell."""
+    """The process that ran this one, through the shells (a hook script, `sh -c`) and the
+    wrappers (`sudo`, `timeout`, `flock`, ...) between them: borgmatic, or the admin's
+    shell."""
     pid = os.getppid()
     while pid > 1:
         argv = processes.cmdline(pid)
-        if not argv or os.path.basename(argv[0]).lstrip("-") not in SHELLS or len(argv) < 2:
+        if not argv or os.path.basename(argv[0]).lstrip("-") not in WRAPPERS or len(argv) < 2:
             break
         pid = processes.parent(pid)
     return pid, processes.start_time(pid)

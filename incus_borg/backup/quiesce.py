@@ -208,8 +208,12 @@ class Quiescer:
         if op == "run_post":
             return commands.finish(self.incus, step, self.report, self.warnings.add)
         if op in ("end_borg", "end_keeper"):
-            graceful = KEEPER_GRACE if op == "end_keeper" else None
-            if not processes.end(step["pid"], step["started"], graceful=graceful):
+            # A keeper holds nothing once it is a zombie (its lock went with its files).
+            keeper = op == "end_keeper"
+            graceful = KEEPER_GRACE if keeper else None
+            if not processes.end(
+                step["pid"], step["started"], graceful=graceful, reaped=not keeper
+            ):
                 raise UserError(f"{describe(step)} was killed but is still there")
         elif op == "start_daemon":
             if not self.incus.reachable():

@@ -18,6 +18,7 @@ from ..errors import UserError
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_PRIVATE = 1 << 18
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 _OCTAL = re.compile(rb"\\([0-7]{3})")
@@ -67,20 +68,26 @@ def _call(what: str, result: int, path: Path) -> None:
 
 
 def bind_readonly(source: Path, target: Path) -> None:
-    """Bind-mount `source` (a directory or a file) read-only at `target`."""
+    """Bind-mount `source` (a directory or a file) read-only and private at `target`: no
+    mount made at or below `target` later (a snapshot stacked over it) reaches the mount
+    `source` lies on, nor the other way round, whatever their propagation."""
     if source.is_dir():
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
-    else:
+    elif not target.exists():  # a target made earlier may be on a read-only mount already
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target.touch(mode=0o600, exist_ok=True)
+        target.touch(mode=0o600)
     src, dst = os.fsencode(source), os.fsencode(target)
     _call("bind-mount onto", _libc.mount(src, dst, None, MS_BIND, None), target)
-    # A bind mount ignores MS_RDONLY on its first call: remount it read-only.
-    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-    if _libc.mount(None, dst, None, flags, None) != 0:
-        errno = ctypes.get_errno()
-        _libc.umount2(dst, 0)
-        raise UserError(f"cannot make the mount at {target} read-only: {os.strerror(errno)}")
+    # A bind of a shared mount joins its peer group, and a bind mount ignores MS_RDONLY on
+    # its first call: make it private, then remount it read-only.
+    for what, flags in (
+        ("make private the mount at", MS_PRIVATE),
+        ("make read-only the mount at", MS_REMOUNT | MS_BIND | MS_RDONLY),
+    ):
+        if _libc.mount(None, dst, None, flags, None) != 0:
+            errno = ctypes.get_errno()
+            _libc.umount2(dst, 0)
+            raise UserError(f"cannot {what} {target}: {os.strerror(errno)}")
 
 
 def unmount(target: Path, lazy: bool = False) -> None:
@@ -91,10 +98,15 @@ def unmount(target: Path, lazy: bool = False) -> None:
         _call("unmount", _libc.umount2(os.fsencode(target), flags), target)
 
 
-def unmount_top(target: Path) -> None:
-    """Unmount only the mount stacked last at `target` (the one below it stays), detaching
-    it lazily when it is still busy; nothing when nothing is mounted there."""
-    if not is_mounted(target):
+def stacked_at(path: Path) -> int:
+    """How many mounts are stacked at `path`."""
+    return mount_points().count(_resolved(path))
+
+
+def unmount_top(target: Path, below: int = 1) -> None:
+    """Unmount only the mount stacked last at `target`, when more than `below` mounts are
+    stacked there (the ones below it stay), detaching it lazily when it is still busy."""
+    if stacked_at(target) <= below:
         return
     where = os.fsencode(target)
     if _libc.umount2(where, 0) != 0:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -34,15 +35,21 @@ def start_time(pid: int) -> int | None:
 
 
 def end(
-    pid: int, started: int | None, wait: float = GONE_WAIT, graceful: float | None = None
+    pid: int,
+    started: int | None,
+    wait: float = GONE_WAIT,
+    graceful: float | None = None,
+    reaped: bool = True,
 ) -> bool:
     """Kill the process `pid` that started at `started` and wait until it is gone, reaped
-    too: until then it still counts as alive (a borg's repository lock stays held). With
-    `graceful`, it is first asked to end (SIGTERM) and given that many seconds. Returns
-    whether it is gone; a process of another start time is left alone (it is gone)."""
-    if graceful is not None and _signal_and_wait(pid, started, signal.SIGTERM, graceful):
+    too unless `reaped` is false: until then it still counts as alive (a borg's repository
+    lock stays held). With `graceful`, it is first asked to end (SIGTERM) and given that
+    many seconds. Returns whether it is gone; a process of another start time is left alone
+    (it is gone)."""
+    there = alive if reaped else running
+    if graceful is not None and _signal_and_wait(pid, started, signal.SIGTERM, graceful, there):
         return True
-    return _signal_and_wait(pid, started, signal.SIGKILL, wait)
+    return _signal_and_wait(pid, started, signal.SIGKILL, wait, there)
 
 
 def alive(pid: int, started: int | None) -> bool:
@@ -70,15 +77,17 @@ def cmdline(pid: int) -> list[str]:
     return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]]
 
 
-def _signal_and_wait(pid: int, started: int | None, sig: int, wait: float) -> bool:
-    if not alive(pid, started):
+def _signal_and_wait(
+    pid: int, started: int | None, sig: int, wait: float, there: Callable[[int, int | None], bool]
+) -> bool:
+    if not there(pid, started):
         return True
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + wait
-    while alive(pid, started):
+    while there(pid, started):
         with contextlib.suppress(ChildProcessError):  # another's: its parent or init reaps it
             os.waitpid(pid, os.WNOHANG)  # a child of this process is reaped here
         if time.monotonic() > deadline:

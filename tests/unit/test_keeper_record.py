@@ -4,6 +4,8 @@ lays it out, without a server."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -118,3 +120,12 @@ def test_incus_view_leaves_out_what_backup_excludes(tmp_path: Path) -> None:
     ]
     assert view.bound == {PurePosixPath("incus/server.crt"): incus / "server.crt"}
     assert view.links == {PurePosixPath("incus/pools"): "storage-pools"}
+
+
+def test_the_starter_is_found_past_shells_and_wrappers() -> None:
+    """`sudo`, `timeout` or `flock` before `hook pre` fork and wait: they end with it, so
+    the keeper must watch the process that ran them, not them."""
+    probe = "from incus_borg.backup.keeper import starter; print(starter()[0])"
+    argv = ["timeout", "60", "flock", "/", "sh", "-c", f"{sys.executable} -c '{probe}'; true"]
+    found = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert int(found.stdout) == os.getpid()

@@ -4,6 +4,7 @@ journal that cannot be written does not stop the undo."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,26 @@ def test_a_reused_pid_is_never_killed(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_zombie_keeper_does_not_block_the_undo(tmp_path: Path) -> None:
+    """A gate keeper that has ended but is not reaped yet (its parent is slow to wait for
+    it) holds no lock and no gate: the undo goes on at once, without waiting or failing."""
+    q, incus, journal = quiescer(tmp_path, broken=set())
+    # The keeper's parent, a `sleep` in the end, never waits for it.
+    argv = ["sh", "-c", "sleep 0.2 & echo $!; exec sleep 300"]
+    parent = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    keeper = int(parent.stdout.readline())
+    started = processes.start_time(keeper)
+    freeze_steps(journal, ["a"])
+    journal.add({"op": "end_keeper", "pid": keeper, "started": started})
+    try:
+        while processes.running(keeper, started):
+            time.sleep(0.01)
+        began = time.monotonic()
+        assert q.undo_all(Warnings()) == []
+        assert time.monotonic() - began < 5 and incus.unfrozen == ["a"]
+    finally:
+        parent.kill()
+        parent.wait()
