@@ -69,8 +69,9 @@ class Record:
         os.close(fd)
 
     def write(self, entry: str, **fields: Any) -> None:
-        """Append one line: {entry: fields}."""
-        with self.path.open("a") as f:
+        """Append one line: {entry: fields} (a record made again is root's only, too)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps({entry: fields}) + "\n")
 
     def keepers(self) -> list[dict[str, Any]]:
@@ -91,8 +92,8 @@ class Record:
         for line in lines:
             try:
                 ((kind, fields),) = json.loads(line).items()
-            except ValueError:
-                continue  # a line torn by a kill
+            except (ValueError, AttributeError):
+                continue  # a line torn by a kill, or not one of a record
             parsed.append((kind, fields))
         return parsed
 
@@ -297,6 +298,9 @@ def leave(keeper: Keeper, keep_fds: tuple[int, ...]) -> int:
     os.close(ready_w)
     try:
         answer = _read_ready(ready_r)
+    except BaseException:  # interrupted before the keeper was journalled: it must not stay
+        processes.end(pid, processes.start_time(pid))
+        raise
     finally:
         os.close(ready_r)
     if answer != "ready":

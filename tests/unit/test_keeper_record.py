@@ -129,3 +129,16 @@ def test_the_starter_is_found_past_shells_and_wrappers() -> None:
     argv = ["timeout", "60", "flock", "/", "sh", "-c", f"{sys.executable} -c '{probe}'; true"]
     found = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert int(found.stdout) == os.getpid()
+
+
+def test_a_record_made_again_is_roots_only_and_odd_lines_are_skipped(tmp_path: Path) -> None:
+    record = Record(tmp_path / "staging.keeper")
+    umask = os.umask(0o022)
+    try:
+        record.write("start", pid=1, items=ITEMS, lifetime=60)
+    finally:
+        os.umask(umask)
+    with (tmp_path / "staging.keeper").open("a") as f:
+        f.write('["not", "a", "record"]\n7\n{"a": 1, "b": 2}\n{"torn": \n')
+    assert (tmp_path / "staging.keeper").stat().st_mode & 0o777 == 0o600
+    assert [kind for kind, _ in record.read()] == ["start"]
