@@ -58,7 +58,8 @@ def record_path(staging_dir: Path) -> Path:
 
 class Record:
     """What the keeper did, one JSON object per line: `start`, `enter` (an item quiesced
-    for a reader), `window` (it was released), `failed`, `end` (why the keeper ended)."""
+    for a reader), `window` (it was released), `failed` (it could not be quiesced), `stuck`
+    (it could not be released), `end` (why the keeper ended)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -239,7 +240,7 @@ class Keeper:
         try:
             window = self.capture.release(hold.held)
         except Exception as exc:  # still journalled: `hook post` undoes it
-            self.record.write("failed", why=f"could not release it: {exc}", **fields)
+            self.record.write("stuck", why=str(exc), **fields)
             return
         fields["release"] = time.monotonic() - now
         self.record.write("window", length=window, **fields)
@@ -405,6 +406,14 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
         elif kind == "failed":
             entered.pop(ref, None)
             warn(f"{fields['kind']} {ref} read without a quiesce: {fields['why']}")
+        elif kind == "stuck":  # read quiesced, then not released
+            entered.pop(ref, None)
+            for pid in fields["pids"]:
+                covered.setdefault(pid, set()).add(ref)
+            warn(
+                f"{fields['kind']} {ref} stayed quiesced after Borg read it, until `hook post` "
+                f"undid it: could not release it: {fields['why']}"
+            )
     for item in items:
         done = windows[item["ref"]]
         said = ", ".join(parts.get(item["ref"], []))

@@ -142,3 +142,13 @@ def test_a_record_made_again_is_roots_only_and_odd_lines_are_skipped(tmp_path: P
         f.write('["not", "a", "record"]\n7\n{"a": 1, "b": 2}\n{"torn": \n')
     assert (tmp_path / "staging.keeper").stat().st_mode & 0o777 == 0o600
     assert [kind for kind, _ in record.read()] == ["start"]
+
+
+def test_an_instance_not_released_is_said_so_not_as_read_live(tmp_path: Path) -> None:
+    stuck = window("default/c1", 10) | {"why": "cannot unfreeze c1"}
+    lines = [*a_pass(10)[:3], ("stuck", stuck), *a_pass(10)[4:], ASKED]
+    _, warned = said(tmp_path, lines)
+    assert warned == [
+        "instance default/c1 stayed quiesced after Borg read it, until `hook post` undid it: "
+        "could not release it: cannot unfreeze c1"
+    ]
