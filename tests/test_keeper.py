@@ -229,6 +229,17 @@ def test_borgmatic_freezes_each_instance_only_while_its_borg_reads_it(env: Env) 
     assert not any(snapped for _, _, snapped in before[:1]), "a snapshot before Borg read"
 
 
+def borg_create_staging(env: Env, repo: Path) -> subprocess.Popen[str]:
+    """A plain `borg create` of the staging tree, into a new repository, as another
+    program's Borg after `hook pre`."""
+    init = [str(BIN / "borg"), "init", "-e", "none", str(repo)]
+    assert subprocess.run(init, env=borg_env()).returncode == 0
+    return subprocess.Popen(
+        [str(BIN / "borg"), "create", f"{repo}::staging", "."], cwd=env.root / "staging",
+        env=borg_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 def test_keeper_killed_mid_run_lets_borg_finish(env: Env, tmp_path: Path) -> None:
     """A Borg at the gate of kp-d1 while the keeper is killed: the kernel lets it through,
     it reads kp-d2 live, and `hook post` exits 1 naming kp-d2."""
@@ -238,18 +249,7 @@ def test_keeper_killed_mid_run_lets_borg_finish(env: Env, tmp_path: Path) -> Non
     )
     assert pre.returncode == 0, pre.stderr
     keeper = keeper_pid(env.root)
-    staging = env.root / "staging"
-    archive = f"{tmp_path / 'repo'}::killed-keeper"
-    assert (
-        subprocess.run(
-            [str(BIN / "borg"), "init", "-e", "none", str(tmp_path / "repo")], env=borg_env()
-        ).returncode
-        == 0
-    )
-    create = subprocess.Popen(
-        [str(BIN / "borg"), "create", archive, "."], cwd=staging, env=borg_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    create = borg_create_staging(env, tmp_path / "repo")
     try:
         assert wait_for(lambda: stopped(keeper), 120, interval=0.05), "the keeper never paused"
         assert env.server.state("kp-d1") == "Frozen"
@@ -264,6 +264,40 @@ def test_keeper_killed_mid_run_lets_borg_finish(env: Env, tmp_path: Path) -> Non
     assert killed and "default/kp-d2" in killed[0], post.stderr
     assert "default/kp-d1 stayed quiesced" in killed[0], killed
     env.assert_released()
+
+
+def test_a_snapshot_over_staging_never_covers_a_shared_live_mount(env: Env, tmp_path: Path) -> None:
+    """On a systemd host mounts are shared: the btrfs snapshot the keeper mounts over kp-b0's
+    live data in staging must stay there, not propagate onto the live container itself."""
+    pool = env.server.daemon.incus_dir / "storage-pools" / BTRFS_POOL
+    live = pool / "containers" / "kp-b0"
+    assert mounts.is_mounted(pool)
+    subprocess.run(["mount", "--make-shared", str(pool)], check=True)
+    try:
+        pause = pause_env("held:default/kp-b0", tool_env(env.config))
+        pre = subprocess.run(
+            [str(BIN / "incus-borg"), "hook", "pre"], env=pause, capture_output=True, text=True
+        )
+        assert pre.returncode == 0, pre.stderr
+        keeper = keeper_pid(env.root)
+        create = borg_create_staging(env, tmp_path / "repo")
+        try:
+            assert wait_for(lambda: stopped(keeper), 120, interval=0.05), "never paused"
+            assert env.temporary_snapshots("kp-b0")
+            assert not mounts.is_mounted(live), "the snapshot covers the live container"
+            os.kill(keeper, 18)
+            assert create.wait(timeout=300) == 0, create.stderr
+        finally:
+            if processes.start_time(keeper) is not None:
+                os.kill(keeper, 18)
+            if create.poll() is None:
+                create.kill()
+            post = run_cli("hook", "post", config=env.config)
+        assert post.returncode == 0, post.stderr
+        assert not mounts.is_mounted(live)
+        env.assert_released()
+    finally:
+        subprocess.run(["mount", "--make-private", str(pool)], check=True)
 
 
 def test_borgmatic_killed_mid_run_the_keeper_releases_everything(env: Env) -> None:
