@@ -229,29 +229,32 @@ def test_borgmatic_freezes_each_instance_only_while_its_borg_reads_it(env: Env) 
     assert not any(snapped for _, _, snapped in before[:1]), "a snapshot before Borg read"
 
 
-def borg_create_staging(env: Env, repo: Path) -> subprocess.Popen[str]:
-    """A plain `borg create` of the staging tree, into a new repository, as another
-    program's Borg after `hook pre`."""
-    init = [str(BIN / "borg"), "init", "-e", "none", str(repo)]
-    assert subprocess.run(init, env=borg_env()).returncode == 0
-    return subprocess.Popen(
-        [str(BIN / "borg"), "create", f"{repo}::staging", "."], cwd=env.root / "staging",
-        env=borg_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def test_keeper_killed_mid_run_lets_borg_finish(env: Env, tmp_path: Path) -> None:
-    """A Borg at the gate of kp-d1 while the keeper is killed: the kernel lets it through,
-    it reads kp-d2 live, and `hook post` exits 1 naming kp-d2."""
-    pause = pause_env("held:default/kp-d1", tool_env(env.config))
+def keeper_paused_at(env: Env, point: str, repo: Path) -> tuple[int, subprocess.Popen[str]]:
+    """`hook pre`, then a plain `borg create` of the staging tree into a new repository (as
+    another program's Borg): the keeper and that Borg, once the keeper stopped at `point`."""
+    pause = pause_env(point, tool_env(env.config))
     pre = subprocess.run(
         [str(BIN / "incus-borg"), "hook", "pre"], env=pause, capture_output=True, text=True
     )
     assert pre.returncode == 0, pre.stderr
     keeper = keeper_pid(env.root)
-    create = borg_create_staging(env, tmp_path / "repo")
+    init = [str(BIN / "borg"), "init", "-e", "none", str(repo)]
+    assert subprocess.run(init, env=borg_env()).returncode == 0
+    create = subprocess.Popen(
+        [str(BIN / "borg"), "create", f"{repo}::staging", "."], cwd=env.root / "staging",
+        env=borg_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if not wait_for(lambda: stopped(keeper), 120, interval=0.05):
+        create.kill()
+        raise AssertionError(f"the keeper never paused at {point}")
+    return keeper, create
+
+
+def test_keeper_killed_mid_run_lets_borg_finish(env: Env, tmp_path: Path) -> None:
+    """A Borg at the gate of kp-d1 while the keeper is killed: the kernel lets it through,
+    it reads kp-d2 live, and `hook post` exits 1 naming kp-d2."""
+    keeper, create = keeper_paused_at(env, "held:default/kp-d1", tmp_path / "repo")
     try:
-        assert wait_for(lambda: stopped(keeper), 120, interval=0.05), "the keeper never paused"
         assert env.server.state("kp-d1") == "Frozen"
         os.kill(keeper, 9)
         assert create.wait(timeout=300) == 0, create.stderr
@@ -274,15 +277,8 @@ def test_a_snapshot_over_staging_never_covers_a_shared_live_mount(env: Env, tmp_
     assert mounts.is_mounted(pool)
     subprocess.run(["mount", "--make-shared", str(pool)], check=True)
     try:
-        pause = pause_env("held:default/kp-b0", tool_env(env.config))
-        pre = subprocess.run(
-            [str(BIN / "incus-borg"), "hook", "pre"], env=pause, capture_output=True, text=True
-        )
-        assert pre.returncode == 0, pre.stderr
-        keeper = keeper_pid(env.root)
-        create = borg_create_staging(env, tmp_path / "repo")
+        keeper, create = keeper_paused_at(env, "held:default/kp-b0", tmp_path / "repo")
         try:
-            assert wait_for(lambda: stopped(keeper), 120, interval=0.05), "never paused"
             assert env.temporary_snapshots("kp-b0")
             assert not mounts.is_mounted(live), "the snapshot covers the live container"
             os.kill(keeper, 18)
