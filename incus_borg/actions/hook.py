@@ -149,6 +149,8 @@ def _post(ctx: Context, failed: bool) -> int:
     warnings = Warnings()
     session = _session(ctx, None, warnings)
     record = keeper.Record(keeper.record_path(session.stage.root))
+    if record.keepers():  # a SIGTERM from anyone else ends it as "by itself"
+        record.write("ask")
     session.quiescer.end_keepers(record.keepers())  # it holds the run lock
     ready = None if failed else monitoring.hook_run(session)  # before staging is emptied
     windows = keeper.report(record, session.report, warnings.add)

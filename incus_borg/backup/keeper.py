@@ -59,7 +59,7 @@ def record_path(staging_dir: Path) -> Path:
 class Record:
     """What the keeper did, one JSON object per line: `start`, `enter` (an item quiesced
     for a reader), `window` (it was released), `failed` (it could not be quiesced), `stuck`
-    (it could not be released), `end` (why the keeper ended)."""
+    (it could not be released), `ask` (`hook post` asks it to end), `end` (why it ended)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -419,13 +419,15 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
         said = ", ".join(parts.get(item["ref"], []))
         what = f"{DID[item['mode']]} {len(done)} time(s) while Borg read it: {said}"
         say(f"{item['kind']} {item['ref']}: " + (what if done else "not read by Borg"))
-    ends = [fields for kind, fields in lines if kind == "end"]
+    ends = [(at, fields) for at, (kind, fields) in enumerate(lines) if kind == "end"]
+    asks = [at for at, (kind, _) in enumerate(lines) if kind == "ask"]
     if not ends:
         warn(_killed(items, covered.get(last, set()) if last else None, entered))
-    elif not ends[-1]["asked"]:
+    elif not ends[-1][1]["asked"] or not any(at < ends[-1][0] for at in asks):
+        why = ends[-1][1]["why"] if not ends[-1][1]["asked"] else "a signal not from `hook post`"
         warn(
-            f"the gate keeper ended by itself: {ends[-1]['why']}; whatever Borg read after "
-            "that was not quiesced, so this run is not consistent"
+            f"the gate keeper ended by itself: {why}; whatever Borg read after that was not "
+            "quiesced, so this run is not consistent"
         )
     return windows
 

@@ -40,11 +40,12 @@ def a_pass(pid: int) -> list[tuple[str, dict[str, Any]]]:
     return lines
 
 
+ASK: tuple[str, dict[str, Any]] = ("ask", {})
 ASKED = ("end", {"why": "asked to end", "asked": True})
 
 
 def test_a_clean_run_says_each_window(tmp_path: Path) -> None:
-    lines, warned = said(tmp_path, [*a_pass(10), ASKED])
+    lines, warned = said(tmp_path, [*a_pass(10), ASK, ASKED])
     assert not warned
     assert lines[0] == (
         "instance default/c0: frozen 1 time(s) while Borg read it: "
@@ -53,7 +54,7 @@ def test_a_clean_run_says_each_window(tmp_path: Path) -> None:
 
 
 def test_a_reader_that_is_not_borg_is_said(tmp_path: Path) -> None:
-    lines, warned = said(tmp_path, [("other", {"pid": 7, "program": "restic"}), ASKED])
+    lines, warned = said(tmp_path, [("other", {"pid": 7, "program": "restic"}), ASK, ASKED])
     assert not warned
     assert lines[0].startswith("restic (pid 7) is not Borg")
 
@@ -146,9 +147,17 @@ def test_a_record_made_again_is_roots_only_and_odd_lines_are_skipped(tmp_path: P
 
 def test_an_instance_not_released_is_said_so_not_as_read_live(tmp_path: Path) -> None:
     stuck = window("default/c1", 10) | {"why": "cannot unfreeze c1"}
-    lines = [*a_pass(10)[:3], ("stuck", stuck), *a_pass(10)[4:], ASKED]
+    lines = [*a_pass(10)[:3], ("stuck", stuck), *a_pass(10)[4:], ASK, ASKED]
     _, warned = said(tmp_path, lines)
     assert warned == [
         "instance default/c1 stayed quiesced after Borg read it, until `hook post` undid it: "
         "could not release it: cannot unfreeze c1"
     ]
+
+
+def test_a_signal_not_from_hook_post_counts_as_ending_by_itself(tmp_path: Path) -> None:
+    """Anyone's SIGTERM ends the keeper; only `hook post`'s (its `ask` line before) is
+    asked: after any other, Borg may read the rest live."""
+    _, warned = said(tmp_path, [*a_pass(10)[:2], ASKED, ASK])
+    assert len(warned) == 1
+    assert "ended by itself: a signal not from `hook post`" in warned[0], warned
