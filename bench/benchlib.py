@@ -66,6 +66,10 @@ BASE_TREES = ("/usr/lib/python3.11", "/usr/lib/python3", "/usr/share/perl", "/us
 SMALL_FILES = 5000  # unique small files per container at scale 1
 LARGE_MIB = 100  # each of the two large files per container at scale 1, MiB
 POOLS = {"dir": DEFAULT_POOL, "btrfs": BTRFS_POOL}  # pool kind -> the harness's pool
+# Many small containers: the same few hundred small files in every one (about 300 files,
+# 3.5 MB), and unique data in files of 256 KiB.
+SHARED_TREES = ("/usr/lib/python3.11/encodings", "/usr/lib/python3.11/email")
+UNIQUE_FILE = 256 << 10
 
 # The plain-borg floor reads the Incus directory like incus-borg's server archive does, but
 # with the pools' data in place: the btrfs loop image is excluded (its mount is read), and so
@@ -495,6 +499,13 @@ def fill_container(root: Path, scale: float, seed: int) -> None:
     write_blob(root / "srv" / "large" / "log.dat", size, compressible)
 
 
+def fill_small(root: Path, unique_mb: float) -> None:
+    """A small container's data: the shared trees and `unique_mb` MiB of random files."""
+    copy_trees(root, SHARED_TREES)
+    for i in range(max(1, round(unique_mb * MiB / UNIQUE_FILE))):
+        write_blob(root / "srv" / "unique" / f"u{i:04d}.bin", UNIQUE_FILE, os.urandom)
+
+
 def container_estimate(scale: float) -> float:
     """Rough bytes of one container filled by `fill_container` at `scale`."""
     base = sum(tree_size(Path(t))[0] for t in BASE_TREES if Path(t).is_dir())
@@ -738,6 +749,14 @@ class Bench:
         if done.returncode:
             m.notes.append(f"borg exit {done.returncode} (warnings)")
         return m
+
+    def plain_paths(self, names: Mapping[str, str]) -> list[str]:
+        """What plain borg reads for a set of containers (name -> pool): the Incus directory
+        but its pools, and the containers' directories (relative to the daemon's root)."""
+        server = [f"incus/{e}" for e in sorted(os.listdir(self.incus_dir)) if e != "storage-pools"]
+        root = self.daemon.root
+        dirs = [container_dir(self.server, p, n).relative_to(root) for n, p in names.items()]
+        return server + [str(d) for d in dirs]
 
     def read_alone(self, pool: str, name: str) -> tuple[float, float]:
         """Seconds of plain `borg create` of one container's directory alone into a fresh

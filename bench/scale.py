@@ -22,7 +22,6 @@ Run as root: python bench/scale.py [--instances N] (see bench/README.md)
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from typing import Any
 
 from benchlib import (
     POOLS,
+    SHARED_TREES,
     Bench,
     Column,
     GiB,
@@ -41,7 +41,7 @@ from benchlib import (
     change_files,
     columns,
     container_dir,
-    copy_trees,
+    fill_small,
     human,
     incus_borg_argv,
     instance_windows,
@@ -52,12 +52,8 @@ from benchlib import (
     run_archives,
     secs,
     tree_size,
-    write_blob,
 )
 
-# The same few hundred small files in every container (about 300 files, 3.5 MB).
-SHARED_TREES = ("/usr/lib/python3.11/encodings", "/usr/lib/python3.11/email")
-UNIQUE_FILE = 256 << 10  # unique data comes in files of 256 KiB
 PHASES = ("first", "unchanged", "changed")
 CHANGED_FRACTION = 0.01
 
@@ -78,13 +74,6 @@ class Group:
     names: dict[str, str]  # container -> pool
     config: Path = Path()
     runs: dict[str, str] = field(default_factory=dict)  # phase -> incus-borg run name
-
-
-def fill(root: Path, unique_mb: float) -> None:
-    """The shared tree and `unique_mb` MiB of random files, written into a rootfs."""
-    copy_trees(root, SHARED_TREES)
-    for i in range(max(1, round(unique_mb * MiB / UNIQUE_FILE))):
-        write_blob(root / "srv" / "unique" / f"u{i:04d}.bin", UNIQUE_FILE, os.urandom)
 
 
 class ScaleBench(Bench):
@@ -125,7 +114,7 @@ class ScaleBench(Bench):
         """Launch and fill every container, `--jobs` at a time."""
         unique = self.args.unique_mb
         names = self.groups[-1].names
-        self.launch(names, lambda n, root: fill(root, unique), jobs=self.args.jobs)
+        self.launch(names, lambda n, root: fill_small(root, unique), jobs=self.args.jobs)
         for name, pool in names.items():
             size, count = tree_size(container_dir(self.server, pool, name))
             self.data, self.files = self.data + size, self.files + count
@@ -145,7 +134,7 @@ class ScaleBench(Bench):
         label = group.label
         plain = self.s.out / f"repo-plain-{label}"
         self.borg_init(plain)
-        paths = self.floor_paths(group)
+        paths = self.plain_paths(group.names)
         instances = [] if label == "server" else list(group.names)
         group.config = self.config(label, instances=instances)
         for phase in PHASES:
@@ -158,14 +147,6 @@ class ScaleBench(Bench):
         shutil.rmtree(plain)
         with self.step(f"{label}-list", "incus-borg list latest"):
             self.runner.run(incus_borg_argv(group.config, "list", "latest"))
-
-    def floor_paths(self, group: Group) -> list[str]:
-        """What plain borg reads for a set: the Incus directory but its pools, and the set's
-        container directories (relative to the daemon's root)."""
-        server = [f"incus/{e}" for e in sorted(os.listdir(self.incus_dir)) if e != "storage-pools"]
-        root = self.daemon.root
-        dirs = [container_dir(self.server, p, n).relative_to(root) for n, p in group.names.items()]
-        return server + [str(d) for d in dirs]
 
     def incus_borg_backup(self, group: Group, phase: str) -> None:
         """One incus-borg run of a set, and how many archives it made."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+from . import profile
 from .errors import UserError
 from .host.processes import run_to_end
 
@@ -30,6 +31,8 @@ DEFAULT_TIMEOUT = 120.0
 OPERATION_TIMEOUT = 600  # seconds an asynchronous operation (snapshot, state change) may take
 UNREACHABLE_SIGNS = ("connect: no such file", "connection refused", "unix.socket: connect")
 # Entity kinds whose lists are per project; the others are server-wide.
+# The types of the volumes that hold instances (their snapshots are the instances').
+INSTANCE_VOLUME_TYPES = {"container", "virtual-machine"}
 PROJECT_KINDS = {"instances", "profiles", "networks", "network-acls", "network-zones", "images"}
 
 
@@ -132,12 +135,13 @@ class Incus:
         self, method: str, path: str, body: Any = None, timeout: float | None = None
     ) -> Any:
         """One API call; an asynchronous operation is waited for. Returns the metadata."""
-        answer = self._exchange(method, path, body, timeout or self.timeout)
-        if answer.get("type") == "error":
-            raise self._api_error(method, path, str(answer.get("error", "")))
-        if answer.get("type") == "async":
-            return self._wait(method, path, str(answer["operation"]))
-        return answer.get("metadata")
+        with profile.phase(f"incus API {method}"):
+            answer = self._exchange(method, path, body, timeout or self.timeout)
+            if answer.get("type") == "error":
+                raise self._api_error(method, path, str(answer.get("error", "")))
+            if answer.get("type") == "async":
+                return self._wait(method, path, str(answer["operation"]))
+            return answer.get("metadata")
 
     def _exchange(self, method: str, path: str, body: Any, timeout: float) -> dict[str, Any]:
         raw = self._send(method, path, body, timeout)
@@ -359,6 +363,17 @@ class Incus:
             return list(self._get(*segments, recursion="1", **{"all-projects": "true"}))
         return list(self._get(*segments, project=project, recursion="1"))
 
+    def instances_with_snapshots(self, pool: str) -> set[tuple[str, str]]:
+        """(project, name) of the instances with a root disk on `pool` that have snapshots:
+        one listing of the pool's volumes, where a whole server's instances with their
+        snapshots (recursion 2) take Incus a query of every running instance's state."""
+        segments = ("storage-pools", pool, "volumes")
+        return {
+            (vol.get("project") or "default", vol["name"].partition("/")[0])
+            for vol in self._get(*segments, recursion="1", **{"all-projects": "true"}) or []
+            if "/" in vol["name"] and vol.get("type") in INSTANCE_VOLUME_TYPES
+        }
+
     # A volume of a pool local to each cluster member is named per member: volumes of one
     # name may lie on several members, and `target` says which one a call is about.
 
@@ -490,8 +505,10 @@ class Incus:
         self.request("DELETE", api_path("instances", name, project=project))
 
     def instance_snapshots(self, project: str, name: str) -> list[str]:
-        """Names of an instance's snapshots, oldest first."""
-        return names_of(self._get("instances", name, "snapshots", project=project))
+        """Names of an instance's snapshots, oldest first (in Incus's own order: that of the
+        instance's records, as an instance listed with recursion 2 gives them)."""
+        listed = self._get("instances", name, "snapshots", project=project, recursion="1")
+        return [str(snap["name"]).rpartition("/")[2] for snap in listed or []]
 
     def create_instance_snapshot(self, project: str, name: str, snap: str) -> None:
         """Take a (stateless) snapshot of an instance."""
@@ -695,7 +712,8 @@ class Incus:
         limit = timeout or self.timeout
         missing = "the incus client is not installed: install the incus package"
         slow = f"`incus {' '.join(args[:3])}` did not finish within {limit:.0f} s"
-        done = self._execute(["incus", *args], stdin, limit, missing, slow)
+        with profile.phase(f"incus client {args[1] if args[0] == '--quiet' else args[0]}"):
+            done = self._execute(["incus", *args], stdin, limit, missing, slow)
         if done.returncode != 0:
             raise self._failure(args, done.stderr.decode("utf-8", "replace"))
         return done.stdout.decode("utf-8", "replace")

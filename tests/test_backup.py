@@ -243,6 +243,28 @@ def test_second_run_adds_under_one_percent(env: Env) -> None:
     assert "file(s) not in the files cache" in done.stderr
 
 
+def test_profile_gives_each_phase_its_wall_and_cpu_time(env: Env) -> None:
+    """Issue 26: `--profile` prints where a run spends its time, phase by phase, each below
+    the phase it ran in; --json holds the same figures by path."""
+    done = run_cli("--profile", "backup", "--json", config=env.config)
+    assert done.returncode == 0, done.stderr
+    table = done.stderr[done.stderr.index("phase ") :].splitlines()
+    assert table[0].split() == ["phase", "calls", "wall", "s", "cpu", "s", "child", "cpu", "s"]
+    width = table[0].index("calls")
+    labels = [line[:width].rstrip() for line in table[2:]]
+    for label in ("plan", "capture", "  daemon down", "    daemon start", "read", "  quiesce"):
+        assert label in labels, (label, table)
+    assert labels[-1] == "total (from start)"
+    summary = json.loads(done.stdout)
+    profile = summary["profile"]
+    in_place = [i for i in summary["items"] if i["reader"] != "export"]
+    assert profile["read/quiesce"]["calls"] == len(in_place)
+    assert profile["read"]["children_cpu"] > 0  # borg's CPU counts where borg ran
+    assert profile["export"]["wall"] > 0  # bk-blk is read through Incus's export
+    down = profile["capture/daemon down"]["wall"]
+    assert abs(down - summary["daemon_downtime"]) < 0.05
+
+
 def test_kill_9_while_frozen_then_next_run_recovers(env: Env) -> None:
     argv = command(env.config, "backup", "--mode", "freeze")
     with paused(argv, "held:default/bk-dir") as proc:

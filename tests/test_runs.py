@@ -9,12 +9,14 @@ dumps-only check instead of replacing the shared server.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from cli import borg, borg_env, incus_config, one_line_error, run_cli, write_con
 from harness.server import IncusServer
 
 from incus_borg import layout
+from incus_borg.runs.catalogue import Catalogue
 
 pytestmark = pytest.mark.incus
 
@@ -135,6 +138,124 @@ def test_latest_for_other_restores_is_the_newest_run_holding_the_item(
     assert json.loads(shown.stdout)["run"] == env.partial  # list and config: the newest run
     error = one_line_error(env.cli("restore", "instance", "latest", "rn-nosuch"))
     assert "repository local holds no instance 'rn-nosuch' in any run" in error
+
+
+def catalogue_entry(env: Env, run: str) -> Path:
+    """Where this host's run catalogue keeps a run of the module's repository."""
+    return Catalogue.beside(env.root / "staging").entry(str(env.repo), run)
+
+
+@contextmanager
+def catalogue_changed(
+    env: Env, run: str, change: Callable[[dict[str, Any]], None]
+) -> Iterator[None]:
+    """A run's catalogue entry, changed by `change` (its files decoded), for the block."""
+    entry = catalogue_entry(env, run)
+    original = entry.read_text()
+    data = json.loads(original)
+    files = {k: base64.b64decode(v) for k, v in data["files"].items()}
+    data["files"] = files
+    change(data)
+    data["files"] = {k: base64.b64encode(v).decode() for k, v in files.items()}
+    entry.write_text(json.dumps(data))
+    try:
+        yield
+    finally:
+        entry.write_text(original)
+
+
+def test_list_latest_reads_a_run_this_host_made_from_its_catalogue(env: Env) -> None:
+    """Issue 26: `list latest` read the manifest and definitions out of the archive (a walk of
+    its whole metadata); a run this host made needs one listing of the repository."""
+    fast = env.cli("--profile", "list", "latest", "--json")
+    assert fast.returncode == 0, fast.stderr
+    assert "borg list" in fast.stderr and "borg extract" not in fast.stderr
+    entry = catalogue_entry(env, env.partial)
+    assert entry.is_file()
+    aside = entry.with_name(entry.name + ".aside")
+    entry.rename(aside)
+    try:
+        slow = env.cli("--profile", "list", "latest", "--json")
+    finally:
+        aside.rename(entry)
+    assert slow.returncode == 0, slow.stderr
+    assert "borg extract" in slow.stderr  # a host without the entry reads the archive
+    assert json.loads(fast.stdout) == json.loads(slow.stdout)
+
+
+def test_a_catalogue_entry_of_another_archive_is_not_used(env: Env) -> None:
+    """An entry whose archive id is not the one the repository lists (an archive deleted
+    and made again under the same name) is ignored: the archive is read."""
+
+    def forge(data: dict[str, Any]) -> None:
+        data["id"] = "0" * 64
+        manifest = json.loads(data["files"]["manifest.json"])
+        data["files"]["manifest.json"] = json.dumps(manifest | {"hostname": "forged"}).encode()
+
+    with catalogue_changed(env, env.partial, forge):
+        done = env.cli("--profile", "list", "latest", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["hostname"] != "forged"
+    assert "borg extract" in done.stderr
+
+
+def test_restore_instance_takes_the_run_s_small_files_from_the_catalogue(env: Env) -> None:
+    """Issue 26: a restore of one instance read the run's files out of the archive, then
+    its data: from the catalogue, only the instance's listing and its data are read."""
+    done = env.cli("--profile", "restore", "instance", env.complete, "rn-a", "--as", "rn-a-cat")
+    assert done.returncode == 0, done.stderr
+    try:
+        assert "borg extract + list" not in done.stderr  # the archive's own files: not read
+        assert "borg extract (side by side)" in done.stderr  # the data
+        rootfs = Path(env.server.daemon.incus_dir) / "storage-pools/default/containers/rn-a-cat"
+        assert (rootfs / "rootfs/root/v").read_text() == "a-1\n"
+    finally:
+        env.server.delete("rn-a-cat")
+
+
+def test_a_catalogued_file_unlike_the_archive_s_is_not_used(env: Env) -> None:
+    """An instance's catalogued backup.yaml whose size is not the archived one's is not
+    trusted: the restore reads the archive's."""
+    config = "instances/default/rn-a/backup/container/backup.yaml"
+
+    def forge(data: dict[str, Any]) -> None:
+        backup = yaml.safe_load(data["files"][config])
+        backup["container"]["config"]["user.forged"] = "yes"
+        data["files"][config] = yaml.safe_dump(backup).encode()
+
+    with catalogue_changed(env, env.complete, forge):
+        done = env.cli("--profile", "restore", "instance", env.complete, "rn-a", "--as", "rn-a-cat")
+    assert done.returncode == 0, done.stderr
+    try:
+        assert "borg extract + list" in done.stderr
+        restored = env.server.daemon.query("/1.0/instances/rn-a-cat")
+        assert "user.forged" not in restored["config"]
+    finally:
+        env.server.delete("rn-a-cat")
+
+
+def test_a_catalogue_entry_of_an_archive_gone_from_the_repository_is_not_used(
+    env: Env,
+) -> None:
+    """An archive named on the command line is listed before its entry is used: one that was
+    deleted behind this host's back (another host's prune, `borg delete`) is refused with
+    exit 2, before anything is made."""
+    gone = "rn-host-2000-01-03T00:00:00"
+    entry = catalogue_entry(env, gone)
+    data = json.loads(catalogue_entry(env, env.complete).read_text()) | {"archive": gone}
+    entry.write_text(json.dumps(data))
+    try:
+        for command in (
+            ("list", gone),
+            ("restore", "instance", gone, "rn-a", "--as", "rn-a-gone"),
+        ):
+            error = one_line_error(env.cli(*command))
+            assert f"no archive {gone!r} in repository local" in error, (command, error)
+    finally:
+        entry.unlink()
+    assert "rn-a-gone" not in {
+        i["name"] for i in env.server.daemon.query("/1.0/instances?recursion=1")
+    }
 
 
 CONFIG_REFUSALS = [
@@ -280,6 +401,9 @@ def test_interrupted_runs_are_listed_incomplete_then_pruned(env: Env, tmp_path: 
     assert orphan not in left and "rn-host-2000-01-02T00:00:00.checkpoint" not in left
     assert "other-program.checkpoint" in left  # not incus-borg's
     assert {e["name"] for e in env.listing()} == {newer}
+    assert catalogue_entry(env, newer).is_file()  # prune forgets the deleted runs' entries
+    assert not catalogue_entry(env, env.partial).exists()
+    assert not catalogue_entry(env, env.complete).exists()
 
 
 def test_prune_says_when_the_server_did_not_compact(env: Env) -> None:

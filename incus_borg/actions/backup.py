@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .. import layout, monitoring, preflight
+from .. import layout, monitoring, preflight, profile
 from ..backup import policy
 from ..backup.capture import Capture
 from ..backup.export import Exporter, ExportLane
@@ -26,6 +26,7 @@ from ..context import Context
 from ..errors import EXIT_ERROR, UserError, Warnings
 from ..host import testpoints
 from ..manifest import Item
+from ..runs.catalogue import Catalogue
 
 # An export stream is one file whose tar headers break the alignment of identical content
 # (a snapshot and the instance, or the same data in two runs): chunks of 64 KiB on average
@@ -102,12 +103,14 @@ def _run(ctx: Context, options: BackupOptions) -> int:
     repos = config.select_repositories(options.label)
     selection = list(options.instances) or config.instances
     with session.locked("backup"):
-        the_plan = session.plan(selection, options.mode)
+        with profile.phase("plan"):
+            the_plan = session.plan(selection, options.mode)
         if options.dry_run:
             print_plan(the_plan, config, repos, session.report)
             return 0
         outcome = Outcome()
         capture = Capture(session)
+        capture.import_files = {}  # for the run catalogue
         with session.holding("backup"), ThreadPoolExecutor(1) as background:
             # The repositories are checked while the metadata is written, and before the
             # first quiesce (the daemon's stop).
@@ -119,7 +122,8 @@ def _run(ctx: Context, options: BackupOptions) -> int:
                 database = capture.capture_state()
             testpoints.reached("captured")
             write_run(capture, the_plan, database, borg, live, outcome, options.progress)
-    monitoring.record_backup(ctx, capture, the_plan, outcome)
+    with profile.phase("index and metrics"):
+        monitoring.record_backup(ctx, capture, the_plan, outcome)
     if options.as_json:
         click.echo(json.dumps(summary(capture, the_plan, outcome, warnings), indent=2))
     if not outcome.archives:
@@ -132,12 +136,13 @@ def check_repositories(
 ) -> list[Repository]:
     """The repositories that answer; an error when none does, a warning per one that does not."""
     live = []
-    for repo in repos:
-        try:
-            borg.run(info_argv(repo), repo)
-            live.append(repo)
-        except UserError as exc:
-            outcome.failed[repo.name] = str(exc)
+    with profile.phase("repositories check"):
+        for repo in repos:
+            try:
+                borg.run(info_argv(repo), repo)
+                live.append(repo)
+            except UserError as exc:
+                outcome.failed[repo.name] = str(exc)
     if not live:
         raise UserError("; ".join(outcome.failed.values()))
     for message in outcome.failed.values():
@@ -162,7 +167,9 @@ def write_run(
 
     def manifest_content() -> bytes:  # once every borg has read everything else
         session.quiescer.wait()  # the post commands started so far
-        return capture.manifest(the_plan, database, borg.version, False).to_json().encode()
+        content = capture.manifest(the_plan, database, borg.version, False).to_json().encode()
+        capture.import_files = (capture.import_files or {}) | {str(layout.MANIFEST): content}
+        return content
 
     config = session.config
     groups = [[repo] for repo in repos] if config.quiesce_per_repository else [repos]
@@ -189,7 +196,28 @@ def write_run(
         for lane in lanes:
             drop_if_lacking(borg, in_place, lane, session.run)
             report_lane(capture, the_plan, lane, outcome)
-            mark_partial(borg, the_plan, lane, session.run, session.member)
+            if not mark_partial(borg, the_plan, lane, session.run, session.member):
+                catalogue(capture, lane)  # (a new comment gives the archive another id)
+
+
+def catalogue(capture: Capture, lane: Lane) -> None:
+    """Keep the small files of the run a lane committed in the run catalogue: its manifest
+    (as it was written), definitions and instances' import files (as Borg read them)."""
+    session = capture.session
+    if lane.result is None or not capture.import_files:
+        return
+    files = dict(capture.import_files)
+    definitions = session.stage.path(layout.DEFINITIONS)
+    try:
+        for path in sorted(definitions.rglob("*")):
+            if path.is_file():
+                files[str(layout.DEFINITIONS / path.relative_to(definitions))] = path.read_bytes()
+        archive_id = str(lane.result.json()["archive"]["id"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return  # no entry: the catalogue only saves reading the run back
+    Catalogue.beside(session.config.staging_dir).store(
+        lane.repo.path, session.run, archive_id, files
+    )
 
 
 def write_exports(
@@ -261,13 +289,16 @@ def drop_if_lacking(borg: Borg, items: list[Item], lane: Lane, run: str) -> None
         lane.failed = f"repository {lane.repo.name} ({lane.repo.path}): {missing(lost)}"
 
 
-def mark_partial(borg: Borg, the_plan: Plan, lane: Lane, run: str, member: str | None) -> None:
+def mark_partial(borg: Borg, the_plan: Plan, lane: Lane, run: str, member: str | None) -> bool:
     """A run that left an instance out while it was read (it could not be quiesced) is
-    partial, although its archive was begun as a complete one: say so in its comment."""
+    partial, although its archive was begun as a complete one: say so in its comment.
+    Returns whether it did."""
     left_out = any(i.failed for i in the_plan.instances + the_plan.volumes)
-    if lane.result is not None and not the_plan.partial and left_out:
-        comment = layout.run_comment(True, member)
-        borg.run(comment_argv(lane.repo, run, comment), lane.repo)
+    if lane.result is None or the_plan.partial or not left_out:
+        return False
+    comment = layout.run_comment(True, member)
+    borg.run(comment_argv(lane.repo, run, comment), lane.repo)
+    return True
 
 
 def create_args(
@@ -388,6 +419,7 @@ def summary(
         "failed_repositories": outcome.failed,
         "daemon_downtime": capture.daemon_downtime,
         "timings": capture.timings,
+        "profile": profile.PROFILE.as_dict(),
         "items": [
             {
                 "kind": i.kind,

@@ -18,6 +18,7 @@ from ..config import Repository, Retention
 from ..context import Context
 from ..errors import UserError, Warnings
 from ..runs import retention
+from ..runs.catalogue import Catalogue
 
 
 def run(ctx: Context, label: str | None, dry_run: bool, all_members: bool = False) -> int:
@@ -45,7 +46,9 @@ def _run(ctx: Context, label: str | None, dry_run: bool, all_members: bool) -> i
             )
         if dry_run or not doomed:
             continue
-        borg.run(delete_argv(repo, [a for r in doomed for a in r.archives]), repo)
+        deleted = [a for r in doomed for a in r.archives]
+        borg.run(delete_argv(repo, deleted), repo)
+        Catalogue.beside(config.staging_dir).forget(repo.path, deleted)
         monitoring.forget(ctx, repo.name, [r.name for r in doomed])
         compact(borg, repo, warnings)
     return warnings.exit_code

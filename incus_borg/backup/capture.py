@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import __version__, layout
+from .. import __version__, layout, profile
 from ..host import testpoints
 from ..manifest import Item, Manifest
 from . import commands
@@ -55,6 +55,9 @@ class Capture:
         # their commands and runs their post.
         self.guards: dict[str, Step] = {}
         self.post_on_release = False  # run an instance's post as soon as it is released
+        # The import files of the instances read in place, as Borg reads them (for the run
+        # catalogue, see runs/catalogue.py); None: not kept.
+        self.import_files: dict[str, bytes] | None = None
 
     # --- pre commands ----------------------------------------------------------------------
 
@@ -63,6 +66,10 @@ class Capture:
         anything is quiesced. An instance whose pre fails (or times out) is left out of the
         run, with a warning, once its post ran; the run is then partial. Stopped instances run
         none: they are read as they are."""
+        with profile.phase("pre commands"):
+            self._run_pres(plan)
+
+    def _run_pres(self, plan: Plan) -> None:
         s = self.session
         for note in plan.notes:
             s.report(note)
@@ -113,7 +120,8 @@ class Capture:
         """Add the time the block takes to the run's timing of `what`."""
         started = time.monotonic()
         try:
-            yield
+            with profile.phase(what):
+                yield
         finally:
             self.timings[what] = self.timings.get(what, 0.0) + time.monotonic() - started
 
@@ -129,10 +137,13 @@ class Capture:
         s = self.session
         with self.timed("metadata"):
             s.stage.prepare()
-            s.stage.write_definitions(s.incus, clustered=s.member is not None)
-            s.stage.write_dumps(s.incus)
+            with profile.phase("definitions"):
+                s.stage.write_definitions(s.incus, clustered=s.member is not None)
+            with profile.phase("sql dumps"):
+                s.stage.write_dumps(s.incus)
             s.stage.copy_host_files(Path(s.config.incus.subuid), Path(s.config.incus.subgid))
-            s.stage.write_plan_indexes(s.incus, plan, s.member)
+            with profile.phase("import indexes"):
+                s.stage.write_plan_indexes(s.incus, plan, s.member)
 
     def capture_state(self, whole: bool = True) -> str:
         """The database and the Incus directory: mounted `whole` (incus-borg's own Borg is
@@ -164,10 +175,14 @@ class Capture:
             )
             return "dumps-only"
         started = time.monotonic()
-        step = s.quiescer.stop_daemon()
-        testpoints.reached("daemon-stopped")
-        s.stage.copy_database(Path(s.config.incus.dir))
-        s.quiescer.release(step)
+        with profile.phase("daemon down"):
+            with profile.phase("daemon stop"):
+                step = s.quiescer.stop_daemon()
+            testpoints.reached("daemon-stopped")
+            with profile.phase("database copy"):
+                s.stage.copy_database(Path(s.config.incus.dir))
+            with profile.phase("daemon start"):
+                s.quiescer.release(step)
         self.daemon_downtime = time.monotonic() - started
         s.report(f"database: copied with the daemon stopped for {self.daemon_downtime:.2f} s")
         return "exact"
@@ -186,10 +201,35 @@ class Capture:
             if item.exported:  # Incus reads it: nothing to mount
                 return held
             held.mounts = self._bind(self._mounts(item))
+            self._keep_import_files(item)
         except BaseException:
             self.release(held)
             raise
         return held
+
+    def _keep_import_files(self, item: Item) -> None:
+        """Keep an instance's import files as they are now mounted (quiesced), if asked."""
+        if self.import_files is None or item.kind != "instance":
+            return
+        for path in layout.instance_import_files(item.path):
+            content = self._read_staged(path)
+            if content is not None:
+                self.import_files[path] = content
+
+    def _confirm_import_files(self, item: Item) -> None:
+        """Forget kept import files that changed while Borg read the item (Incus may rewrite
+        a frozen instance's backup.yaml): what is kept is then what Borg read."""
+        if self.import_files is None or item.kind != "instance":
+            return
+        for path in layout.instance_import_files(item.path):
+            if path in self.import_files and self._read_staged(path) != self.import_files[path]:
+                del self.import_files[path]
+
+    def _read_staged(self, path: str) -> bytes | None:
+        try:
+            return self.session.stage.path(PurePosixPath(path)).read_bytes()
+        except OSError:
+            return None  # not kept: a restore reads it from the archive
 
     def mount_live(self, item: Item) -> list[Step]:
         """Bind-mount an item's live data at its stable paths, quiescing nothing (hook mode:
@@ -257,6 +297,8 @@ class Capture:
         its release; for a snapshot, the snapshot's creation; nothing when idle or live.
         """
         q = self.session.quiescer
+        if held.mounts:
+            self._confirm_import_files(held.item)
         q.release(*reversed(held.mounts))
         held.mounts.clear()
         if not keep_snapshot:

@@ -104,7 +104,7 @@ def build(
     quiesced. On a cluster (`member` is this member's name), only what is located on this
     member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
-    raw = incus.instances()
+    raw = _with_snapshots(incus, incus.instances(recursion="1"), pools)
     chosen = _select(raw, selection)
     elsewhere = [i for i in chosen if member is not None and i["location"] != member]
     chosen = [i for i in chosen if i not in elsewhere]
@@ -129,6 +129,28 @@ def build(
         notes=notes,
         elsewhere=others + other_volumes,
     )
+
+
+def _with_snapshots(
+    incus: Incus, raw: list[dict[str, Any]], pools: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The instances, each with the names of its snapshots (`snapshot_names`): one listing
+    per pool that holds a root disk says which instances have any, and only those are asked
+    for theirs."""
+    having: set[tuple[str, str]] = set()
+    for pool in sorted({_root_pool(i) for i in raw} & set(pools)):
+        having |= incus.instances_with_snapshots(pool)
+    listed = []
+    for i in raw:
+        key = (i["project"], i["name"])
+        names = incus.instance_snapshots(*key) if key in having else []
+        listed.append(i | {"snapshot_names": names})
+    return listed
+
+
+def _root_pool(raw: dict[str, Any]) -> str:
+    """The pool of an instance's root disk."""
+    return str(raw["expanded_devices"].get("root", {}).get("pool", ""))
 
 
 def _trust(incus: Incus, rules: PolicyRules) -> policy.Trust:
@@ -197,7 +219,7 @@ def _instance_item(
     raw: dict[str, Any], pools: dict[str, str], wanted: Policy, notes: list[str]
 ) -> Item:
     notes += wanted.notes
-    pool = raw["expanded_devices"].get("root", {}).get("pool", "")
+    pool = _root_pool(raw)
     driver = pools.get(pool, "")
     status = raw["status"]
     reader = reader_of(wanted.mode, driver, raw["type"] == "container")
@@ -208,7 +230,7 @@ def _instance_item(
         pool=pool,
         driver=driver,
         type=raw["type"],
-        snapshots=user_snapshots([s["name"] for s in raw.get("snapshots") or []]),
+        snapshots=user_snapshots(raw["snapshot_names"]),
         state=status,
         mode=effective_mode(
             wanted.mode, driver, status == "Running", reader, raw["type"] == "container"

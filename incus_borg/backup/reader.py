@@ -22,11 +22,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import layout
+from .. import layout, profile
 from ..borg import Borg, BorgProcess, BorgResult, file_statuses, progress_line
 from ..config import Repository
 from ..errors import UserError
@@ -81,6 +82,7 @@ class Reader:
 
     def __post_init__(self) -> None:
         self.snapshots = Snapshots(self.capture, self.items)
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="incus-borg-release")
 
     def read(
         self,
@@ -118,6 +120,7 @@ class Reader:
             os.close(self._manifest_fd)
             self._stop_lanes()
             self._release()
+            self._releaser.shutdown()
             self.snapshots.close()
         return self.lanes
 
@@ -144,15 +147,17 @@ class Reader:
         if any(lane.position != k for lane in live):
             return
         self.snapshots.reached(k)
-        self._release()
         if k == len(self.items):
+            self._release()
             if not all(lane.process.drained() for lane in live):
                 return  # the log lines borg wrote before the manifest are not all read yet
             live = self._holding_everything(live)
             if live:
                 self._write_manifest()
         elif self.items[k].failed is None:
-            self._hold(k)
+            self._release_while_holding(k)
+        else:
+            self._release()
         for lane in live:
             assert lane.waiting is not None
             self.gate.allow(lane.waiting)
@@ -175,21 +180,45 @@ class Reader:
             lane.failed = f"repository {lane.repo.name} ({lane.repo.path}): {missing(lost)}"
         return kept
 
+    def _release_while_holding(self, k: int) -> None:
+        """Release the item the lanes have read and quiesce item `k`: side by side (two
+        round trips to Incus in the time of one), unless both keep instances from running:
+        a thaw or a start may take a second or more, and item `k`'s instances must not be
+        frozen or stopped meanwhile, unread (nor may two freezes of one instance cross).
+        Both are done before the lanes go on."""
+        previous, self.held = self.held, None
+        item = self.items[k]
+        if previous is None or (
+            previous[1].item.mode in WINDOW_MODES and item.mode in WINDOW_MODES
+        ):
+            self._release_one(previous)
+            self._hold(k)
+        else:
+            releasing = self._releaser.submit(profile.carried(self._release_one), previous)
+            try:
+                self._hold(k)
+            finally:
+                releasing.result()
+        if self.held is not None:
+            testpoints.reached("held", item.ref)
+
     def _hold(self, k: int) -> None:
         item = self.items[k]
         try:
             with self.capture.timed("quiesce"):
                 taken = self.snapshots.take(k) if item.mode == "snapshot" else None
                 self.held = (k, self.capture.hold(item, taken))
-            testpoints.reached("held", item.ref)
         except UserError as exc:  # read nothing of it, and say so
             item.failed = f"could not be quiesced: {exc}"
             self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")
 
     def _release(self) -> None:
-        if self.held is not None:
-            _, held = self.held
-            self.held = None
+        previous, self.held = self.held, None
+        self._release_one(previous)
+
+    def _release_one(self, previous: tuple[int, Held] | None) -> None:
+        if previous is not None:
+            _, held = previous
             with self.capture.timed("release"):
                 held.item.window = self.capture.release(held, keep_snapshot=True)
             self.snapshots.drop(held)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from .. import layout
+from .. import layout, profile
 from ..config import Config
 from ..errors import UserError, Warnings
 from ..host import mounts, signals
@@ -68,7 +68,7 @@ class Session:
         undo whatever an earlier run left quiesced."""
         with self.journal.locked():
             self.stage.check()
-            with signals.shielded():
+            with signals.shielded(), profile.phase("recover"):
                 self._recover(command)
             yield
 
@@ -88,7 +88,7 @@ class Session:
         if not release:
             self.journal.mark("ready")
             return
-        with signals.shielded():
+        with signals.shielded(), profile.phase("release all and clean up"):
             left = self.finish()
         if left:
             raise UserError(

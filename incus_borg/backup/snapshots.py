@@ -1,15 +1,17 @@
 """Temporary snapshots taken ahead of Borg and deleted behind it.
 
 A snapshot is atomic, so it may be taken shortly before Borg reaches its item. Taking and
-deleting one costs an Incus API call each (about 30 ms here, and Incus runs them one at a
-time): one worker thread makes those calls while the lanes read, a few items ahead of them
-and behind them, instead of every lane waiting for them at each item.
+deleting one costs an Incus API call each (about 35 and 25 ms here): two worker threads,
+one taking and one deleting, make those calls while the lanes read, a few items ahead of
+them and behind them, instead of every lane waiting for them at each item (Incus runs a
+creation and a deletion side by side in about 45 ms, against 60 ms one after the other).
 """
 
 from __future__ import annotations
 
 import threading
 
+from .. import profile
 from ..errors import UserError
 from ..manifest import Item
 from .capture import Capture, Held
@@ -30,12 +32,18 @@ class Snapshots:
         self._drops: list[Held] = []
         self._position = -1  # the gate the lanes reached
         self._closing = False
+        self._taking = True  # the taking worker may still add a snapshot to `_taken`
         self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Start taking snapshots."""
-        self._thread.start()
+        """Start taking snapshots (the workers' time counts in the phase this is called in)."""
+        self._threads = [
+            threading.Thread(target=profile.carried(work), daemon=True)
+            for work in (self._take_all, self._drop_all)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def reached(self, k: int) -> None:
         """The lanes are at item `k`'s gate: the worker may take up to AHEAD beyond it."""
@@ -64,39 +72,57 @@ class Snapshots:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-        if self._thread.ident is not None:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
-    def _next(self) -> int | Held | None:
-        """The worker's next task, waiting for one: an item to snapshot (its index), a held
-        item whose snapshot to delete, or None once closed and done."""
+    def _next_to_take(self) -> int | None:
+        """The next item to snapshot (its index), waiting for one; None once closed."""
+        with self._changed:
+            while True:
+                if self._closing:
+                    self._taking = False
+                    self._changed.notify_all()
+                    return None
+                if self._pending and self._pending[0] - self._position <= AHEAD:
+                    return self._pending.pop(0)
+                self._changed.wait()
+
+    def _next_to_drop(self) -> Held | None:
+        """The next held item whose snapshot to delete, waiting for one; once closed, every
+        snapshot taken and not used, then None."""
         with self._changed:
             while True:
                 if self._drops:
                     return self._drops.pop(0)
-                if self._closing:
+                if self._closing and not self._taking:
                     unused = [t for t in self._taken.values() if isinstance(t, Held)]
                     self._taken.clear()
                     if not unused:
                         return None
                     self._drops.extend(unused)
                     continue
-                if self._pending and self._pending[0] - self._position <= AHEAD:
-                    return self._pending.pop(0)
                 self._changed.wait()
 
-    def _work(self) -> None:
-        while (target := self._next()) is not None:
-            if isinstance(target, Held):
+    def _take_all(self) -> None:
+        try:
+            while (k := self._next_to_take()) is not None:
                 try:
-                    self.capture.drop_snapshot(target)
-                except UserError as exc:  # it stays journalled: the run's end retries it
-                    self.capture.session.warnings.add(str(exc))
-                continue
-            try:
-                taken: Held | UserError = self.capture.take_snapshot(self.items[target])
-            except UserError as exc:
-                taken = exc
+                    taken: Held | UserError = self.capture.take_snapshot(self.items[k])
+                except UserError as exc:
+                    taken = exc
+                except Exception as exc:  # the item is left out, and the worker goes on
+                    taken = UserError(f"unexpected {type(exc).__name__}: {exc}")
+                with self._changed:
+                    self._taken[k] = taken
+                    self._changed.notify_all()
+        finally:  # the deleting worker may now delete what was taken and not used
             with self._changed:
-                self._taken[target] = taken
+                self._taking = False
                 self._changed.notify_all()
+
+    def _drop_all(self) -> None:
+        while (held := self._next_to_drop()) is not None:
+            try:
+                self.capture.drop_snapshot(held)
+            except UserError as exc:  # it stays journalled: the run's end retries it
+                self.capture.session.warnings.add(str(exc))

@@ -12,9 +12,7 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
-from .. import layout
+from .. import layout, yamlio
 from ..errors import UserError
 from ..host import mounts
 from ..incus import Incus
@@ -232,4 +230,4 @@ def import_index(item: Item, kind: str) -> dict[str, Any]:
 
 def to_yaml(data: Any) -> str:
     """YAML that Incus (Go) reads back: timestamps stay quoted strings, as JSON gives them."""
-    return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False, default_flow_style=False)
+    return yamlio.dump(json.loads(json.dumps(data)), sort_keys=False, default_flow_style=False)

@@ -118,11 +118,11 @@ def extract_argv(
     return [*argv, location, *paths]
 
 
-def list_tree_argv(repo: Repository, archive: str, path: str) -> list[str]:
-    """`TYPE SIZE FLAGS`, link source and path of every item below `path`, each field ended
+def list_tree_argv(repo: Repository, archive: str, *paths: str) -> list[str]:
+    """`TYPE SIZE FLAGS`, link source and path of every item below `paths`, each field ended
     by a NUL byte (no path holds one)."""
     fmt = "{type} {size} {flags}{NUL}{source}{NUL}{path}{NUL}"
-    return ["list", "--format", fmt, f"{repo.path}::{archive}", path]
+    return ["list", "--format", fmt, f"{repo.path}::{archive}", *paths]
 
 
 def list_exact_argv(repo: Repository, archive: str, paths: Sequence[str]) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import profile
 from ..config import Config, Repository
 from ..errors import UserError
 from ..host import signals, testpoints
@@ -187,16 +188,18 @@ class Borg:
         None: no watchdog.
         """
         limit = CONNECTION_RETRIES if retries is None else retries
-        for attempt in range(limit + 1):
-            result = self._run_once(args, repo, env, cwd, show_progress, stall_timeout)
-            if attempt == limit or not retryable(result):
-                break
-            delay = RETRY_DELAY * 2**attempt
-            print(
-                f"incus-borg: repository {repo.name}: connection failed, retrying in {delay:.0f} s",
-                file=sys.stderr,
-            )
-            time.sleep(delay)
+        with profile.phase(f"borg {args[0]}"):
+            for attempt in range(limit + 1):
+                result = self._run_once(args, repo, env, cwd, show_progress, stall_timeout)
+                if attempt == limit or not retryable(result):
+                    break
+                delay = RETRY_DELAY * 2**attempt
+                print(
+                    f"incus-borg: repository {repo.name}: connection failed, retrying in "
+                    f"{delay:.0f} s",
+                    file=sys.stderr,
+                )
+                time.sleep(delay)
         _ = self.version
         code = result.returncode
         if result.stalled_after is None and (code == 0 or is_warning(code) or code in ok_codes):
@@ -217,6 +220,18 @@ class Borg:
         Every one that is still running is stopped on an interrupt; the first error exit
         (not in `ok_codes`) becomes a UserError once all have ended.
         """
+        commands = " + ".join(sorted({args[0] for args, _ in calls}))
+        with profile.phase(f"borg {commands} (side by side)"):
+            return self._run_parallel(calls, repo, workers, ok_codes, pause)
+
+    def _run_parallel(
+        self,
+        calls: Sequence[tuple[Sequence[str], Path | None]],
+        repo: Repository,
+        workers: int,
+        ok_codes: Sequence[int],
+        pause: str,
+    ) -> list[BorgResult]:
         pending = list(enumerate(calls))
         running: dict[int, tuple[subprocess.Popen[bytes], list[threading.Thread]]] = {}
         outputs: dict[int, tuple[list[bytes], list[bytes]]] = {}

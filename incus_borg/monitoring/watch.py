@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
-from .. import layout
+from .. import layout, profile
 from ..backup.capture import Capture
 from ..backup.plan import Plan
 from ..backup.session import Session
@@ -171,13 +171,16 @@ def watched(
     if not enabled:
         return action()
     watch = Watch(ctx, command, failed)
-    watch.begin()
+    with profile.phase("monitoring: begin"):
+        watch.begin()
     try:
         code = action()
     except BaseException as exc:
-        watch.end(EXIT_ERROR, exc)
+        with profile.phase("monitoring: end"):
+            watch.end(EXIT_ERROR, exc)
         raise
-    return watch.end(code)
+    with profile.phase("monitoring: end"):
+        return watch.end(code)
 
 
 def describe(error: BaseException) -> str:

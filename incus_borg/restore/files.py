@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import yamlio
 from ..context import Context
 from ..errors import UserError
 from ..manifest import Item
@@ -194,16 +193,16 @@ def _files_item(source: Source, ref: str) -> Item:
 
 def _instance_idmap(source: Source, item: Item) -> list[dict[str, Any]]:
     if item.exported:  # the index comes first in Incus's stream, backup.yaml after the snapshots
-        index = yaml.safe_load(source.read(f"{item.path}/backup/index.yaml", item))
+        index = yamlio.load(source.read(f"{item.path}/backup/index.yaml", item))
         config = index["config"]["container"]["config"]
     else:
-        backup = yaml.safe_load(source.read(f"{item.path}/backup/container/backup.yaml", item))
+        backup = yamlio.load(source.read(f"{item.path}/backup/container/backup.yaml", item))
         config = backup["container"]["config"]
     return list(json.loads(config.get("volatile.last_state.idmap") or "[]"))
 
 
 def _volume_idmap(source: Source, item: Item) -> list[dict[str, Any]]:
-    index = yaml.safe_load(source.read(f"{item.path}/backup/index.yaml", item))
+    index = yamlio.load(source.read(f"{item.path}/backup/index.yaml", item))
     raw = index["config"]["volume"]["config"].get("volatile.idmap.last") or "[]"
     return list(json.loads(raw))
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import click
 
-from .. import layout
+from .. import layout, profile
 from ..context import Context
 from ..errors import UserError, Warnings
 from ..host import signals, testpoints
@@ -91,9 +91,9 @@ def run(ctx: Context, archive: str, label: str | None, options: InstanceOptions)
     refuse_pending_server(journal, ctx.path)
     require_member(ctx.incus(), options.target)  # before the run is read
     project, _, name = options.ref.rpartition("/")
-    source = open_run(
-        ctx, archive, label, (project or "default", name), holding(options.ref, "instance")
-    )
+    expect = None if options.stream else (project or "default", name)  # a stream needs no listing
+    with profile.phase("open the run"):
+        source = open_run(ctx, archive, label, expect, holding(options.ref, "instance"))
     return restore(ctx.incus(), source, options, journal)
 
 
@@ -101,16 +101,19 @@ def restore(incus: Incus, source: Source, options: InstanceOptions, journal: Res
     """Import one instance from the run, with its snapshots, under its name or a new one;
     returns the exit code (1 when a killed restore's leftover was deleted)."""
     item = find_item(source, "instance", options.ref)
-    target = _preconditions(incus, source, item, options)
+    with profile.phase("preconditions"):
+        target = _preconditions(incus, source, item, options)
     warnings = Warnings()
     with signals.interruptible():
-        _clear_leftovers(incus, journal, target, warnings)
-        config.recreate(incus, {"projects": target.new_project}, False, report)
-        _ensure_dependencies(incus, source, target.definition, target.project)
+        with profile.phase("leftovers and dependencies"):
+            _clear_leftovers(incus, journal, target, warnings)
+            config.recreate(incus, {"projects": target.new_project}, False, report)
+            _ensure_dependencies(incus, source, target.definition, target.project)
         for vol_item in target.volumes:
             mapped = options.pool_map.get(vol_item.pool)
             volume.restore(incus, source, vol_item, None, mapped, target.project, target.member)
-        count = _create(incus, source, item, target, options.stream, journal)
+        with profile.phase("instance"):
+            count = _create(incus, source, item, target, options.stream, journal)
     name, project, pool = target.name, target.project, target.pool["name"]
     where = f" of member {target.member}" if target.member else ""
     report(
@@ -139,7 +142,7 @@ def _create(
     journal.record(key, entry | {"source": source.description})
     try:
         if stream or item.exported or target.pool["driver"] not in layout.READABLE_DRIVERS:
-            with source.tar(item) as tarball:
+            with profile.phase("stream into incus import"), source.tar(item) as tarball:
                 testpoints.reached("restore-streaming")
                 incus.import_instance(tarball, temporary, target.pool["name"], project)
         else:
@@ -288,7 +291,8 @@ def _unpack_into_pool(
     passes through a temporary file.
     """
     index, config = layout.instance_import_files(item.path)
-    files, entries = source.inspect(item, [index, config])
+    with profile.phase("inspect"):
+        files, entries = source.inspect(item, [index, config])
     if not files[index] or not files[config]:
         raise UserError(f"{item.ref} in {source.description} lacks its index.yaml or backup.yaml")
     with tempfile.TemporaryFile() as stub:
@@ -315,9 +319,10 @@ def _extract_into(
         raise UserError(f"Incus did not make {', '.join(missing)}: restore with --stream instead")
     excludes = [f"{tree.path}/backup.yaml" for tree in trees]  # Incus wrote its own
     extractions = unpack.split(trees, entries, os.cpu_count() or 1, excludes)
-    with pool.writable_snapshots([t.dest for t in trees[1:]]):
+    with profile.phase("extract"), pool.writable_snapshots([t.dest for t in trees[1:]]):
         source.extract_all(item, extractions)
-    return extractions, unpack.verify(trees, entries, excludes)
+    with profile.phase("verify"):
+        return extractions, unpack.verify(trees, entries, excludes)
 
 
 def _remove_partial(incus: Incus, project: str, name: str) -> bool:

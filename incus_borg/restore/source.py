@@ -11,14 +11,13 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import yaml
-
-from .. import layout, runs
+from .. import layout, runs, yamlio
 from ..borg import (
     Borg,
     export_tar_argv,
@@ -33,6 +32,7 @@ from ..context import Context
 from ..errors import UserError
 from ..host.processes import stop
 from ..manifest import Item, Manifest
+from ..runs.catalogue import Catalogue
 from .stream import listing, member_name, read_member, untar
 from .unpack import Entry, Extractions, parse_listing, walk_listing
 
@@ -97,8 +97,15 @@ def untar_paths(item: Item, stream: IO[bytes], paths: list[str], strip: int, des
 
 def definitions(source: Source, kind: str) -> list[dict[str, Any]]:
     """The archived definitions of one kind (profiles, networks, projects, ...)."""
-    data = yaml.safe_load(source.read(f"{layout.DEFINITIONS}/{kind}.yaml"))
+    data = yamlio.load(source.read(f"{layout.DEFINITIONS}/{kind}.yaml"))
     return list(data or [])
+
+
+def _agrees(files: dict[str, bytes], entries: list[Entry]) -> bool:
+    """Whether catalogued files have the sizes the archive lists for them (an archive of
+    the same name but other content, such as one made again after a rename, has others)."""
+    sizes = {e.path: e.size for e in entries if e.type == "-"}
+    return all(sizes.get(path) == len(content) for path, content in files.items())
 
 
 def _files_below(root: Path) -> dict[str, bytes]:
@@ -135,9 +142,11 @@ def open_source(
     repo: Repository,
     expect: tuple[str, str] | None = None,
     latest: Latest = NEWEST,
+    catalogue: Catalogue | None = None,
 ) -> Source:
     """A directory (holding manifest.json), `latest` (as `latest` says), or an archive name
-    in `repo`; `expect` names an instance (project, name) that the restore will read."""
+    in `repo`; `expect` names an instance (project, name) that the restore will read;
+    `catalogue`: where this host keeps the small files of the runs it made."""
     path = Path(spec)
     if path.is_dir():
         if not (path / str(layout.MANIFEST)).is_file():
@@ -145,7 +154,7 @@ def open_source(
         return DirectorySource(path)
     if borg is None:
         raise UserError(f"{spec} is not a directory")
-    return BorgSource(borg, repo, spec, expect, latest)
+    return BorgSource(borg, repo, spec, expect, latest, catalogue)
 
 
 def open_run(
@@ -162,7 +171,8 @@ def open_run(
     borg = None if Path(spec).is_dir() else ctx.borg()
     if spec == "latest":
         latest = dataclasses.replace(latest, scope=ctx.scope())
-    return open_source(spec, borg, repo, expect, latest)
+    catalogue = Catalogue.beside(ctx.config.staging_dir)
+    return open_source(spec, borg, repo, expect, latest, catalogue)
 
 
 def newest_complete(source: Source) -> str | None:
@@ -284,33 +294,43 @@ class BorgSource:
         name: str,
         expect: tuple[str, str] | None = None,
         latest: Latest = NEWEST,
+        catalogue: Catalogue | None = None,
     ) -> None:
         """`expect`: the (project, name) of an instance whose files and listing are read
         along with the run, in parallel (an instance in another project is read later).
-        `latest`: which run the name `latest` means."""
+        `latest`: which run the name `latest` means. `catalogue`: where the run's small
+        files may be found without reading the archive (runs/catalogue.py)."""
         self.borg = borg
         self.repo = repo
         self._inspected: dict[tuple[str, tuple[str, ...]], tuple[dict[str, bytes], str]] = {}
+        # (archive, stage) -> the listing of an item's tree, under way
+        self._listings: dict[tuple[str, str], Future[str]] = {}
         # `latest`: manifests are read newest first until one qualifies (a shared repository
         # holds other archives). A named archive needs no listing: reading it tells.
         found: list[runs.Run] = []
         if name == "latest":
             found = runs.find(borg, repo)
-            names = [r.name for r in runs.candidates(found, latest.complete, latest.scope)]
+            chosen = runs.candidates(found, latest.complete, latest.scope)
+            names = [(r.name, r.id) for r in chosen]
         else:
-            names = [name]
-        for candidate in names:
+            names = [(name, None)]
+        for candidate, archive_id in names:
             self.archive = candidate
-            self._run_files = self._read_run(expect)
+            known = self._catalogued(catalogue, archive_id, name != "latest", expect)
+            self._run_files = known or self._read_run(expect)
             text = self._run_files.get(str(layout.MANIFEST), b"").strip()
             if text:
                 self.manifest = Manifest.from_json(text.decode())
                 if name != "latest" or latest.accepts(self.manifest):
+                    if known and archive_id is not None:
+                        self._list_ahead(expect)
                     break
         else:
             if name != "latest":
                 raise UserError(f"repository {repo.name} holds no incus-borg run in {name!r}")
-            raise UserError(f"repository {repo.name} holds no {_wanted(latest, found, names)}")
+            raise UserError(
+                f"repository {repo.name} holds no {_wanted(latest, found, [n for n, _ in names])}"
+            )
         self.description = f"{repo.name}::{self.archive}"
 
     def _read_run(self, expect: tuple[str, str] | None) -> dict[str, bytes]:
@@ -342,6 +362,63 @@ class BorgSource:
                 self._inspected[(self.archive, tuple(files))] = (item_files, results[1].stdout)
             return found
 
+    def _catalogued(
+        self,
+        catalogue: Catalogue | None,
+        archive_id: str | None,
+        named: bool,
+        expect: tuple[str, str] | None,
+    ) -> dict[str, bytes]:
+        """The run's small files from the catalogue, or nothing. An entry is looked up by
+        the archive's id when the repository's listing gave it; an archive named on the
+        command line is listed first (its run files and the expected instance's tree), and
+        its entry is used only if every file listed has the size the entry holds."""
+        if catalogue is None or (archive_id is None and not named):
+            return {}
+        known = catalogue.load(self.repo.path, self.archive, archive_id)
+        if str(layout.MANIFEST) not in known or archive_id is not None:
+            return known
+        stage = str(layout.instance_stage(*expect)) if expect else None
+        paths = [str(layout.MANIFEST), str(layout.DEFINITIONS)]
+        text = self._listed(self.archive, [*paths, *([f"{stage}/backup"] if stage else [])])
+        entries = parse_listing(text)
+        listed = {e.path for e in entries}
+        catalogued = {f: c for f, c in known.items() if f in listed}
+        if str(layout.MANIFEST) not in listed or not _agrees(catalogued, entries):
+            return {}
+        if stage is not None:
+            files = layout.instance_import_files(stage)
+            if all(f in known for f in files):
+                self._inspected[(self.archive, tuple(files))] = ({f: known[f] for f in files}, text)
+        return known
+
+    def _list_ahead(self, expect: tuple[str, str] | None) -> None:
+        """Start listing the expected instance's tree (the restore needs it once it has
+        checked what it can against the run's catalogued files)."""
+        wanted = [i for i in self.manifest.instances if (i.project, i.name) == expect]
+        if not wanted or wanted[0].exported or wanted[0].archive:  # its stream holds it
+            return
+        stage = wanted[0].path
+        pool = ThreadPoolExecutor(1, thread_name_prefix="incus-borg-listing")
+        tree = [f"{stage}/backup"]
+        self._listings[(self.archive, stage)] = pool.submit(self._listed, self.archive, tree)
+        pool.shutdown(wait=False)  # its thread ends with the listing
+
+    def _listing(self, archive: str, stage: str) -> str:
+        """The listing of an item's tree: the one started ahead, else a new one."""
+        future = self._listings.pop((archive, stage), None)
+        return future.result() if future else self._listed(archive, [f"{stage}/backup"])
+
+    def _listed(self, archive: str, paths: list[str]) -> str:
+        """The listing of paths of an archive (see `list_tree_argv`)."""
+        argv = list_tree_argv(self.repo, archive, *paths)
+        result = self.borg.run(argv, self.repo, ok_codes=(ARCHIVE_MISSING,))
+        if result.returncode == ARCHIVE_MISSING:
+            raise UserError(
+                f"no archive {archive!r} in repository {self.repo.name}: see `incus-borg list`"
+            )
+        return result.stdout
+
     def _inspect_calls(
         self, archive: str, stage: str, files: list[str], cwd: Path
     ) -> list[tuple[Sequence[str], Path | None]]:
@@ -368,13 +445,20 @@ class BorgSource:
     def inspect(self, item: Item, files: list[str]) -> tuple[dict[str, bytes], list[Entry]]:
         archive = self._archive_of(item)
         known = self._inspected.get((archive, tuple(files)))
+        if known is None and archive == self.archive and all(f in self._run_files for f in files):
+            catalogued = {f: self._run_files[f] for f in files}
+            text = self._listing(archive, item.path)
+            if _agrees(catalogued, parse_listing(text)):
+                known = (catalogued, text)
         if known is None:
             with tempfile.TemporaryDirectory(prefix="incus-borg-item-") as tmp:
                 calls = self._inspect_calls(archive, item.path, files, Path(tmp))
                 _, listing = self.borg.run_parallel(calls, self.repo, len(calls))
                 known = (_files_below(Path(tmp)), listing.stdout)
         found, listing_text = known
-        return {f: found.get(f, b"") for f in files}, parse_listing(listing_text)
+        tree = f"{item.path}/backup"
+        entries = [e for e in parse_listing(listing_text) if e.path.startswith(tree)]
+        return {f: found.get(f, b"") for f in files}, entries
 
     def extract_all(self, item: Item, extractions: Extractions) -> None:
         archive = self._archive_of(item)

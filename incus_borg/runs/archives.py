@@ -40,6 +40,7 @@ class Archive:
     start: datetime
     state: str | None  # what its comment says (layout.parse_comment); None: not incus-borg's
     member: str | None = None  # the cluster member that made it; None: not clustered
+    id: str | None = None  # Borg's archive id
 
     @classmethod
     def from_listing(cls, entry: dict[str, Any]) -> Archive:
@@ -50,7 +51,7 @@ class Archive:
             comment = given_comment(entry.get("command_line") or [])
         state = layout.parse_comment(comment)
         start = datetime.fromisoformat(entry["start"])
-        return cls(entry["name"], start, state, layout.comment_member(comment))
+        return cls(entry["name"], start, state, layout.comment_member(comment), entry.get("id"))
 
 
 def given_comment(argv: Sequence[str]) -> str:
@@ -72,6 +73,7 @@ class Run:
     state: str | None  # complete, partial, unknown, incomplete; None: not incus-borg's
     archives: list[str] = field(default_factory=list)  # the run archive first
     member: str | None = None  # the cluster member that made it; None: not clustered
+    id: str | None = None  # Borg's id of its run archive (None: an incomplete run)
 
     @property
     def ours(self) -> bool:
@@ -88,7 +90,7 @@ def group(archives: Iterable[Archive]) -> list[Run]:
     """The runs and incomplete runs these archives make up, oldest first."""
     archives = list(archives)
     runs = {
-        a.name: Run(a.name, a.start, a.state, [a.name], a.member)
+        a.name: Run(a.name, a.start, a.state, [a.name], a.member, a.id)
         for a in archives
         if not layout.is_part(a.name) and layout.checkpoint_of(a.name) is None
     }

@@ -159,7 +159,7 @@ def item_of(case: dict[str, Any]) -> Any:
             "type": record["type"],
             "status": record["status"],
             "expanded_devices": {"root": {"path": "/", "pool": record["pool"], "type": "disk"}},
-            "snapshots": [{"name": s} for s in record["snapshots"]],
+            "snapshot_names": record["snapshots"],
         }
         return plan._instance_item(raw, pools, wanted, [])
     raw = {"project": record["project"], "name": record["name"]}

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "incus_borg"
 # From the bottom up; a part may import the parts of the layers below its own.
 LAYERS = [
-    {"errors", "__init__"},
+    {"errors", "__init__", "profile", "yamlio"},
     {"host"},
     {"config", "manifest", "layout", "incus"},
     {"borg", "preflight"},
