@@ -85,6 +85,7 @@ class Set:
 
 
 def median(values: list[float]) -> float:
+    """The median of some measurements."""
     return statistics.median(values)
 
 
@@ -114,6 +115,7 @@ class CostBench(Bench):
 
     @classmethod
     def sizes(cls, args: Any) -> Sizes:
+        """Room for every container (the growth line's too), snapshots and restored copies."""
         most = args.instances * len(args.pools) + max(args.growth)
         data = int(most * (4 * MiB + args.unique_mb * MiB))
         btrfs = max(2, math.ceil(3 * data / GiB))
@@ -130,11 +132,13 @@ class CostBench(Bench):
         self.growth: list[tuple[int, float, float]] = []  # N, plain, incus-borg (unchanged)
 
     def build(self) -> None:
+        """Launch and fill every set's containers."""
         names = {n: p for s in self.sets for n, p in s.names.items()}
         unique = self.args.unique_mb
         self.launch(names, lambda n, root: fill_small(root, unique), jobs=self.args.jobs)
 
     def run(self) -> None:
+        """Each set's measurements, then the growth line."""
         for s in self.sets:
             self.measure_set(s)
         self.measure_growth()
@@ -160,6 +164,7 @@ class CostBench(Bench):
         return p, m.seconds, summary
 
     def measure_set(self, s: Set) -> None:
+        """A set's first and unchanged runs beside plain borg, `list latest`, a restore."""
         config, plain, paths = self.runs(s.kind, s.names)
         for phase, rounds in (("first", 1), ("unchanged", self.args.repeat)):
             for n in range(rounds):
@@ -175,6 +180,7 @@ class CostBench(Bench):
         shutil.rmtree(plain)
 
     def timed(self, key: str, config: Path, *args: str) -> float:
+        """Seconds one incus-borg command takes."""
         with self.step(key, "incus-borg " + " ".join(args)):
             done = self.runner.run(incus_borg_argv(config, *args), env=self.daemon.env)
         return done.seconds
@@ -195,9 +201,11 @@ class CostBench(Bench):
             self.delete(new)
         argv = incus_borg_argv(config, "--profile", *restore)
         profiled = self.runner.run(argv, env=self.daemon.env, ok=(0, 2))
-        if profiled.returncode == 0:  # an incus-borg without --profile says no
+        if profiled.returncode == 0:
             s.restore_profile = profiled.stderr[profiled.stderr.index("phase ") :]
             self.delete(new)
+        else:  # such as an incus-borg without --profile
+            s.restore_profile = "(none: " + profiled.stderr.strip().splitlines()[-1] + ")"
         tarball.unlink()
 
     def measure_growth(self) -> None:
@@ -226,6 +234,7 @@ class CostBench(Bench):
     # -- the report --
 
     def sections(self) -> list[str]:
+        """Headline, runs, restores and listings, profiles, the growth line."""
         a = self.args
         title = (
             f"incus-borg cost benchmark: {a.instances} containers on each of {', '.join(a.pools)} "
@@ -240,6 +249,7 @@ class CostBench(Bench):
         ]
 
     def run_table(self) -> str:
+        """One row per set and run: plain borg against incus-borg (medians)."""
         rows = []
         for s in self.sets:
             for phase in ("first", "unchanged"):
@@ -262,6 +272,7 @@ class CostBench(Bench):
         return table([*head, "freezer sleeps s", "less sleeps s"], rows)
 
     def other_table(self) -> str:
+        """Per set: incus import against restore instance, and list latest (medians)."""
         rows = [
             [
                 s.kind,
@@ -292,6 +303,7 @@ class CostBench(Bench):
         return "\n".join(lines)
 
     def growth_table(self) -> str:
+        """The unchanged run at each count, and what each added instance costs."""
         rows = []
         previous: tuple[int, float, float] | None = None
         for count, plain, ours in self.growth:
@@ -311,6 +323,7 @@ class CostBench(Bench):
         return f"growth of the unchanged run ({self.args.growth_pool}):\n" + table(head, rows)
 
     def target_rows(self) -> list[tuple[str, str, bool]]:
+        """Issue 26's targets next to the figures."""
         rows = []
         for s in self.sets:
             n = len(s.names)
@@ -340,6 +353,7 @@ class CostBench(Bench):
         return rows
 
     def raw(self) -> dict[str, Any]:
+        """Everything measured, for --json."""
         return {
             **super().raw(),
             "sets": [vars(s) for s in self.sets],
