@@ -140,6 +140,23 @@ def test_latest_for_other_restores_is_the_newest_run_holding_the_item(
     assert "repository local holds no instance 'rn-nosuch' in any run" in error
 
 
+def test_the_plan_keeps_an_instance_s_snapshots_in_incus_s_order(env: Env) -> None:
+    """The plan lists instances without their state and asks only those with snapshots for
+    theirs: the order stays Incus's (oldest first), which the import index and a restore
+    follow, not the names' order."""
+    for snap in ("zz-first", "aa-second", "mm-third"):
+        env.server.daemon.incus("snapshot", "create", "rn-a", snap)
+    try:
+        done = env.cli("backup", "--dry-run")
+        assert done.returncode == 0, done.stderr
+        line = next(s for s in done.stdout.splitlines() if s.startswith("instance default/rn-a "))
+        assert "snapshots ['zz-first', 'aa-second', 'mm-third']" in line, line
+        assert "instance default/rn-b " in done.stdout and "snapshots none" in done.stdout
+    finally:
+        for snap in ("zz-first", "aa-second", "mm-third"):
+            env.server.daemon.incus("snapshot", "delete", "rn-a", snap)
+
+
 def catalogue_entry(env: Env, run: str) -> Path:
     """Where this host's run catalogue keeps a run of the module's repository."""
     return Catalogue.beside(env.root / "staging").entry(str(env.repo), run)
