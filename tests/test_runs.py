@@ -201,19 +201,26 @@ def test_list_latest_reads_a_run_this_host_made_from_its_catalogue(env: Env) -> 
 
 
 def test_a_catalogue_entry_of_another_archive_is_not_used(env: Env) -> None:
-    """An entry whose archive id is not the one the repository lists (an archive deleted
-    and made again under the same name) is ignored: the archive is read."""
+    """An entry whose archive id is not the one the repository lists (an archive renamed,
+    or deleted and made again, under the same name) is ignored, even where every file has
+    the archive's size: the archive is read, for `latest` and for the archive named."""
+    forged = ""
 
     def forge(data: dict[str, Any]) -> None:
+        nonlocal forged
         data["id"] = "0" * 64
-        manifest = json.loads(data["files"]["manifest.json"])
-        data["files"]["manifest.json"] = json.dumps(manifest | {"hostname": "forged"}).encode()
+        text = data["files"]["manifest.json"].decode()
+        hostname = json.loads(text)["hostname"]
+        forged = "x" * len(hostname)  # the manifest keeps its size
+        data["files"]["manifest.json"] = text.replace(f'"{hostname}"', f'"{forged}"').encode()
 
     with catalogue_changed(env, env.partial, forge):
-        done = env.cli("--profile", "list", "latest", "--json")
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["hostname"] != "forged"
-    assert "borg extract" in done.stderr
+        latest = env.cli("--profile", "list", "latest", "--json")
+        named = env.cli("--profile", "list", env.partial, "--json")
+    for done in (latest, named):
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["hostname"] != forged
+        assert "borg extract" in done.stderr
 
 
 def test_restore_instance_takes_the_run_s_small_files_from_the_catalogue(env: Env) -> None:

@@ -110,7 +110,6 @@ def _run(ctx: Context, options: BackupOptions) -> int:
             return 0
         outcome = Outcome()
         capture = Capture(session)
-        capture.import_files = {}  # for the run catalogue
         with session.holding("backup"), ThreadPoolExecutor(1) as background:
             # The repositories are checked while the metadata is written, and before the
             # first quiesce (the daemon's stop).
@@ -180,6 +179,7 @@ def write_run(
         item.archive = layout.export_archive(session.run)
     for group in groups:
         capture.post_on_release = group is groups[-1]
+        capture.import_files = {}  # this pass's, for its repositories' catalogue entries
         if exported:  # first, so that the manifest says how each export went
             group = write_exports(capture, the_plan, exported, borg, group, outcome)
         calls = [

@@ -23,6 +23,7 @@ from ..borg import (
     export_tar_argv,
     extract_argv,
     extract_stdout_argv,
+    list_argv,
     list_exact_argv,
     list_tree_argv,
     raise_for,
@@ -352,10 +353,7 @@ class BorgSource:
                 calls, self.repo, len(calls), ok_codes=(ARCHIVE_MISSING,)
             )
             if results[0].returncode == ARCHIVE_MISSING:
-                raise UserError(
-                    f"no archive {self.archive!r} in repository {self.repo.name}: "
-                    "see `incus-borg list`"
-                )
+                raise self._missing(self.archive)
             found = _files_below(Path(tmp))
             if files and all(f in found for f in files):
                 item_files = {f: found[f] for f in files}
@@ -369,28 +367,47 @@ class BorgSource:
         named: bool,
         expect: tuple[str, str] | None,
     ) -> dict[str, bytes]:
-        """The run's small files from the catalogue, or nothing. An entry is looked up by
-        the archive's id when the repository's listing gave it; an archive named on the
-        command line is listed first (its run files and the expected instance's tree), and
-        its entry is used only if every file listed has the size the entry holds."""
+        """The run's small files from the catalogue, or nothing: only an entry of the
+        archive's own id is used. `latest` knows the id from the repository's listing; for
+        an archive named on the command line (`named`) the repository is listed beside the
+        archive's run files and the expected instance's tree (whose listing the restore
+        needs anyway), and the files listed must also have the entry's sizes."""
         if catalogue is None or (archive_id is None and not named):
             return {}
-        known = catalogue.load(self.repo.path, self.archive, archive_id)
-        if str(layout.MANIFEST) not in known or archive_id is not None:
-            return known
+        if archive_id is not None:
+            return catalogue.load(self.repo.path, self.archive, archive_id)
+        if str(layout.MANIFEST) not in catalogue.load(self.repo.path, self.archive, None):
+            return {}  # no entry: nothing to check
         stage = str(layout.instance_stage(*expect)) if expect else None
         paths = [str(layout.MANIFEST), str(layout.DEFINITIONS)]
-        text = self._listed(self.archive, [*paths, *([f"{stage}/backup"] if stage else [])])
-        entries = parse_listing(text)
+        tree = list_tree_argv(
+            self.repo, self.archive, *paths, *([f"{stage}/backup"] if stage else [])
+        )
+        calls: list[tuple[Sequence[str], Path | None]] = [
+            (list_argv(self.repo), None),
+            (tree, None),
+        ]
+        archives, listing = self.borg.run_parallel(calls, self.repo, 2, ok_codes=(ARCHIVE_MISSING,))
+        if listing.returncode == ARCHIVE_MISSING:
+            raise self._missing(self.archive)
+        ids = {a["name"]: a["id"] for a in archives.json()["archives"]}
+        known = catalogue.load(self.repo.path, self.archive, ids.get(self.archive, ""))
+        entries = parse_listing(listing.stdout)
         listed = {e.path for e in entries}
         catalogued = {f: c for f, c in known.items() if f in listed}
-        if str(layout.MANIFEST) not in listed or not _agrees(catalogued, entries):
+        if str(layout.MANIFEST) not in catalogued or not _agrees(catalogued, entries):
             return {}
         if stage is not None:
             files = layout.instance_import_files(stage)
             if all(f in known for f in files):
-                self._inspected[(self.archive, tuple(files))] = ({f: known[f] for f in files}, text)
+                inspected = ({f: known[f] for f in files}, listing.stdout)
+                self._inspected[(self.archive, tuple(files))] = inspected
         return known
+
+    def _missing(self, archive: str) -> UserError:
+        return UserError(
+            f"no archive {archive!r} in repository {self.repo.name}: see `incus-borg list`"
+        )
 
     def _list_ahead(self, expect: tuple[str, str] | None) -> None:
         """Start listing the expected instance's tree (the restore needs it once it has
@@ -414,9 +431,7 @@ class BorgSource:
         argv = list_tree_argv(self.repo, archive, *paths)
         result = self.borg.run(argv, self.repo, ok_codes=(ARCHIVE_MISSING,))
         if result.returncode == ARCHIVE_MISSING:
-            raise UserError(
-                f"no archive {archive!r} in repository {self.repo.name}: see `incus-borg list`"
-            )
+            raise self._missing(archive)
         return result.stdout
 
     def _inspect_calls(
