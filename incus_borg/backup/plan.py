@@ -104,10 +104,10 @@ def build(
     quiesced. On a cluster (`member` is this member's name), only what is located on this
     member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
-    raw = _with_snapshots(incus, incus.instances(recursion="1"), pools)
+    raw = incus.instances(recursion="1")
     chosen = _select(raw, selection)
     elsewhere = [i for i in chosen if member is not None and i["location"] != member]
-    chosen = [i for i in chosen if i not in elsewhere]
+    chosen = _with_snapshots(incus, [i for i in chosen if i not in elsewhere], pools)
     trust = _trust(incus, rules or PolicyRules())
     profiles = _profile_configs(incus, chosen)
     modes = (requested_mode, command_line, trust)
@@ -134,8 +134,9 @@ def build(
 def _with_snapshots(
     incus: Incus, raw: list[dict[str, Any]], pools: dict[str, str]
 ) -> list[dict[str, Any]]:
-    """The instances, each with the names of its snapshots (`snapshot_names`): one listing
-    per pool that holds a root disk says which instances have any, and only those are asked
+    """The instances (this member's: another member's may be down, and is not asked for
+    anything), each with the names of its snapshots (`snapshot_names`): one listing per
+    pool that holds a root disk says which instances have any, and only those are asked
     for theirs."""
     having: set[tuple[str, str]] = set()
     for pool in sorted({_root_pool(i) for i in raw} & set(pools)):
@@ -150,7 +151,7 @@ def _with_snapshots(
 
 def _root_pool(raw: dict[str, Any]) -> str:
     """The pool of an instance's root disk."""
-    return str(raw["expanded_devices"].get("root", {}).get("pool", ""))
+    return str((raw.get("expanded_devices") or {}).get("root", {}).get("pool", ""))
 
 
 def _trust(incus: Incus, rules: PolicyRules) -> policy.Trust:
