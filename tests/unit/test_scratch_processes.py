@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness.incusd import children as harness_children
 
 from incus_borg.errors import UserError
 from incus_borg.restore.scratch import PREFIX, Scratch
@@ -36,26 +37,13 @@ def children(scratch: Scratch) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
         "other": subprocess.Popen(["sleep", "61"]),
     }
     deadline = time.monotonic() + 30
-    while not child_pids(started["names"].pid):  # until the shell has started its `sleep`
+    while not harness_children(started["names"].pid):  # until the shell has started its `sleep`
         assert time.monotonic() < deadline, "the shell started no child"
         time.sleep(0.01)
     yield started
     for proc in started.values():
         proc.kill()
         proc.wait()
-
-
-def child_pids(parent: int) -> set[int]:
-    """The processes whose parent is `parent`."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # it ended
-        if int(fields[1]) == parent:
-            found.add(int(stat.parent.name))
-    return found
 
 
 def test_only_what_names_the_directory_and_its_descendants(
@@ -66,7 +54,7 @@ def test_only_what_names_the_directory_and_its_descendants(
     assert children["names"].pid in found
     assert children["inside"].pid in found
     assert children["other"].pid not in found
-    descendants = child_pids(children["names"].pid)
+    descendants = set(harness_children(children["names"].pid))
     assert descendants and descendants <= found  # the `sleep` its shell started
     assert os.getpid() not in found and os.getppid() not in found
 
