@@ -367,6 +367,52 @@ def restore_instance(
     return instance_kind.run(options.context(member), archive, label, wanted)
 
 
+@restore.command(name="group")
+@click.argument("name", metavar="[P/]GROUP")
+@click.argument("archive", default="latest")
+@pool_option
+@click.option("--project", metavar="P", help="Into this project (default: each one's).")
+@click.option("--start", is_flag=True, help="Start the members together once restored.")
+@click.option("--with-volumes", is_flag=True, help="Also restore their missing custom volumes.")
+@click.option(
+    "--stream", is_flag=True, help="Stream the data through `incus import` (as restore instance)."
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace the members that exist, once every member is restored and verified.",
+)
+@target_option
+@repository_option
+@member_option
+@pass_options
+def restore_group(
+    options: Options,
+    name: str,
+    archive: str,
+    pool: str | None,
+    project: str | None,
+    start: bool,
+    with_volumes: bool,
+    stream: bool,
+    replace: bool,
+    target: str | None,
+    label: str | None,
+    member: str | None,
+) -> int:
+    """Restore a consistency group's instances together (ARCHIVE: default latest).
+
+    Every member is built under a temporary name and verified; only then do they all take
+    their names. If one fails, none is restored or replaced.
+    """
+    from .restore import group as group_kind
+
+    wanted = group_kind.GroupOptions(
+        name, pool, project, start, with_volumes, stream, target=target, replace=replace
+    )
+    return group_kind.run(options.context(member), archive, label, wanted)
+
+
 @restore.command(name="volume")
 @click.argument("archive")
 @click.argument("name", metavar="POOL/[P/]NAME")

@@ -138,6 +138,20 @@ class PolicyRules:
 
 
 @dataclass(frozen=True)
+class Group:
+    """A consistency group: instances captured at one moment (see also the
+    user.incus-borg.group key)."""
+
+    name: str = key("", "The group's name: letters, digits, '.', '_' and '-'.", example="shop")
+    instances: list[str] = key(
+        [],
+        "Its instances, as name (default project) or project/name; they may be in "
+        "different projects.",
+        example=["default/web", "default/db"],
+    )
+
+
+@dataclass(frozen=True)
 class Notify:
     """Who hears how runs went: healthchecks-style URLs and Apprise URLs."""
 
@@ -246,6 +260,11 @@ class Config:
     instances: list[str] = key(
         [], "Instances to back up, as name or project/name; empty means all, in all projects."
     )
+    groups: list[Group] = key(
+        [],
+        "Consistency groups: each group's instances are captured at one moment (frozen, "
+        "snapshotted and thawed together), and `restore group` brings them back together.",
+    )
     policy: PolicyRules = key(
         PolicyRules, "What per-instance keys (user.incus-borg.*) may do, and whose count."
     )
@@ -333,6 +352,7 @@ def parse(text: str, source: str) -> Config:
             f"config {source}: 'policy.max_timeout' must be at least 1 (seconds), got "
             f"{config.policy.max_timeout}"
         )
+    _check_groups(config.groups, source)
     ages: list[tuple[str, str | None]] = [("max_age", config.max_age)]
     ages += [("keeper_lifetime", config.keeper_lifetime)]
     ages += [(f"repositories[{i}].max_age", r.max_age) for i, r in enumerate(config.repositories)]
@@ -343,6 +363,33 @@ def parse(text: str, source: str) -> Config:
                 f"(such as 26h, 90m or 8d), got {age!r}"
             )
     return config
+
+
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _check_groups(groups: list[Group], source: str) -> None:
+    """Each group named well and once, with instances, none of them in two groups."""
+    seen: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        where = f"config {source}: 'groups[{i}]'"
+        if not GROUP_NAME.fullmatch(group.name):
+            raise UserError(
+                f"{where}: name {group.name!r} is not a group name: letters, digits, '.', '_' "
+                "and '-', at most 63, starting with a letter or digit"
+            )
+        if group.name in [g.name for g in groups[:i]]:
+            raise UserError(f"{where}: group {group.name} is named twice: merge them")
+        if not group.instances:
+            raise UserError(f"{where}: group {group.name} lists no instances: add them")
+        for ref in group.instances:
+            full = ref if "/" in ref else f"default/{ref}"
+            if full in seen:
+                raise UserError(
+                    f"{where}: instance {full} is in groups {seen[full]} and {group.name}: "
+                    "an instance can be in one group only"
+                )
+            seen[full] = group.name
 
 
 def parse_duration(text: str) -> float | None:

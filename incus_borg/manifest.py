@@ -46,6 +46,7 @@ class Item:
     post_exit: int | None = None
     post_duration: float | None = None
     reader: str = "in place"  # how its data was read: "in place", or "export" (Incus's stream)
+    group: str | None = None  # its consistency group (Group.name), if it is in one
 
     @property
     def exported(self) -> bool:
@@ -56,6 +57,20 @@ class Item:
     def ref(self) -> str:
         """project/name, as the admin writes it."""
         return f"{self.project}/{self.name}"
+
+
+@dataclass
+class Group:
+    """A consistency group: instances captured at one moment (see backup/groups.py)."""
+
+    name: str  # NAME (from the configuration) or PROJECT/NAME (from user.incus-borg.group)
+    members: list[str]  # its instances in the run (P/NAME), in the order they are read
+    mode: str  # the members' mode: snapshot, freeze, stop, or idle (none was running)
+    source: str = ""  # where it was declared: "configuration", or the key's
+    at: str | None = None  # when its moment began (ISO 8601, milliseconds); None in hook mode
+    # Seconds its members were held together: for snapshot, from the first freeze to the
+    # last thaw around the snapshots; for freeze and stop, the whole group's read.
+    window: float | None = None
 
 
 @dataclass
@@ -81,6 +96,7 @@ class Manifest:
     incus_borg_version: str = ""
     member: str | None = None  # the cluster member that made the run; None: not clustered
     database_note: str = ""  # why the database is `dumps-only`, when it is
+    groups: list[Group] = field(default_factory=list)  # its consistency groups
 
     def to_json(self) -> str:
         """Serialise as indented JSON."""
@@ -101,5 +117,10 @@ class Manifest:
         known = {f.name for f in dataclasses.fields(Item)}
         for kind in ("instances", "volumes"):
             data[kind] = [Item(**{k: v for k, v in i.items() if k in known}) for i in data[kind]]
+        group_fields = {f.name for f in dataclasses.fields(Group)}
+        data["groups"] = [
+            Group(**{k: v for k, v in g.items() if k in group_fields})
+            for g in data.get("groups", [])
+        ]
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})

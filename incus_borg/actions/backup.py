@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from .. import layout, monitoring, preflight, profile
-from ..backup import policy
+from ..backup import groups, policy
 from ..backup.capture import Capture
 from ..backup.export import Exporter, ExportLane
 from ..backup.gate import Gate
@@ -171,28 +171,29 @@ def write_run(
         return content
 
     config = session.config
-    groups = [[repo] for repo in repos] if config.quiesce_per_repository else [repos]
+    passes = [[repo] for repo in repos] if config.quiesce_per_repository else [repos]
     env = {"BORG_FILES_CACHE_SUFFIX": FILES_CACHE_SUFFIX}
     exported = [item for item in the_plan.items if item.exported]
     in_place = [item for item in the_plan.items if not item.exported]
     for item in exported:
         item.archive = layout.export_archive(session.run)
-    for group in groups:
-        capture.post_on_release = group is groups[-1]
+    for repos_ in passes:
+        capture.post_on_release = repos_ is passes[-1]
         capture.import_files = {}  # this pass's, for its repositories' catalogue entries
         if exported:  # first, so that the manifest says how each export went
-            group = write_exports(capture, the_plan, exported, borg, group, outcome)
+            repos_ = write_exports(capture, the_plan, exported, borg, repos_, outcome)
         calls = [
             (repo, create_args(session.run, the_plan, repo, session.member, exact, in_place))
-            for repo in group
+            for repo in repos_
         ]
         # Closing the gate lets every held open through: nothing may open a gated path
         # of this process's own (such as emptying staging) before it is closed.
         with Gate() as gate, capture.timed("read"):
-            reader = Reader(
-                capture, in_place, gate, config.max_window, config.stall_timeout, progress
-            )
+            bounds = (config.max_window, config.stall_timeout)
+            reader = Reader(capture, in_place, gate, *bounds, progress, the_plan.groups)
             lanes = reader.read(borg, calls, session.stage.root, env, manifest_content)
+        for group in the_plan.groups:
+            session.report(groups.done(group))
         for lane in lanes:
             drop_if_lacking(borg, in_place, lane, session.run)
             report_lane(capture, the_plan, lane, outcome)
@@ -376,6 +377,8 @@ def print_plan(the_plan: Plan, config: Config, repos: list[Repository], report: 
         )
         for line in policy.describe(item):
             report(f"  {line}")
+    for group in the_plan.groups:
+        report(groups.planned(group))
     for item in the_plan.skipped:
         report(
             f"{item.kind} {item.ref} on {item.pool}: skipped (mode skip from {item.mode_source})"

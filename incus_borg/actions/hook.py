@@ -9,7 +9,7 @@ from functools import partial
 import click
 
 from .. import layout, monitoring, preflight
-from ..backup import keeper, policy
+from ..backup import groups, keeper, policy
 from ..backup.capture import Capture
 from ..backup.gate import Gate
 from ..backup.keeper import GATED_MODES
@@ -20,7 +20,7 @@ from ..config import parse_duration
 from ..context import Context
 from ..errors import UserError, Warnings
 from ..host import processes, signals, testpoints
-from ..manifest import Item
+from ..manifest import Group, Item
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _pre(ctx: Context, options: PreOptions) -> int:
             session.stage.write(layout.MANIFEST, manifest.to_json())
             write_excludes(session, the_plan)
         if gated:
-            _leave_keeper(session, capture, gated, record)
+            _leave_keeper(session, capture, gated, record, the_plan.groups)
     session.report(
         f"staging tree ready at {session.stage.root}; run `incus-borg hook post` after the backup"
     )
@@ -96,7 +96,10 @@ def _lay_out(capture: Capture, the_plan: Plan, just_in_time: bool) -> list[Item]
     with its live data, to be quiesced by the keeper while it is read. Returns the items
     the keeper quiesces."""
     gated = []
+    together = [] if just_in_time else _hold_groups(capture, the_plan)
     for item in the_plan.items:
+        if item in together:
+            continue
         if just_in_time and item.mode in GATED_MODES:
             capture.mount_live(item)
             gated.append(item)
@@ -111,16 +114,37 @@ def _lay_out(capture: Capture, the_plan: Plan, just_in_time: bool) -> list[Item]
     return gated
 
 
+def _hold_groups(capture: Capture, the_plan: Plan) -> list[Item]:
+    """Quiesce each group's running members together until `hook post` (whole-run hold),
+    and mount them; returns them."""
+    together = []
+    for group in the_plan.groups:
+        members = [i for i in the_plan.items if i.group == group.name and i.mode != "idle"]
+        if group.mode == "snapshot":
+            for taken in capture.take_group_snapshots(members, group):
+                capture.hold(taken.item, taken)
+        elif members:
+            capture.hold_group(members, group)
+        capture.session.report(groups.planned(group) + ", held until `hook post`")
+        together += members
+    return together
+
+
 def _leave_keeper(
-    session: Session, capture: Capture, gated: list[Item], record: keeper.Record
+    session: Session,
+    capture: Capture,
+    gated: list[Item],
+    record: keeper.Record,
+    groups: list[Group],
 ) -> None:
     """Leave the gate keeper behind; if it cannot start, undo everything."""
     config = session.config
     lifetime = parse_duration(config.keeper_lifetime) or 0.0
     started_by = keeper.starter()
     kept = keeper.Keeper(
-        capture, gated, session.stage.root, record, config.max_window, lifetime, started_by
-    )
+        capture, gated, session.stage.root, record, config.max_window, lifetime, started_by,
+        groups=groups,
+    )  # fmt: skip
     try:
         pid = keeper.leave(kept, (session.journal.lock_fd,))
     except BaseException:
@@ -158,6 +182,9 @@ def _post(ctx: Context, failed: bool) -> int:
         for item in ready.instances + ready.volumes:
             if windows.get(item.ref):
                 item.window = max(windows[item.ref])
+        held = keeper.group_windows(record)
+        for group in ready.groups:
+            group.at, group.window = held.get(group.name, (None, None))
     with session.locked("hook post"):
         pass
     monitoring.record_hook_run(ctx, ready)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .. import runs
+from ..backup import groups
 from ..context import Context
 from ..restore.source import Source, definitions, open_run
 
@@ -89,6 +90,8 @@ def show(source: Source, as_json: bool) -> None:
             f"{item.type:10} {'FAILED' if item.failed else item.state or '-':8} "
             f"{', '.join(item.snapshots) or '-'}"
         )
+    for group in manifest.groups:
+        click.echo(groups.done(group))
     for kind, names in entities.items():
         click.echo(f"{kind}: {', '.join(names) or '-'}")
 

@@ -9,19 +9,21 @@ works as a monitoring check), 2 on error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
 
 from .. import monitoring, runs
+from ..backup import groups
 from ..borg import Borg
 from ..config import Repository
 from ..context import Context
 from ..errors import UserError, Warnings
-from ..manifest import Manifest
+from ..manifest import Group, Manifest
 from ..monitoring import coverage
 from ..monitoring.coverage import Standing
 from ..monitoring.index import Index, Run, Stored
@@ -45,6 +47,7 @@ class Report:
     gone: list[Standing]
     ages: dict[str, float]  # max_age of each repository, in seconds
     now: float
+    groups: list[Group] = field(default_factory=list)  # each as its newest run held it
 
     @property
     def exit_code(self) -> int:
@@ -59,7 +62,11 @@ def assess(ctx: Context, label: str | None) -> Report:
     ages = coverage.limits(ctx.config, label)
     now = time.time()
     return Report(
-        coverage.assess(live, index, ages, now), coverage.gone(live, index, ages), ages, now
+        coverage.assess(live, index, ages, now),
+        coverage.gone(live, index, ages),
+        ages,
+        now,
+        index.groups(),
     )
 
 
@@ -86,6 +93,7 @@ def to_json(report: Report, code: int) -> dict[str, Any]:
         "counts": coverage.counts(report.items),
         "items": [s.to_json(report.now) for s in report.items],
         "gone": [s.to_json(report.now) for s in report.gone],
+        "groups": [dataclasses.asdict(g) for g in report.groups],
         "exit_code": code,
     }
 
@@ -142,6 +150,8 @@ def show(report: Report) -> None:
     counted = coverage.counts(report.items)
     click.echo(", ".join(f"{n} {state}" for state, n in counted.items() if n) or "nothing")
     click.echo("(READ and ADDED are the whole run's: Borg counts per archive)")
+    for group in report.groups:
+        click.echo(groups.done(group))
     if report.gone:
         click.echo("\nNot on this server any more (a restore can bring them back):")
         for line in table([HEADERS[1:6]] + [row(s, report.now)[1:6] for s in report.gone]):

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import __version__, layout, profile
 from ..host import testpoints
-from ..manifest import Item, Manifest
+from ..host.parallel import side_by_side
+from ..manifest import Group, Item, Manifest
 from . import commands
 from .commands import Outcome
 from .journal import Step
@@ -26,6 +28,13 @@ CLUSTER_DATABASE = (
     "a cluster's global database is a raft replica: one member's copy is not a valid "
     "database alone, and stopping a member disturbs the quorum of a small cluster"
 )
+
+
+# Drivers whose snapshot of a running container takes no freeze of its own: a snapshot
+# group's members on them are frozen through the kernel (Quiescer.freeze_briefly). On `dir`,
+# Incus's snapshot freezes and thaws the container through liblxc, which would end a freeze
+# liblxc does not know of: there the group is frozen through Incus.
+BRIEF_FREEZE = {"btrfs"}
 
 
 @dataclass
@@ -198,14 +207,80 @@ class Capture:
             if taken is None:
                 self._quiesce(held)
                 held.quiesced = time.monotonic()
-            if item.exported:  # Incus reads it: nothing to mount
-                return held
-            held.mounts = self._bind(self._mounts(item))
-            self._keep_import_files(item)
+            self._mount(held)
         except BaseException:
             self.release(held)
             raise
         return held
+
+    def _mount(self, held: Held) -> None:
+        """Bind-mount a quiesced item's data at its stable paths."""
+        if held.item.exported:  # Incus reads it: nothing to mount
+            return
+        held.mounts = self._bind(self._mounts(held.item))
+        self._keep_import_files(held.item)
+
+    # --- consistency groups (see groups.py) ------------------------------------------------
+
+    def hold_group(self, items: Sequence[Item], group: Group, mounted: bool = False) -> list[Held]:
+        """Quiesce a freeze or stop group's members at one moment (side by side), then mount
+        each at its stable paths (unless `mounted`: `mount_live` did, for the gate keeper);
+        on a failure, everything it took is released."""
+        helds = [Held(item) for item in items]
+        group.at = _moment()
+        try:
+            with profile.phase("group quiesce"):
+                _first_failure(side_by_side(self._quiesce, helds))
+            now = time.monotonic()
+            for held in helds:
+                held.quiesced = now
+            testpoints.reached("group-held", group.name)
+            for held in helds:
+                if not mounted:
+                    self._mount(held)
+        except BaseException:
+            self.release_group(helds, group)
+            raise
+        return helds
+
+    def release_group(self, helds: Sequence[Held], group: Group) -> list[float]:
+        """Release a freeze or stop group's members side by side; records the group's window
+        (from its first quiesce to its last release) and returns each member's window."""
+        windows = side_by_side(self.release, helds)
+        if helds:
+            group.window = time.monotonic() - min(h.started for h in helds)
+        _first_failure(windows)
+        return [w for w in windows if isinstance(w, float)]
+
+    def take_group_snapshots(self, items: Sequence[Item], group: Group) -> list[Held]:
+        """A snapshot group's temporary snapshots at one moment: every member frozen, each
+        snapshotted, every one thawed, each step side by side; the group's window is the
+        time from the first freeze to the last thaw. On a failure, the snapshots taken are
+        deleted again."""
+        q = self.session.quiescer
+        started, group.at = time.monotonic(), _moment()
+        frozen = side_by_side(
+            lambda i: (q.freeze_briefly if i.driver in BRIEF_FREEZE else q.freeze)(
+                i.project, i.name
+            ),
+            items,
+        )
+        taken: list[Held | BaseException] = []
+        try:
+            _first_failure(frozen)
+            testpoints.reached("group-held", group.name)
+            taken = side_by_side(self.take_snapshot, items)
+            _first_failure(taken)
+        except BaseException:
+            side_by_side(self.drop_snapshot, [t for t in taken if isinstance(t, Held)])
+            raise
+        finally:
+            thawed = side_by_side(
+                q.release, [f for f in frozen if not isinstance(f, BaseException)]
+            )
+            group.window = time.monotonic() - started
+        _first_failure(thawed)
+        return [t for t in taken if isinstance(t, Held)]
 
     def _keep_import_files(self, item: Item) -> None:
         """Keep an instance's import files as they are now mounted (quiesced), if asked."""
@@ -243,14 +318,20 @@ class Capture:
         try:
             self._quiesce(held)
             held.quiesced = time.monotonic()
-            if held.snapshot is not None:
-                live = self._mounts(item, live=True)
-                over = {r: src for r, src in self._mounts(item).items() if live[r] != src}
-                held.mounts = self._bind(over, stacked=True)
+            self.stack_snapshot(held)
         except BaseException:
             self.release(held)
             raise
         return held
+
+    def stack_snapshot(self, held: Held) -> None:
+        """Mount an item's temporary snapshot (if it took one) over the live data that
+        `mount_live` mounted, until it is released."""
+        if held.snapshot is not None:
+            item = held.item
+            live = self._mounts(item, live=True)
+            over = {r: src for r, src in self._mounts(item).items() if live[r] != src}
+            held.mounts = self._bind(over, stacked=True)
 
     def _bind(self, mounts: dict[PurePosixPath, Path], stacked: bool = False) -> list[Step]:
         stage = self.session.stage
@@ -368,7 +449,20 @@ class Capture:
             incus_borg_version=__version__,
             member=s.member,
             database_note=self.database_note,
+            groups=plan.groups,
         )
+
+
+def _first_failure(outcomes: Sequence[object]) -> None:
+    """Raise the first exception among `outcomes`, if any."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+def _moment() -> str:
+    """Now, as a group's moment is recorded (ISO 8601, milliseconds)."""
+    return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
 def _record_post(item: Item, outcome: Outcome | None) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..host import processes, testpoints
-from ..manifest import Item
+from ..manifest import Group, Item
 from .capture import Capture, Held
 from .gate import Gate, Opening
 from .reader import WINDOW_MODES
@@ -101,23 +101,30 @@ class Record:
 
 @dataclass
 class Hold:
-    """One item the keeper quiesced, and the readers it holds it for."""
+    """What the keeper quiesced for its readers: one item, or a consistency group's members
+    (at one moment: they are released together)."""
 
-    held: Held
-    readers: set[int]  # those reading it now
-    pids: set[int] = field(default_factory=set)  # every one that read it in this window
-    allowed: float = field(default_factory=time.monotonic)  # when its first read began
+    helds: list[Held]
+    members: list[int]  # their indexes
+    readers: set[int]  # those reading them now
+    pids: set[int] = field(default_factory=set)  # every one that read them in this window
+    allowed: float = field(default_factory=time.monotonic)  # when their first read began
+
+    @property
+    def started(self) -> float:
+        return min(h.started for h in self.helds)
 
 
 @dataclass
 class Reader:
-    """A process that opened a gated directory: a Borg holds the item it walks; any other
-    program (restic, tar) may read files in any order, so it holds every item until it is
-    gone."""
+    """A process that opened a gated directory: a Borg holds the item it walks (and the
+    group it is in until it has read every member); any other program (restic, tar) may
+    read files in any order, so it holds every item until it is gone."""
 
     started: int | None
     borg: bool
-    items: set[int] = field(default_factory=set)
+    units: set[int] = field(default_factory=set)  # the holds it is in (by their first index)
+    unread: dict[int, set[int]] = field(default_factory=dict)  # per hold: members not read
 
 
 @dataclass
@@ -131,13 +138,24 @@ class Keeper:
     max_window: float
     lifetime: float
     starter: tuple[int, int | None]  # the process that ran `hook pre`, and its start time
-    holds: dict[int, Hold] = field(default_factory=dict)  # item index -> its hold
+    groups: list[Group] = field(default_factory=list)  # the run's consistency groups
+    holds: dict[int, Hold] = field(default_factory=dict)  # by its first item's index
     readers: dict[int, Reader] = field(default_factory=dict)  # by pid
     ending: str | None = None
 
     def __post_init__(self) -> None:
         paths = [os.path.realpath(self.stage_root / item.path) for item in self.items]
         self.paths = {path: k for k, path in enumerate(paths)}
+        by_name = {g.name: g for g in self.groups}
+        self._group = {k: by_name[i.group] for k, i in enumerate(self.items) if i.group}
+        self._members: dict[int, list[int]] = {}  # item -> the items held with it
+        for k in range(len(self.items)):
+            group = self._group.get(k)
+            self._members[k] = [j for j in self._group if self._group[j] is group] or [k]
+
+    def unit(self, k: int) -> int:
+        """The hold item `k` is in: its own, or its group's (by its first member)."""
+        return self._members[k][0]
 
     def mark(self, gate: Gate) -> None:
         """Put every gated item's directory behind the gate."""
@@ -156,8 +174,8 @@ class Keeper:
                     self._check(deadline)
             finally:
                 gate.close()
-                for k in list(self.holds):
-                    self._release(k, "released as the keeper ended")
+                for u in list(self.holds):
+                    self._release(u, "released as the keeper ended")
         self.record.write("end", why=self.ending, asked=self.ending == ASKED)
 
     @contextmanager
@@ -180,8 +198,8 @@ class Keeper:
         reader = self.readers.get(event.pid)
         if event.closed:
             gate.drop(event)
-            if k is not None and reader is not None and reader.borg and k in reader.items:
-                self._leave(event.pid, k)
+            if k is not None and reader is not None and reader.borg:
+                self._read(event.pid, k)
             return
         try:
             if k is not None:
@@ -190,8 +208,9 @@ class Keeper:
             gate.allow(event)
 
     def _enter(self, pid: int, k: int) -> None:
-        """Quiesce item k for reader `pid` (a Borg: once the item it read before is
-        released), or every item for a reader that is not Borg."""
+        """Quiesce item k (with its group) for reader `pid` (a Borg: once what it read before
+        is released, but a group it has not read whole), or every item for a reader that is
+        not Borg."""
         reader = self.readers.get(pid)
         if reader is None:
             argv = processes.cmdline(pid)
@@ -201,62 +220,115 @@ class Keeper:
             if not reader.borg:
                 name = os.path.basename(argv[0]) if argv else "?"
                 self.record.write("other", pid=pid, program=name)
-        wanted = {k} if reader.borg else set(range(len(self.items)))
-        for j in reader.items - wanted:
-            self._leave(pid, j)
-        for j in sorted(wanted - reader.items):
-            reader.items.add(j)
-            self._hold(pid, j)
+        if reader.borg:
+            wanted = {self.unit(k)} | {u for u in reader.units if reader.unread.get(u)}
+        else:
+            wanted = {self.unit(j) for j in range(len(self.items))}
+        for u in reader.units - wanted:
+            self._leave(pid, u)
+        for u in sorted(wanted - reader.units):
+            reader.units.add(u)
+            reader.unread[u] = set(self._members[u])
+            self._hold(pid, u)
 
-    def _hold(self, pid: int, k: int) -> None:
-        if k in self.holds:
-            self.holds[k].readers.add(pid)
-            self.holds[k].pids.add(pid)
+    def _read(self, pid: int, k: int) -> None:
+        """Borg `pid` closed item k's directory: it read it. Once it has read the whole hold
+        it is in, that is released unless another reads it."""
+        reader, u = self.readers[pid], self.unit(k)
+        if u not in reader.units:
             return
-        item = self.items[k]
+        reader.unread[u].discard(k)
+        if not reader.unread[u]:
+            self._leave(pid, u)
+
+    def _hold(self, pid: int, u: int) -> None:
+        if u in self.holds:
+            self.holds[u].readers.add(pid)
+            self.holds[u].pids.add(pid)
+            return
+        members = self._members[u]
+        items = [self.items[j] for j in members]
         try:
-            self.holds[k] = Hold(self.capture.hold_mounted(item), {pid}, {pid})
-        except (UserError, OSError) as exc:  # read live: the run is not consistent for it
-            self.record.write("failed", ref=item.ref, kind=item.kind, pid=pid, why=str(exc))
+            helds = self._quiesce(u, items)
+        except (UserError, OSError) as exc:  # read live: the run is not consistent for them
+            for item in items:
+                self.record.write("failed", ref=item.ref, kind=item.kind, pid=pid, why=str(exc))
             return
-        self.record.write("enter", ref=item.ref, kind=item.kind, pid=pid)
-        testpoints.reached("held", item.ref)
+        self.holds[u] = Hold(helds, members, {pid}, {pid})
+        for item in items:
+            self.record.write("enter", ref=item.ref, kind=item.kind, pid=pid)
+        testpoints.reached("held", items[0].ref)
 
-    def _leave(self, pid: int, k: int) -> None:
-        """Reader `pid` has read item k: release it unless another reads it."""
-        self.readers[pid].items.discard(k)
-        hold = self.holds.get(k)
+    def _quiesce(self, u: int, items: list[Item]) -> list[Held]:
+        """Quiesce one item, or a group's members at one moment, over their live data."""
+        group = self._group.get(u)
+        if group is None:
+            return [self.capture.hold_mounted(items[0])]
+        if group.mode != "snapshot":
+            return self.capture.hold_group(items, group, mounted=True)
+        helds = self.capture.take_group_snapshots(items, group)
+        try:
+            for held in helds:
+                self.capture.stack_snapshot(held)
+        except BaseException:
+            for held in helds:
+                self.capture.release(held)
+            raise
+        return helds
+
+    def _leave(self, pid: int, u: int) -> None:
+        """Reader `pid` is done with hold `u`: release it unless another reads it."""
+        reader = self.readers[pid]
+        reader.units.discard(u)
+        reader.unread.pop(u, None)
+        hold = self.holds.get(u)
         if hold is not None:
             hold.readers.discard(pid)
             if not hold.readers:
-                self._release(k)
+                self._release(u)
 
-    def _release(self, k: int, note: str = "") -> None:
-        hold = self.holds.pop(k)
-        item, now = self.items[k], time.monotonic()
+    def _release(self, u: int, note: str = "") -> None:
+        hold = self.holds.pop(u)
+        now, group = time.monotonic(), self._group.get(u)
+        try:
+            if group is not None and group.mode != "snapshot":
+                windows = self.capture.release_group(hold.helds, group)
+            else:
+                windows = [self.capture.release(held) for held in hold.helds]
+        except Exception as exc:  # still journalled: `hook post` undoes it
+            for held in hold.helds:
+                self.record.write("stuck", why=str(exc), **self._fields(held, hold, now, note))
+            return
+        for held, window in zip(hold.helds, windows, strict=True):
+            fields = self._fields(held, hold, now, note) | {"release": time.monotonic() - now}
+            self.record.write("window", length=window, **fields)
+        if group is not None:
+            self.record.write(
+                "group", name=group.name, members=[h.item.ref for h in hold.helds],
+                mode=group.mode, at=group.at, window=group.window,
+            )  # fmt: skip
+
+    @staticmethod
+    def _fields(held: Held, hold: Hold, now: float, note: str) -> dict[str, Any]:
+        item = held.item
         fields: dict[str, Any] = {"ref": item.ref, "kind": item.kind, "mode": item.mode}
         fields |= {"pids": sorted(hold.pids), "read": now - hold.allowed, "note": note}
-        fields["quiesce"] = hold.allowed - hold.held.started  # how long taking it took
-        try:
-            window = self.capture.release(hold.held)
-        except Exception as exc:  # still journalled: `hook post` undoes it
-            self.record.write("stuck", why=str(exc), **fields)
-            return
-        fields["release"] = time.monotonic() - now
-        self.record.write("window", length=window, **fields)
+        fields["quiesce"] = hold.allowed - held.started  # how long taking it took
+        return fields
 
     # --- the bounds ------------------------------------------------------------------------
 
     def _check(self, deadline: float) -> None:
         for pid, reader in list(self.readers.items()):
             if not processes.running(pid, reader.started):
-                for k in list(reader.items):
-                    self._leave(pid, k)
+                for u in list(reader.units):
+                    self._leave(pid, u)
                 del self.readers[pid]
         now = time.monotonic()
-        for k, hold in list(self.holds.items()):
-            if hold.held.item.mode in WINDOW_MODES and now - hold.held.started > self.max_window:
-                self._release(k, TOO_LONG.format(self.max_window))
+        for u, hold in list(self.holds.items()):
+            mode = self._group[u].mode if u in self._group else self.items[u].mode
+            if mode in WINDOW_MODES and now - hold.started > self.max_window:
+                self._release(u, TOO_LONG.format(self.max_window))
         if now > deadline:
             self.ending = self.ending or f"it reached its lifetime ({self.lifetime:.0f} s)"
         if not processes.running(*self.starter):
@@ -398,6 +470,16 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
                 covered.setdefault(pid, set()).add(ref)
             if fields["note"]:
                 warn(f"{fields['kind']} {ref}: {fields['note']}")
+        elif kind == "group":
+            what = (
+                "frozen for their snapshots"
+                if fields["mode"] == "snapshot"
+                else DID[fields["mode"]]
+            )
+            say(
+                f"group {fields['name']}: {', '.join(fields['members'])}: {what} together at "
+                f"{fields['at']} for {fields['window']:.2f} s"
+            )
         elif kind == "other":
             say(
                 f"{fields['program']} (pid {fields['pid']}) is not Borg, and may read files in "
@@ -430,6 +512,15 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
             "quiesced, so this run is not consistent"
         )
     return windows
+
+
+def group_windows(record: Record) -> dict[str, tuple[str | None, float | None]]:
+    """Each group's last moment and window, as the keeper recorded them."""
+    return {
+        fields["name"]: (fields.get("at"), fields.get("window"))
+        for kind, fields in record.read()
+        if kind == "group"
+    }
 
 
 def _killed(items: list[dict[str, Any]], read: set[str] | None, held: dict[str, int]) -> str:

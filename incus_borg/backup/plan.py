@@ -3,14 +3,17 @@ through Incus's own export stream) and its quiesce mode."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import layout
+from ..config import Group as Declared
 from ..config import PolicyRules
 from ..errors import UserError
 from ..incus import Incus, instances_using
-from ..manifest import Item
+from ..manifest import Group, Item
+from . import groups as groups_
 from . import policy
 from .policy import Policy
 
@@ -31,6 +34,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # On a cluster: what other members hold (read by their own runs), as "kind ref (member)".
     elsewhere: list[str] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)  # consistency groups (see groups.py)
 
     @property
     def items(self) -> list[Item]:
@@ -97,23 +101,32 @@ def build(
     command_line: str | None = None,
     member: str | None = None,
     rules: PolicyRules | None = None,
+    declared: Sequence[Declared] = (),
 ) -> Plan:
     """Query Incus for every instance and custom volume, narrowed by `selection`, each with
     its policy (`command_line`: --mode, overriding every other source; `rules`: whose keys
-    count, see policy.Trust); a bad policy key is refused here, before anything is
-    quiesced. On a cluster (`member` is this member's name), only what is located on this
-    member."""
+    count, see policy.Trust) and its consistency group (`declared`: the configuration's
+    groups); a bad policy key or group is refused here, before anything is quiesced. On a
+    cluster (`member` is this member's name), only what is located on this member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances(recursion="1")
     chosen = _select(raw, selection)
     elsewhere = [i for i in chosen if member is not None and i["location"] != member]
     chosen = _with_snapshots(incus, [i for i in chosen if i not in elsewhere], pools)
     trust = _trust(incus, rules or PolicyRules())
-    profiles = _profile_configs(incus, chosen)
+    profiles = _profile_configs(incus, chosen + elsewhere)
     modes = (requested_mode, command_line, trust)
     notes: list[str] = []
-    planned = [_instance_item(i, pools, _policy(i, profiles, *modes), notes) for i in chosen]
-    instances = [i for i in planned if i.mode != "skip"]
+    policies = [_policy(i, profiles, *modes) for i in chosen]
+    planned = [_instance_item(i, pools, p, notes) for i, p in zip(chosen, policies, strict=True)]
+    keys = {
+        item.ref: groups_.Membership(groups_.key_group(item.project, p.group), p.group_source)
+        for item, p in zip(planned, policies, strict=True)
+        if p.group is not None
+    }
+    away = {f"{i['project']}/{i['name']}": _key_group(i, profiles, modes) for i in elsewhere}
+    groups = groups_.gather(planned, keys, declared, away, notes)
+    instances = groups_.contiguous([i for i in planned if i.mode != "skip"])
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
     volumes, other_volumes = _volumes(incus, pools, modes, running, wanted, member, notes)
@@ -128,7 +141,22 @@ def build(
         skipped=skipped,
         notes=notes,
         elsewhere=others + other_volumes,
+        groups=groups,
     )
+
+
+def _key_group(
+    raw: dict[str, Any],
+    profiles: dict[tuple[str, str], Any],
+    modes: tuple[str, str | None, policy.Trust],
+) -> str | None:
+    """The group the key of an instance on another cluster member names (its keys are that
+    member's run's to refuse)."""
+    try:
+        wanted = _policy(raw, profiles, *modes)
+    except UserError:
+        return None
+    return groups_.key_group(raw["project"], wanted.group) if wanted.group else None
 
 
 def _with_snapshots(

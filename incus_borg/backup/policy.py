@@ -11,7 +11,7 @@ The keys are written by whoever controls the instance (on a shared server, a ten
 restricted project), so none may reach beyond it: every value is checked (known keys and
 modes, no control or invisible characters, a bounded length), exclude patterns are
 confined to the instance's own root filesystem (see patterns.py), `pre` and `post` run
-inside the instance only, a timeout is clamped to the configuration's `policy.max_timeout`,
+inside the instance only, a `group` gathers instances of the instance's own project only, a timeout is clamped to the configuration's `policy.max_timeout`,
 and `policy.keys_from` says whose keys are honoured at all.
 """
 
@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PolicyRules
+from ..config import GROUP_NAME, PolicyRules
 from ..errors import UserError
 from ..manifest import Item
 from . import patterns as patterns_
 
 PREFIX = "user.incus-borg."
 MODES = ("auto", "snapshot", "freeze", "stop", "none", "skip", "export")
-INSTANCE_KEYS = ("mode", "exclude", "pre", "post", "timeout")
+INSTANCE_KEYS = ("mode", "exclude", "pre", "post", "timeout", "group")
 VOLUME_KEYS = ("mode", "exclude")  # custom volumes run no commands
 DEFAULT_TIMEOUT = 300  # seconds a pre or post command may take
 MAX_VALUE = 4096  # characters a key's value may hold
@@ -62,6 +62,8 @@ class Policy:
     pre: str | None = None
     post: str | None = None
     timeout: int = DEFAULT_TIMEOUT
+    group: str | None = None  # the consistency group it is in (its project's, by this name)
+    group_source: str = ""
     notes: list[str] = field(default_factory=list)
 
 
@@ -157,6 +159,9 @@ def resolve(
         policy.pre = honoured["pre"].value
     if "post" in honoured:
         policy.post = honoured["post"].value
+    if "group" in honoured:
+        policy.group = _group(what, honoured["group"])
+        policy.group_source = honoured["group"].source
     if "timeout" in honoured:
         policy.timeout = _timeout(what, honoured["timeout"], trust.rules.max_timeout, policy)
     return policy
@@ -263,6 +268,17 @@ def _timeout(what: str, setting: Setting, limit: int, policy: Policy) -> int:
         )
         return limit
     return seconds
+
+
+def _group(what: str, setting: Setting) -> str:
+    """A group key's name, checked."""
+    if not GROUP_NAME.fullmatch(setting.value):
+        raise UserError(
+            f"{what}: {PREFIX}group={shown(setting.value)} (set on the {setting.source}) is not "
+            "a group name: letters, digits, '.', '_' and '-', at most 63, starting with a "
+            "letter or digit"
+        )
+    return setting.value
 
 
 def _excludes(what: str, setting: Setting) -> list[str]:

@@ -32,8 +32,8 @@ from ..borg import Borg, BorgProcess, BorgResult, file_statuses, progress_line
 from ..config import Repository
 from ..errors import UserError
 from ..host import testpoints
-from ..manifest import Item
-from . import patterns, policy
+from ..manifest import Group, Item
+from . import groups, patterns, policy
 from .capture import Capture, Held
 from .gate import Gate, Opening
 from .snapshots import Snapshots
@@ -77,11 +77,21 @@ class Reader:
     max_window: float
     stall_timeout: float
     show_progress: bool = False
+    groups: list[Group] = field(default_factory=list)  # the run's consistency groups
     lanes: list[Lane] = field(default_factory=list)
-    held: tuple[int, Held] | None = None  # the item quiesced now
+    # The item quiesced now, or a freeze or stop group's members (held from the first one's
+    # gate to the gate after the last one's).
+    held: list[tuple[int, Held]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.snapshots = Snapshots(self.capture, self.items)
+        by_name = {g.name: g for g in self.groups}
+        self._group = {k: by_name[i.group] for k, i in enumerate(self.items) if i.group}
+        self._spans = {
+            k: span
+            for k, span in groups.spans(self.items).items()
+            if self._group[k].mode in WINDOW_MODES
+        }
+        self.snapshots = Snapshots(self.capture, self.items, self._group)
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="incus-borg-release")
 
     def read(
@@ -181,47 +191,66 @@ class Reader:
         return kept
 
     def _release_while_holding(self, k: int) -> None:
-        """Release the item the lanes have read and quiesce item `k`: side by side (two
-        round trips to Incus in the time of one), unless both keep instances from running:
-        a thaw or a start may take a second or more, and item `k`'s instances must not be
-        frozen or stopped meanwhile, unread (nor may two freezes of one instance cross).
-        Both are done before the lanes go on."""
-        previous, self.held = self.held, None
-        item = self.items[k]
-        if previous is None or (
-            previous[1].item.mode in WINDOW_MODES and item.mode in WINDOW_MODES
+        """Release what the lanes have read and quiesce item `k` (with its group's other
+        members, for a freeze or stop group; nothing when they are held already): side by
+        side (two round trips to Incus in the time of one), unless both keep instances from
+        running: a thaw or a start may take a second or more, and item `k`'s instances must
+        not be frozen or stopped meanwhile, unread (nor may two freezes of one instance
+        cross). Both are done before the lanes go on."""
+        span = self._spans.get(k, range(k, k + 1))
+        if self.held and self.held[0][0] in span:
+            return  # its group is held since its first member's gate
+        previous, self.held = self.held, []
+        if not previous or (
+            self._mode(previous[0][0]) in WINDOW_MODES and self._mode(k) in WINDOW_MODES
         ):
-            self._release_one(previous)
-            self._hold(k)
+            self._release_all(previous)
+            self._hold(k, span)
         else:
-            releasing = self._releaser.submit(profile.carried(self._release_one), previous)
+            releasing = self._releaser.submit(profile.carried(self._release_all), previous)
             try:
-                self._hold(k)
+                self._hold(k, span)
             finally:
                 releasing.result()
-        if self.held is not None:
-            testpoints.reached("held", item.ref)
+        for _, held in self.held:
+            testpoints.reached("held", held.item.ref)
 
-    def _hold(self, k: int) -> None:
-        item = self.items[k]
+    def _mode(self, k: int) -> str:
+        """How item `k` is held: its group's mode, for a member of a freeze or stop group."""
+        return self._group[k].mode if k in self._spans else self.items[k].mode
+
+    def _hold(self, k: int, span: range) -> None:
+        members = [self.items[j] for j in span]
         try:
             with self.capture.timed("quiesce"):
-                taken = self.snapshots.take(k) if item.mode == "snapshot" else None
-                self.held = (k, self.capture.hold(item, taken))
-        except UserError as exc:  # read nothing of it, and say so
-            item.failed = f"could not be quiesced: {exc}"
-            self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")
+                if k in self._spans:
+                    helds = self.capture.hold_group(members, self._group[k])
+                    self.held = list(zip(span, helds, strict=True))
+                else:
+                    taken = self.snapshots.take(k) if members[0].mode == "snapshot" else None
+                    self.held = [(k, self.capture.hold(members[0], taken))]
+        except UserError as exc:  # read nothing of them, and say so
+            for item in members:
+                item.failed = f"could not be quiesced: {exc}"
+                self.capture.session.warnings.add(f"{item.kind} {item.ref} left out: {exc}")
 
     def _release(self) -> None:
-        previous, self.held = self.held, None
-        self._release_one(previous)
+        previous, self.held = self.held, []
+        self._release_all(previous)
 
-    def _release_one(self, previous: tuple[int, Held] | None) -> None:
-        if previous is not None:
-            _, held = previous
-            with self.capture.timed("release"):
-                held.item.window = self.capture.release(held, keep_snapshot=True)
-            self.snapshots.drop(held)
+    def _release_all(self, previous: list[tuple[int, Held]]) -> None:
+        if not previous:
+            return
+        k, first = previous[0]
+        with self.capture.timed("release"):
+            if k in self._spans:
+                helds = [held for _, held in previous]
+                windows = self.capture.release_group(helds, self._group[k])
+                for held, window in zip(helds, windows, strict=True):
+                    held.item.window = window
+                return
+            first.item.window = self.capture.release(first, keep_snapshot=True)
+        self.snapshots.drop(first)
 
     def _write_manifest(self) -> None:
         content = self._manifest_content()
@@ -249,16 +278,20 @@ class Reader:
         """Give up the lanes that hold the run up: those still reading an instance quiesced
         for longer than max_window, and those showing no progress outside the gate."""
         now = time.monotonic()
-        if self.held is not None:
-            k, held = self.held
-            item = held.item
-            if item.mode in WINDOW_MODES and now - held.started > self.max_window:
+        if self.held:
+            k, held = self.held[0]
+            item, mode = held.item, self._mode(k)
+            if mode in WINDOW_MODES and now - held.started > self.max_window:
+                what = f"{item.kind} {item.ref}"
+                if k in self._spans:
+                    what = f"group {self._group[k].name}"
                 cause = (
-                    f"stalled: {item.kind} {item.ref} stayed {item.mode} for "
+                    f"stalled: {what} stayed {mode} for "
                     f"{self.max_window:.0f} s (max_window) while it was read"
                 )
+                positions = {j for j, _ in self.held}
                 for lane in self.lanes:
-                    if lane.live and lane.waiting is None and lane.position == k:
+                    if lane.live and lane.waiting is None and lane.position in positions:
                         self._fail(lane, cause)
         for lane in self.lanes:
             quiet = now - lane.process.last_activity

@@ -60,6 +60,7 @@ class Session:
             command_line=command_line,
             member=self.member,
             rules=self.config.policy,
+            declared=self.config.groups,
         )
 
     @contextmanager

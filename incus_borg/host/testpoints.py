@@ -20,6 +20,8 @@ PHASES = {
     "borg-started": "backup: every repository's borg create runs; nothing is quiesced yet",
     "held": "backup, hook pre, its gate keeper: an item (TARGET: P/NAME) is quiesced and "
     "mounted; a keeper's reader waits at the gate",
+    "group-held": "backup, its gate keeper: a consistency group's (TARGET: its name) members "
+    "are all frozen (or stopped), for its snapshots or its read",
     "export-requested": "backup: Incus makes an item's (TARGET: P/NAME) backup, journalled",
     "export-streaming": "backup: part of an item's (TARGET: P/NAME) export is in its borgs",
     "undone": "every release: one journalled step (TARGET: its op) was undone",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..manifest import Item, Manifest
+from ..manifest import Group, Item, Manifest
 
 FORMAT = 1
 
@@ -43,6 +43,7 @@ class Entry:
     changed_files: int | None = None
     failed: str | None = None  # why the run left it out
     reader: str = "in place"  # "in place" or "export" (see backup/plan.py)
+    group: str | None = None  # its consistency group
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,6 +62,7 @@ class Entry:
             item.changed_files,
             item.failed,
             item.reader,
+            item.group,
         )
 
 
@@ -96,6 +98,7 @@ class Run:
     repositories: dict[str, Stored] = field(default_factory=dict)
     attributed: bool = True  # False: a hook-mode run not yet found in any repository
     finished: float | None = None  # epoch seconds when it was stored (None: not known)
+    groups: list[Group] = field(default_factory=list)  # its consistency groups
 
     @property
     def time(self) -> float:
@@ -123,6 +126,7 @@ class Run:
             items=[Entry.of(item) for item in manifest.instances + manifest.volumes],
             attributed=attributed,
             finished=finished,
+            groups=list(manifest.groups),
         )
 
     @classmethod
@@ -131,6 +135,7 @@ class Run:
         data = dict(data)
         data["items"] = [Entry(**e) for e in data.get("items", [])]
         data["repositories"] = {k: Stored(**v) for k, v in data.get("repositories", {}).items()}
+        data["groups"] = [Group(**g) for g in data.get("groups", [])]
         return cls(**data)
 
 
@@ -155,6 +160,13 @@ class Index:
     def ordered(self) -> list[Run]:
         """The runs, oldest first."""
         return sorted(self.runs.values(), key=lambda r: r.time)
+
+    def groups(self) -> list[Group]:
+        """Each consistency group as its newest run held it."""
+        newest: dict[str, Group] = {}
+        for run in self.ordered():
+            newest |= {g.name: g for g in run.groups}
+        return [newest[name] for name in sorted(newest)]
 
     def add(self, run: Run) -> None:
         """Record a run; a run known already (found again, or in another repository) keeps

@@ -269,6 +269,7 @@ def record_backup(ctx: Context, capture: Capture, plan: Plan, figures: Figures) 
             for name, archives in figures.archives.items()
         },
         finished=time.time(),
+        groups=list(plan.groups),
     )
     with index_file(ctx).update() as index:
         index.add(run)

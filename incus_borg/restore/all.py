@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from ..context import Context
 from ..errors import UserError
 from ..host import signals
+from ..host.parallel import side_by_side
 from ..incus import Incus
+from ..manifest import Item
 from . import graph, poolmap, rebuild
 from .graph import Graph, Node
 from .journal import RestoreJournal
@@ -27,7 +29,7 @@ from .poolmap import PoolMap
 from .rebuild import COLLIDE, CREATE, EXISTS, UPDATE, Plan, here_node
 from .rollback import refuse_pending_server
 from .source import NEWEST_COMPLETE, Source, open_run
-from .target import matching, report, require_member
+from .target import matching, report, require_member, wait_running
 
 START_TIMEOUT = 60  # seconds an instance may take to report Running once started
 
@@ -91,8 +93,9 @@ def prepare(
 def selected(
     source: Source, whole: Graph, projects: Iterable[str], instances: Iterable[str]
 ) -> set[Node]:
-    """The nodes a selection needs: the named projects' entities and the named instances,
-    with everything they refer to; all of them when nothing is named."""
+    """The nodes a selection needs: the named projects' entities and the named instances
+    (with the other members of their consistency groups), with everything they refer to;
+    all of them when nothing is named."""
     projects, instances = list(projects), list(instances)
     if not projects and not instances:
         return set(whole.definitions)
@@ -117,8 +120,16 @@ def selected(
                 else f"is not in the run (it holds: {held})"
             )
             raise UserError(f"instance {ref!r} {why}")
-        roots.append(Node("instances", found[0].project, found[0].name))
+        roots += [Node("instances", i.project, i.name) for i in group_of(source, found[0])]
     return graph.closure(whole, roots)
+
+
+def group_of(source: Source, item: Item) -> list[Item]:
+    """The instances restored with `item`: its consistency group's members in the run (they
+    come back as a group), or itself."""
+    if item.group is None:
+        return [item]
+    return [i for i in source.manifest.instances if i.group == item.group and i.failed is None]
 
 
 def show(plan: Plan, dry_run: bool) -> None:
@@ -159,30 +170,45 @@ def priority(plan: Plan, node: Node) -> int:
 
 def start_running(incus: Incus, plan: Plan, created: list[Node]) -> dict[Node, float | str]:
     """Start the created instances that were running at backup time, highest
-    `boot.autostart.priority` first, each waited for until it runs; per instance the
+    `boot.autostart.priority` first, each waited for until it runs (a consistency group's
+    members together, side by side, where its first member comes); per instance the
     seconds it took, or why it did not start."""
     wanted = [
         n for n in created if n.kind == "instances" and plan.graph.items[n].state == "Running"
     ]
     wanted.sort(key=lambda n: (-priority(plan, n), n.project, n.name))
     results: dict[Node, float | str] = {}
-    for node in wanted:
-        began = time.monotonic()
-        try:
-            incus.change_state(node.project, node.name, "start")
-            _wait_running(incus, node)
-        except UserError as exc:
-            results[node] = str(exc)
-            report(f"{node.label}: does not start: {exc}")
-            continue
-        results[node] = time.monotonic() - began
-        report(f"{node.label}: started")
+    for unit in _together(plan, wanted):
+        for node, outcome in zip(unit, side_by_side(lambda n: _start(incus, n), unit), strict=True):
+            if isinstance(outcome, UserError):
+                results[node] = str(outcome)
+                report(f"{node.label}: does not start: {outcome}")
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                results[node] = outcome
+                report(f"{node.label}: started")
+        group = plan.graph.items[unit[0]].group
+        if group is not None:
+            report(f"group {group}: {len(unit)} member(s) started together")
     return results
 
 
-def _wait_running(incus: Incus, node: Node) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while (status := incus.instance_status(node.project, node.name)) != "Running":
-        if time.monotonic() > deadline:
-            raise UserError(f"it is {status} {START_TIMEOUT} s after its start")
-        time.sleep(0.2)
+def _together(plan: Plan, nodes: list[Node]) -> list[list[Node]]:
+    """The nodes in their order, each group's members in one unit where its first comes."""
+    units: list[list[Node]] = []
+    for node in nodes:
+        group = plan.graph.items[node].group
+        if group is None:
+            units.append([node])
+        elif not any(plan.graph.items[u[0]].group == group for u in units):
+            units.append([n for n in nodes if plan.graph.items[n].group == group])
+    return units
+
+
+def _start(incus: Incus, node: Node) -> float:
+    """Start one instance and wait until it runs; the seconds it took."""
+    began = time.monotonic()
+    incus.change_state(node.project, node.name, "start")
+    wait_running(incus, node.project, node.name, START_TIMEOUT)
+    return time.monotonic() - began

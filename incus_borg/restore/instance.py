@@ -23,6 +23,8 @@ import secrets
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -71,7 +73,7 @@ class InstanceOptions:
 
 
 @dataclass
-class _Target:
+class Target:
     """Where the instance goes, and what must be made first."""
 
     name: str
@@ -102,45 +104,81 @@ def restore(incus: Incus, source: Source, options: InstanceOptions, journal: Res
     returns the exit code (1 when a killed restore's leftover was deleted)."""
     item = find_item(source, "instance", options.ref)
     with profile.phase("preconditions"):
-        target = _preconditions(incus, source, item, options)
+        target = preconditions(incus, source, item, options)
     warnings = Warnings()
     with signals.interruptible():
-        with profile.phase("leftovers and dependencies"):
-            _clear_leftovers(incus, journal, target, warnings)
-            config.recreate(incus, {"projects": target.new_project}, False, report)
-            _ensure_dependencies(incus, source, target.definition, target.project)
-        for vol_item in target.volumes:
-            mapped = options.pool_map.get(vol_item.pool)
-            volume.restore(incus, source, vol_item, None, mapped, target.project, target.member)
+        prepare(incus, source, target, options, journal, warnings)
         with profile.phase("instance"):
-            count = _create(incus, source, item, target, options.stream, journal)
+            made = build(incus, source, item, target, options.stream, journal)
+            with discarded_on_failure(incus, journal, [made]):
+                take_name(incus, made)
+    report_restored(made, source)
+    if options.start:
+        incus.change_state(target.project, target.name, "start")
+        report(f"instance {target.project}/{target.name} started")
+    else:
+        report(f"instance {target.project}/{target.name} left stopped (use --start to start it)")
+    return warnings.exit_code
+
+
+@dataclass
+class Built:
+    """An instance made and checked under its temporary name, not yet named."""
+
+    item: Item
+    target: Target
+    temporary: str
+    snapshots: int
+
+    @property
+    def key(self) -> str:
+        return instance_key(self.target.project, self.target.name)
+
+
+def prepare(
+    incus: Incus,
+    source: Source,
+    target: Target,
+    options: InstanceOptions,
+    journal: RestoreJournal,
+    warnings: Warnings,
+) -> None:
+    """What must be there before the instance is made: a killed restore's leftover gone,
+    its project, profiles, networks and (with --with-volumes) custom volumes."""
+    with profile.phase("leftovers and dependencies"):
+        _clear_leftovers(incus, journal, target, warnings)
+        config.recreate(incus, {"projects": target.new_project}, False, report)
+        _ensure_dependencies(incus, source, target.definition, target.project)
+    for vol_item in target.volumes:
+        mapped = options.pool_map.get(vol_item.pool)
+        volume.restore(incus, source, vol_item, None, mapped, target.project, target.member)
+
+
+def report_restored(made: Built, source: Source) -> None:
+    """Say what was restored, and where."""
+    item, target = made.item, made.target
     name, project, pool = target.name, target.project, target.pool["name"]
     where = f" of member {target.member}" if target.member else ""
     report(
         f"instance {item.ref} restored as {project}/{name} on pool {pool}{where} "
-        f"with {count} snapshot(s) from {source.description}"
+        f"with {made.snapshots} snapshot(s) from {source.description}"
     )
     if (project, name) != (item.project, item.name):
         report(f"instance {project}/{name}: gets new MAC addresses and UUID, beside the original")
-    if options.start:
-        incus.change_state(project, name, "start")
-        report(f"instance {project}/{name} started")
-    else:
-        report(f"instance {project}/{name} left stopped (use --start to start it)")
-    return warnings.exit_code
 
 
-def _create(
-    incus: Incus, source: Source, item: Item, target: _Target, stream: bool, journal: RestoreJournal
-) -> int:
-    """Import the instance under a temporary name (recorded first), check it, and give it its
-    name; a failure or an interrupt deletes it again. Returns its number of snapshots."""
+def build(
+    incus: Incus, source: Source, item: Item, target: Target, stream: bool, journal: RestoreJournal
+) -> Built:
+    """Import the instance under a temporary name (recorded first) and check it; a failure
+    or an interrupt deletes it again. `take_name` gives it its name."""
     project, name = target.project, target.name
     temporary = f"{name[:40]}{TEMPORARY}{secrets.token_hex(4)}"
     key = instance_key(project, name)
     entry = {"project": project, "name": name, "temporary": temporary}
     journal.record(key, entry | {"source": source.description})
-    try:
+    made = Built(item, target, temporary, 0)
+    with discarded_on_failure(incus, journal, [made], forget=False):
         if stream or item.exported or target.pool["driver"] not in layout.READABLE_DRIVERS:
             with profile.phase("stream into incus import"), source.tar(item) as tarball:
                 testpoints.reached("restore-streaming")
@@ -151,22 +189,39 @@ def _create(
         restored = incus.instance(project, temporary, recursion="1")
         snapshots = [s["name"] for s in restored.get("snapshots") or []]
         check_snapshots(f"instance {project}/{name}", snapshots, item.snapshots)
+        made.snapshots = len(snapshots)
         if (project, name) != (item.project, item.name):
             forget_identity(incus, project, temporary, restored)
         if target.move_to:
             incus.move_instance(project, temporary, target.move_to)
-        incus.rename_instance(project, temporary, name)
+    return made
+
+
+def take_name(incus: Incus, made: Built) -> None:
+    """Give a built instance its name (the restore journal forgets it: it is done)."""
+    incus.rename_instance(made.target.project, made.temporary, made.target.name)
+
+
+@contextmanager
+def discarded_on_failure(
+    incus: Incus, journal: RestoreJournal, made: list[Built], forget: bool = True
+) -> Iterator[None]:
+    """Delete the instances `made` still under their temporary names when the block fails
+    or is interrupted; when it succeeds (and `forget`), forget them in the restore journal."""
+    try:
+        yield
     except BaseException:
         with signals.shielded():
-            if _remove_partial(incus, project, temporary):
-                journal.clear(key)
+            for one in made:
+                if _remove_partial(incus, one.target.project, one.temporary):
+                    journal.clear(one.key)
         raise
-    journal.clear(key)
-    return len(snapshots)
+    for one in made if forget else []:
+        journal.clear(one.key)
 
 
 def _clear_leftovers(
-    incus: Incus, journal: RestoreJournal, target: _Target, warnings: Warnings
+    incus: Incus, journal: RestoreJournal, target: Target, warnings: Warnings
 ) -> None:
     """Instances that killed restores left half-made: the one meant to become the target is
     deleted (it is ours: its temporary name was recorded before it was made), the others
@@ -194,7 +249,7 @@ def _delete_leftover(
             f"Incus still imports {project}/{temporary} for a killed restore: "
             "wait for it to finish, then restore again"
         )
-    if _exists(incus, project, temporary):
+    if exists(incus, project, temporary):
         warnings.add(f"{_half_restored(entry)}: deleting it")
         incus.delete_instance(project, temporary)
     journal.clear(key)
@@ -207,7 +262,7 @@ def _name_leftover(
     project, temporary = entry["project"], entry["temporary"]
     if alive(entry) or incus.instance_busy(project, temporary):
         return
-    if not _exists(incus, project, temporary):
+    if not exists(incus, project, temporary):
         journal.clear(key)
         return
     warnings.add(
@@ -235,21 +290,24 @@ def _settled(incus: Incus, project: str, name: str) -> bool:
     return True
 
 
-def _exists(incus: Incus, project: str, name: str) -> bool:
+def exists(incus: Incus, project: str, name: str) -> bool:
     """Whether instance `project/name` exists (False when the project does not)."""
     if project not in incus.entity_names("projects", None):
         return False
     return name in incus.entity_names("instances", project)
 
 
-def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOptions) -> _Target:
-    """Every refusal, before the first change."""
+def preconditions(
+    incus: Incus, source: Source, item: Item, options: InstanceOptions, replacing: bool = False
+) -> Target:
+    """Every refusal, before the first change (an instance of the name may exist when it is
+    `replacing`)."""
     name = options.new_name or item.name
     project = options.project or item.project
     member = require_member(incus, options.target)
     pool = require_pool(incus, options.pool or item.pool)
     new_project = missing_project(incus, source, project)
-    if not new_project and name in incus.entity_names("instances", project):
+    if not replacing and not new_project and name in incus.entity_names("instances", project):
         raise UserError(
             f"instance {project}/{name} already exists: restore beside it with --as NEW, "
             "or delete it first"
@@ -269,7 +327,7 @@ def _preconditions(incus: Incus, source: Source, item: Item, options: InstanceOp
         for vol_pool, vol_name in (ref.split("/", 1) for ref in missing)
     ]
     move_to = member if member is not None and member != incus.member() else None
-    return _Target(
+    return Target(
         name, project, pool, new_project, definition, volume_items, renamed, member, move_to
     )
 
@@ -331,7 +389,7 @@ def _remove_partial(incus: Incus, project: str, name: str) -> bool:
     try:
         if not _settled(incus, project, name):
             raise UserError(f"Incus still works on it after {SETTLE_TIMEOUT} s")
-        if _exists(incus, project, name):
+        if exists(incus, project, name):
             incus.delete_instance(project, name)
     except UserError as left:
         click.echo(f"incus-borg: remove the partial {project}/{name} by hand: {left}", err=True)

@@ -3,6 +3,7 @@ server, and the check that what came back is what was archived."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
@@ -139,3 +140,13 @@ def check_snapshots(what: str, found: list[str], expected: list[str]) -> None:
         raise UserError(
             f"{what} was imported with snapshots {found}, expected {expected}: check it before use"
         )
+
+
+def wait_running(incus: Incus, project: str, name: str, timeout: float) -> None:
+    """Wait until an instance that was started runs; refuses one still not running after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (status := incus.instance_status(project, name)) != "Running":
+        if time.monotonic() > deadline:
+            raise UserError(f"{project}/{name} is {status} {timeout:.0f} s after its start")
+        time.sleep(0.2)

@@ -12,7 +12,7 @@ import pytest
 from incus_borg.backup.capture import Held
 from incus_borg.backup.snapshots import Snapshots
 from incus_borg.errors import UserError, Warnings
-from incus_borg.manifest import Item
+from incus_borg.manifest import Group, Item
 
 
 def item(name: str) -> Item:
@@ -88,3 +88,41 @@ def within(seconds: float, action: Any) -> BaseException | None:
     thread.join(seconds)
     assert not thread.is_alive(), f"{action} waited forever"
     return raised[0] if raised else None
+
+
+@dataclass
+class GroupCapture(FakeCapture):
+    """Also takes a group's snapshots in one call; `fail` makes every group call raise."""
+
+    calls: list[list[str]] = field(default_factory=list)
+    fail: bool = False
+
+    def take_group_snapshots(self, items: list[Item], group: Group) -> list[Held]:
+        self.calls.append([i.name for i in items])
+        if self.fail:
+            raise UserError("a member could not be frozen")
+        return [self.take_snapshot(i) for i in items]
+
+
+def test_a_group_s_members_are_taken_together_or_not_at_all() -> None:
+    items = [item("solo"), item("g1"), item("g2"), item("g3")]
+    shop = Group("default/shop", ["default/g1", "default/g2", "default/g3"], "snapshot")
+    for it in items[1:]:
+        it.group = shop.name
+    groups = {k: shop for k in (1, 2, 3)}
+    for fail in (False, True):
+        capture = GroupCapture(fail=fail)
+        workers = Snapshots(capture, items, groups)  # type: ignore[arg-type]
+        workers.start()
+        workers.reached(0)
+        workers.drop(workers.take(0))
+        if fail:
+            for k in (1, 2, 3):
+                with pytest.raises(UserError, match="could not be frozen"):
+                    workers.take(k)
+        else:
+            for k in (1, 2, 3):
+                workers.drop(workers.take(k))
+        workers.close()
+        assert capture.calls == [["g1", "g2", "g3"]]
+        assert sorted(capture.dropped) == sorted(capture.taken)

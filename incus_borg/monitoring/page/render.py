@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from html import escape
 from importlib import resources
 
+from ...backup import groups
 from .. import coverage
 from ..coverage import Standing, age_text, size_text
 from ..index import Run
@@ -222,7 +223,7 @@ def _chart(css: str, left: str, right: str, plot: str, span: tuple[str, str]) ->
     )
 
 
-RUN_HEADERS = ("Run", "Mode", "Daemon down", "Longest window", "Windows", "Stored")
+RUN_HEADERS = ("Run", "Mode", "Daemon down", "Longest window", "Windows", "Groups", "Stored")
 
 
 def run_row(run: Run) -> str:
@@ -251,9 +252,18 @@ def run_row(run: Run) -> str:
         ("Daemon down", f'<span class="num">{down:.2f} s</span>' if down is not None else "-"),
         ("Longest window", f'<span class="wrap">{longest}</span>'),
         ("Windows", detail if windows else "-"),
+        ("Groups", group_cell(run)),
         ("Stored", f'<span class="wrap">{stored or "hook (not refreshed)"}</span>'),
     ]
     return f"<tr>{_cells(values, heads=1)}</tr>"
+
+
+def group_cell(run: Run) -> str:
+    """A run's consistency groups: each one's members, moment and window."""
+    if not run.groups:
+        return "-"
+    listed = "".join(f"<li>{escape(groups.done(g))}</li>" for g in run.groups)
+    return f'<ul class="wrap">{listed}</ul>'
 
 
 def runs_section(page: Page) -> str:

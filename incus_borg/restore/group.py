@@ -1,0 +1,221 @@
+"""`incus-borg restore group`: a consistency group's instances, all of them or none.
+
+Every member is checked first, then built under its temporary name and verified, as
+`restore instance` does (instance.py). Only once all of them are verified do they take their
+names; if one fails, every member built so far is deleted again, and nothing is replaced.
+With --replace, the members that exist are stopped and moved aside
+(`NAME-replaced-XXXXXXXX`) just before the new ones take their names, then deleted; a
+failure while they are swapped puts every original back.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import profile
+from ..context import Context
+from ..errors import UserError, Warnings
+from ..host import signals
+from ..host.parallel import side_by_side
+from ..incus import Incus
+from ..manifest import Group, Item, Manifest
+from . import instance
+from .instance import Built, InstanceOptions
+from .journal import RestoreJournal
+from .rollback import refuse_pending_server
+from .source import Latest, Source, open_run
+from .target import report, require_member, wait_running
+
+ASIDE = "-replaced-"  # between the name and the token of a replaced member's name
+START_TIMEOUT = 60  # seconds a started member may take to report Running
+
+
+@dataclass
+class GroupOptions:
+    """What `restore group` was asked for."""
+
+    name: str  # NAME or PROJECT/NAME
+    pool: str | None = None
+    project: str | None = None
+    start: bool = False
+    with_volumes: bool = False
+    stream: bool = False
+    pool_map: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    replace: bool = False  # replace the members that exist
+
+
+def find_group(manifest: Manifest, name: str, description: str) -> Group:
+    """The group `name` names in a run: by its whole name, or by the NAME of PROJECT/NAME
+    when only one project has it."""
+    exact = [g for g in manifest.groups if g.name == name]
+    found = exact or [g for g in manifest.groups if g.name.rpartition("/")[2] == name]
+    if len(found) > 1:
+        names = ", ".join(g.name for g in found)
+        raise UserError(f"group {name!r} is ambiguous in {description}: name one of {names}")
+    if not found:
+        held = ", ".join(g.name for g in manifest.groups) or "none"
+        raise UserError(f"no group {name!r} in {description} (it holds: {held})")
+    return found[0]
+
+
+def members(manifest: Manifest, group: Group, description: str) -> list[Item]:
+    """The group's instances the run holds; refuses a group with none."""
+    held = [i for i in manifest.instances if i.group == group.name and i.failed is None]
+    if not held:
+        raise UserError(
+            f"group {group.name} has no instance in {description} (every one was left out of "
+            "the run): restore from another run"
+        )
+    return held
+
+
+def holding_group(name: str) -> Latest:
+    """`latest` for a restore of group `name`: the newest run that holds it."""
+
+    def holds(manifest: Manifest) -> bool:
+        try:
+            members(manifest, find_group(manifest, name, ""), "")
+        except UserError:
+            return False
+        return True
+
+    return Latest(holds=holds, what=f"group {name!r} in any run")
+
+
+def run(ctx: Context, archive: str, label: str | None, options: GroupOptions) -> int:
+    """Restore the group the options name from ARCHIVE; the exit code."""
+    journal = RestoreJournal.of(ctx.config)
+    refuse_pending_server(journal, ctx.path)
+    require_member(ctx.incus(), options.target)
+    latest = holding_group(options.name)
+    with profile.phase("open the run"):
+        source = open_run(ctx, archive, label, latest=latest)
+    return restore(ctx.incus(), source, options, journal)
+
+
+def restore(incus: Incus, source: Source, options: GroupOptions, journal: RestoreJournal) -> int:
+    """Build every member, verify each, then name them all (replacing those that exist,
+    with --replace); returns the exit code."""
+    group = find_group(source.manifest, options.name, source.description)
+    items = members(source.manifest, group, source.description)
+    missing = [ref for ref in group.members if ref not in {i.ref for i in items}]
+    wanted = [
+        InstanceOptions(
+            item.ref,
+            pool=options.pool,
+            project=options.project,
+            with_volumes=options.with_volumes,
+            stream=options.stream,
+            pool_map=options.pool_map,
+            target=options.target,
+        )
+        for item in items
+    ]
+    with profile.phase("preconditions"):
+        targets = [
+            instance.preconditions(incus, source, item, one, options.replace)
+            for item, one in zip(items, wanted, strict=True)
+        ]
+        existing = [t for t in targets if instance.exists(incus, t.project, t.name)]
+    if existing and not options.replace:
+        names = ", ".join(f"{t.project}/{t.name}" for t in existing)
+        raise UserError(
+            f"group {group.name}: {names} already exist: add --replace to replace them once "
+            "every member is restored and verified, or restore into another --project"
+        )
+    warnings = Warnings()
+    for ref in missing:
+        warnings.add(f"group {group.name}: {ref} is not in {source.description}: not restored")
+    built: list[Built] = []
+    with signals.interruptible():
+        for target, one in zip(targets, wanted, strict=True):
+            instance.prepare(incus, source, target, one, journal, warnings)
+        with instance.discarded_on_failure(incus, journal, built):
+            for item, target in zip(items, targets, strict=True):
+                with profile.phase(f"build {item.ref}"):
+                    built.append(
+                        instance.build(incus, source, item, target, options.stream, journal)
+                    )
+            _swap(incus, built, existing)
+    for made in built:
+        instance.report_restored(made, source)
+    report(
+        f"group {group.name}: {len(built)} instance(s) restored together from "
+        f"{source.description} (captured at {group.at or 'an unrecorded moment'})"
+    )
+    if options.start:
+        _start_together(incus, built)
+    else:
+        report(f"group {group.name}: left stopped (use --start to start its members together)")
+    return warnings.exit_code
+
+
+@dataclass
+class _Aside:
+    """An existing member moved aside for its replacement."""
+
+    project: str
+    name: str
+    aside: str
+    running: bool
+
+
+def _swap(incus: Incus, built: list[Built], existing: list[instance.Target]) -> None:
+    """Give every built member its name, the existing ones moved aside first; on a failure,
+    the built ones go back to their temporary names and the originals to theirs."""
+    asides: list[_Aside] = []
+    named: list[Built] = []
+    try:
+        for target in existing:
+            running = incus.instance_status(target.project, target.name) == "Running"
+            if running:
+                incus.change_state(target.project, target.name, "stop")
+            aside = f"{target.name[:40]}{ASIDE}{secrets.token_hex(4)}"
+            asides.append(_Aside(target.project, target.name, aside, running))
+            incus.rename_instance(target.project, target.name, aside)
+        for made in built:
+            instance.take_name(incus, made)
+            named.append(made)
+    except BaseException:
+        with signals.shielded():
+            _undo_swap(incus, named, asides)
+        raise
+    for one in asides:
+        incus.delete_instance(one.project, one.aside)
+        report(f"instance {one.project}/{one.name}: the one it replaced is deleted")
+
+
+def _undo_swap(incus: Incus, named: list[Built], asides: list[_Aside]) -> None:
+    """Put things back as they were before `_swap`, as far as Incus lets it."""
+    for made in named:
+        project, name = made.target.project, made.target.name
+        _try(f"{project}/{name}", incus.rename_instance, project, name, made.temporary)
+    for one in asides:
+        _try(f"{one.project}/{one.name}", incus.rename_instance, one.project, one.aside, one.name)
+        if one.running:
+            _try(f"{one.project}/{one.name}", incus.change_state, one.project, one.name, "start")
+
+
+def _try(what: str, step: Callable[..., object], *args: str) -> None:
+    """One step of putting things back; a failure is said, and the others still tried."""
+    try:
+        step(*args)
+    except UserError as exc:
+        report(f"could not put {what} back: {exc}")
+
+
+def _start_together(incus: Incus, built: list[Built]) -> None:
+    """Start every member at once, and wait until all of them run."""
+
+    def start(made: Built) -> None:
+        project, name = made.target.project, made.target.name
+        incus.change_state(project, name, "start")
+        wait_running(incus, project, name, START_TIMEOUT)
+
+    failed = [str(o) for o in side_by_side(start, built) if isinstance(o, BaseException)]
+    if failed:
+        raise UserError(f"restored, but not every member starts: {'; '.join(failed)}")
+    report(f"members started together: {', '.join(m.target.name for m in built)}")
