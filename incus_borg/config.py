@@ -495,7 +495,7 @@ def _sample_lines(cls: type, instance: Any, indent: str, lines: list[str]) -> No
             _sample_lines(typing.cast(type, tp), default, indent + "  ", lines)
         elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             item_cls = typing.get_args(tp)[0]
-            lines.append(f"{indent}{f.name}:")
+            lines.append(f"{indent}{f.name}:{'' if default else ' []'}")
             for item in default:
                 item_lines: list[str] = []
                 _sample_lines(item_cls, item, indent + "  ", item_lines)

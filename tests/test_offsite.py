@@ -442,14 +442,7 @@ def test_check_restore_test_passes_then_names_a_damaged_instance(env: Env, tmp_p
     assert f"instance default/{NAME}: every file identical" in done.stdout
     damaged = tmp_path / "damaged"
     shutil.copytree(env.root / "repo", damaged)
-    largest = max(
-        (p for p in (damaged / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
-    )
-    with largest.open("r+b") as f:
-        f.seek(largest.stat().st_size // 2)
-        chunk = f.read(4096)
-        f.seek(largest.stat().st_size // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    lose_a_chunk_of(damaged, f"instances/default/{NAME}/backup/container/rootfs/root/data.bin")
     data = yaml.safe_load(env.config.read_text())
     data["repositories"] = [{"path": str(damaged), "label": "damaged"}]
     config = write_config(tmp_path / "damaged.yaml", data)
@@ -460,6 +453,24 @@ def test_check_restore_test_passes_then_names_a_damaged_instance(env: Env, tmp_p
     assert f"instance default/{NAME}" in error
     projects = env.server.daemon.query("/1.0/projects")
     assert not [p for p in projects if "incus-borg-check" in p]
+
+
+def lose_a_chunk_of(repo: Path, path: str) -> None:
+    """Delete from a repository the first chunk of the file at `path` in its newest archive
+    (what a damaged disk loses), so that its damage lies in that file and nowhere else."""
+    environment = borg_env() | {"BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+    borg = str(Path(sys.executable).parent / "borg")
+
+    def run(*args: str) -> str:
+        done = subprocess.run([borg, *args], env=environment, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    newest = json.loads(run("list", "--json", str(repo)))["archives"][-1]["name"]
+    dump = repo.parent / "archive.json"
+    run("debug", "dump-archive", f"{repo}::{newest}", str(dump))
+    (item,) = [i for i in json.loads(dump.read_text())["_items"] if i["path"] == path]
+    run("debug", "delete-obj", str(repo), item["chunks"][0][0].removeprefix("\x7f"))
 
 
 def state(env: Env) -> str:
