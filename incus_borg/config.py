@@ -366,6 +366,7 @@ def parse(text: str, source: str) -> Config:
 
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+GROUP_RULE = "letters, digits, '.', '_' and '-', at most 63, starting with a letter or digit"
 
 
 def _check_groups(groups: list[Group], source: str) -> None:
@@ -374,10 +375,7 @@ def _check_groups(groups: list[Group], source: str) -> None:
     for i, group in enumerate(groups):
         where = f"config {source}: 'groups[{i}]'"
         if not GROUP_NAME.fullmatch(group.name):
-            raise UserError(
-                f"{where}: name {group.name!r} is not a group name: letters, digits, '.', '_' "
-                "and '-', at most 63, starting with a letter or digit"
-            )
+            raise UserError(f"{where}: name {group.name!r} is not a group name: {GROUP_RULE}")
         if group.name in [g.name for g in groups[:i]]:
             raise UserError(f"{where}: group {group.name} is named twice: merge them")
         if not group.instances:

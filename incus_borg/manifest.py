@@ -71,6 +71,7 @@ class Group:
     # Seconds its members were held together: for snapshot, from the first freeze to the
     # last thaw around the snapshots; for freeze and stop, the whole group's read.
     window: float | None = None
+    volumes: list[str] = field(default_factory=list)  # custom volumes (POOL/P/NAME) held with it
 
 
 @dataclass

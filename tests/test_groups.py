@@ -40,6 +40,8 @@ DIRS = ["gc-d1", "gc-d2"]
 BTRFS = ["gc-b1", "gc-b2"]
 CLOCKS = DIRS + BTRFS
 TEN = [f"gt-{i}" for i in range(10)]
+VG = "gv-1"  # a dir container in group `vg`, with a custom volume only it uses
+ALL = CLOCKS + TEN + [VG]
 PROFILE = "ibg-clock"
 GROUP = "default/clock"
 SIZE = 16_000_000  # bytes of data in each dir member: its read takes a while
@@ -119,11 +121,19 @@ def env(incus_server: IncusServer, tmp_path_factory: pytest.TempPathFactory) -> 
         daemon.incus("config", "set", name, "user.incus-borg.group=ten")
         incus_server.start(name)
         start_clock(incus_server, name)
-    config = incus_config(incus_server, root, instances=CLOCKS + TEN)
+    incus_server.launch(VG, start=False)
+    daemon.incus("config", "set", VG, "user.incus-borg.group=vg")
+    for pool, volume, user in ((DEFAULT_POOL, "gvd", VG), (BTRFS_POOL, "gvb", TEN[1])):
+        daemon.incus("storage", "volume", "create", pool, volume)
+        daemon.incus("storage", "volume", "attach", pool, volume, user, "/mnt/v")
+    incus_server.start(VG)
+    config = incus_config(incus_server, root, instances=ALL)
     assert run_cli("init", config=config).returncode == 0
     yield Env(incus_server, root, config)
-    for name in CLOCKS + TEN:
+    for name in ALL:
         incus_server.delete(name)
+    daemon.incus("storage", "volume", "delete", DEFAULT_POOL, "gvd")
+    daemon.incus("storage", "volume", "delete", BTRFS_POOL, "gvb")
     daemon.incus("profile", "delete", PROFILE)
 
 
@@ -157,7 +167,7 @@ def test_a_group_is_captured_at_one_moment_and_restored_together(env: Env) -> No
     assert said, done.stdout
     members = said.group(1).split(", ")
     assert sorted(members) == sorted(f"default/{n}" for n in CLOCKS)
-    env.assert_released(CLOCKS + TEN)
+    env.assert_released(ALL)
     manifest = env.manifest()
     (clock,) = [g for g in manifest["groups"] if g["name"] == GROUP]
     assert clock["mode"] == "freeze" and clock["window"] == pytest.approx(
@@ -190,6 +200,29 @@ def test_a_group_is_captured_at_one_moment_and_restored_together(env: Env) -> No
     ungrouped = gap(last_records(archived_clocks(env.root / "repo", newest(env.root / "repo"))))
     print(f"\nclock gap: {grouped:.3f} s with the group, {ungrouped:.3f} s without")
     assert grouped < 0.2, (grouped, read)
+
+
+def test_a_group_holds_its_volumes_and_a_named_member_brings_its_group(env: Env) -> None:
+    done = env.cli("backup")
+    assert done.returncode == 0, done.stdout + done.stderr
+    manifest = env.manifest()
+    held = {g["name"]: g["volumes"] for g in manifest["groups"]}
+    assert held["default/vg"] == [f"{DEFAULT_POOL}/default/gvd"], held
+    assert held["default/ten"] == [f"{BTRFS_POOL}/default/gvb"], held
+    assert held[GROUP] == []
+    volumes = {v["name"]: v for v in manifest["volumes"]}
+    assert volumes["gvd"]["group"] == "default/vg" and volumes["gvd"]["mode"] == "freeze"
+    assert volumes["gvb"]["group"] == "default/ten" and volumes["gvb"]["mode"] == "snapshot"
+    snaps = env.server.daemon.query(f"/1.0/storage-pools/{BTRFS_POOL}/volumes/custom/gvb/snapshots")
+    assert not [s for s in snaps if "incus-borg-" in s], snaps
+    env.assert_released(ALL)
+
+    planned = env.cli("backup", "--dry-run", "--instance", "gc-d1")
+    assert planned.returncode == 0, planned.stderr
+    for name in CLOCKS[1:]:
+        wanted = f"instance default/{name}: read too, as a member of default/gc-d1's group"
+        assert wanted in planned.stdout, planned.stdout
+    assert f"group {GROUP} (from the profile {PROFILE}): " in planned.stdout
 
 
 def test_ten_btrfs_members_are_frozen_for_their_snapshots_under_half_a_second(env: Env) -> None:
@@ -323,7 +356,7 @@ def test_a_kill_in_a_group_s_window_is_undone_by_the_next_run(env: Env) -> None:
         again = env.cli("backup")
         assert again.returncode == 1, again.stderr  # it warns about what it undid
         assert "undoing them first" in again.stdout + again.stderr, again.stderr
-        env.assert_released(CLOCKS + TEN)
+        env.assert_released(ALL)
 
 
 def test_status_list_and_report_show_each_group(env: Env, tmp_path: Path) -> None:
@@ -356,8 +389,8 @@ def test_borgmatic_hook_mode_holds_the_group_together_just_in_time(env: Env) -> 
     assert re.search(ten, done.stderr), done.stderr
     record = [json.loads(line) for line in (env.root / "staging.keeper").read_text().splitlines()]
     held = [r["group"] for r in record if "group" in r]
-    assert {g["name"] for g in held} == {GROUP, "default/ten"}, held
-    env.assert_released(CLOCKS + TEN)
+    assert {g["name"] for g in held} == {GROUP, "default/ten", "default/vg"}, held
+    env.assert_released(ALL)
     assert wait_for(lambda: not (env.root / "staging.journal").exists(), 10)
 
 

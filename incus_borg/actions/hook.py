@@ -115,17 +115,23 @@ def _lay_out(capture: Capture, the_plan: Plan, just_in_time: bool) -> list[Item]
 
 
 def _hold_groups(capture: Capture, the_plan: Plan) -> list[Item]:
-    """Quiesce each group's running members together until `hook post` (whole-run hold),
-    and mount them; returns them."""
+    """Quiesce each group's running members (and its volumes) together until `hook post`
+    (whole-run hold), and mount them; returns them."""
     together = []
     for group in the_plan.groups:
         members = [i for i in the_plan.items if i.group == group.name and i.mode != "idle"]
+        if not members:
+            continue
         if group.mode == "snapshot":
             for taken in capture.take_group_snapshots(members, group):
                 capture.hold(taken.item, taken)
-        elif members:
+            capture.session.report(f"{groups.done(group)}; read from their snapshots")
+        else:
             capture.hold_group(members, group)
-        capture.session.report(groups.planned(group) + ", held until `hook post`")
+            capture.session.report(
+                f"group {group.name}: {', '.join(group.members)}: {group.mode}, held together "
+                "until `hook post`"
+            )
         together += members
     return together
 
@@ -183,8 +189,9 @@ def _post(ctx: Context, failed: bool) -> int:
             if windows.get(item.ref):
                 item.window = max(windows[item.ref])
         held = keeper.group_windows(record)
-        for group in ready.groups:
-            group.at, group.window = held.get(group.name, (None, None))
+        for group in ready.groups:  # (a whole-run hold's group keeps what `hook pre` took)
+            if group.name in held:
+                group.at, group.window = held[group.name]
     with session.locked("hook post"):
         pass
     monitoring.record_hook_run(ctx, ready)

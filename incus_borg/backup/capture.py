@@ -4,6 +4,7 @@ while it is read, then released (and its post command run)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -223,14 +224,19 @@ class Capture:
     # --- consistency groups (see groups.py) ------------------------------------------------
 
     def hold_group(self, items: Sequence[Item], group: Group, mounted: bool = False) -> list[Held]:
-        """Quiesce a freeze or stop group's members at one moment (side by side), then mount
-        each at its stable paths (unless `mounted`: `mount_live` did, for the gate keeper);
-        on a failure, everything it took is released."""
+        """Quiesce a freeze or stop group's members at one moment (its instances side by
+        side, then its volumes, whose instances are held already), then mount each at its
+        stable paths (unless `mounted`: `mount_live` did, for the gate keeper); on a
+        failure, everything it took is released, and the group has no window."""
         helds = [Held(item) for item in items]
+        instances = [h for h in helds if h.item.kind == "instance"]
         group.at = _moment()
         try:
             with profile.phase("group quiesce"):
-                _first_failure(side_by_side(self._quiesce, helds))
+                _first_failure(side_by_side(self._quiesce, instances))
+                for held in helds:
+                    if held not in instances:
+                        self._quiesce(held)
             now = time.monotonic()
             for held in helds:
                 held.quiesced = now
@@ -239,47 +245,59 @@ class Capture:
                 if not mounted:
                     self._mount(held)
         except BaseException:
-            self.release_group(helds, group)
+            with contextlib.suppress(Exception):
+                self.release_group(helds, group)
+            group.at = group.window = None
             raise
         return helds
 
     def release_group(self, helds: Sequence[Held], group: Group) -> list[float]:
-        """Release a freeze or stop group's members side by side; records the group's window
-        (from its first quiesce to its last release) and returns each member's window."""
-        windows = side_by_side(self.release, helds)
+        """Release a freeze or stop group's members (its volumes, then its instances side by
+        side); records the group's window (from its first quiesce to its last release) and
+        returns each member's window, in order."""
+        instances = [h for h in helds if h.item.kind == "instance"]
+        windows: dict[int, float | BaseException] = {}
+        for k, held in enumerate(helds):
+            if held not in instances:
+                windows[k] = side_by_side(self.release, [held])[0]
+        released = side_by_side(self.release, instances)
+        windows |= {helds.index(h): w for h, w in zip(instances, released, strict=True)}
         if helds:
             group.window = time.monotonic() - min(h.started for h in helds)
-        _first_failure(windows)
-        return [w for w in windows if isinstance(w, float)]
+        ordered = [windows[k] for k in range(len(helds))]
+        _first_failure(ordered)
+        return [w for w in ordered if isinstance(w, float)]
 
     def take_group_snapshots(self, items: Sequence[Item], group: Group) -> list[Held]:
-        """A snapshot group's temporary snapshots at one moment: every member frozen, each
-        snapshotted, every one thawed, each step side by side; the group's window is the
-        time from the first freeze to the last thaw. On a failure, the snapshots taken are
-        deleted again."""
+        """A snapshot group's temporary snapshots (its instances' and volumes') at one
+        moment: every instance frozen, each item snapshotted, every instance thawed, each
+        step side by side; the group's window is the time from the first freeze to the last
+        thaw. On a failure, the snapshots taken are deleted again, and the group has no
+        window."""
         q = self.session.quiescer
         started, group.at = time.monotonic(), _moment()
+        instances = [i for i in items if i.kind == "instance"]
         frozen = side_by_side(
             lambda i: (q.freeze_briefly if i.driver in BRIEF_FREEZE else q.freeze)(
                 i.project, i.name
             ),
-            items,
+            instances,
         )
         taken: list[Held | BaseException] = []
         try:
-            _first_failure(frozen)
-            testpoints.reached("group-held", group.name)
-            taken = side_by_side(self.take_snapshot, items)
-            _first_failure(taken)
+            try:
+                _first_failure(frozen)
+                testpoints.reached("group-held", group.name)
+                taken = side_by_side(self.take_snapshot, items)
+                _first_failure(taken)
+            finally:
+                thawed = side_by_side(q.release, [f for f in frozen if isinstance(f, dict)])
+                group.window = time.monotonic() - started
+            _first_failure(thawed)
         except BaseException:
             side_by_side(self.drop_snapshot, [t for t in taken if isinstance(t, Held)])
+            group.at = group.window = None
             raise
-        finally:
-            thawed = side_by_side(
-                q.release, [f for f in frozen if not isinstance(f, BaseException)]
-            )
-            group.window = time.monotonic() - started
-        _first_failure(thawed)
         return [t for t in taken if isinstance(t, Held)]
 
     def _keep_import_files(self, item: Item) -> None:

@@ -43,11 +43,13 @@ def gather(
     declared: Sequence[Declared],
     elsewhere: dict[str, str | None],
     notes: list[str],
+    volumes: Sequence[Item] = (),
 ) -> list[Group]:
     """Put the planned instances (`planned`, skipped ones too) in their groups (`keys`: by
-    ref, what their keys say; `declared`: the configuration's) and check each group; on a
-    cluster, `elsewhere` holds the instances on other members (ref -> the group their key
-    names). Sets each member's `group`; returns the groups, in the order of `planned`."""
+    ref, what their keys say; `declared`: the configuration's), with the custom volumes
+    only their running members use (see `_attach`), and check each group; on a cluster,
+    `elsewhere` holds the instances on other members (ref -> the group their key names).
+    Sets each member's `group`; returns the groups, in the order of `planned`."""
     here = {i.ref for i in planned}
     member_of = dict(keys)
     for group in declared:
@@ -69,11 +71,40 @@ def gather(
             item.group = member_of[item.ref].group
             members.setdefault(item.group, []).append(item)
     sources = {m.group: m.source for m in member_of.values()}
+    attached = _attach(planned, volumes, notes)
     groups = []
     for name, items in members.items():
-        _check(name, items, [ref for ref, group in elsewhere.items() if group == name])
-        groups.append(Group(name, [i.ref for i in items], _mode(items), sources[name]))
+        mine = [v for v in attached if v.group == name]
+        _check(name, items + mine, [ref for ref, group in elsewhere.items() if group == name])
+        refs = [i.ref for i in items]
+        groups.append(Group(name, refs, _mode(items + mine), sources[name], volumes=_refs(mine)))
     return groups
+
+
+def _attach(instances: Sequence[Item], volumes: Sequence[Item], notes: list[str]) -> list[Item]:
+    """Put each custom volume that only one group's running members use in that group (it
+    is captured at the group's moment, read right after its instances); returns them. A
+    volume read through Incus's export is read on its own, said in a note."""
+    group_of = {i.ref: i.group for i in instances}
+    attached = []
+    for volume in volumes:
+        owners = {group_of.get(user) for user in volume.users}
+        if not volume.users or len(owners) != 1 or None in owners:
+            continue
+        (group,) = owners
+        if volume.exported:
+            notes.append(
+                f"volume {_refs([volume])[0]}: read on its own, not at group {group}'s moment: "
+                "it is read through Incus's export"
+            )
+            continue
+        volume.group = group
+        attached.append(volume)
+    return attached
+
+
+def _refs(volumes: Sequence[Item]) -> list[str]:
+    return [f"{v.pool}/{v.project}/{v.name}" for v in volumes]
 
 
 def contiguous(instances: list[Item]) -> list[Item]:
@@ -116,12 +147,12 @@ def _check(name: str, items: list[Item], elsewhere: list[str]) -> None:
     for item in items:
         if item.mode == "skip":
             raise UserError(
-                f"group {name}: instance {item.ref} has mode skip (from {item.mode_source}): "
+                f"group {name}: {item.kind} {item.ref} has mode skip (from {item.mode_source}): "
                 "take it out of the group, or give it another mode"
             )
         if item.mode == "none":
             raise UserError(
-                f"group {name}: instance {item.ref} has mode none (from {item.mode_source}), "
+                f"group {name}: {item.kind} {item.ref} has mode none (from {item.mode_source}), "
                 "read live, which no group can hold at one moment: give it mode freeze or "
                 "snapshot"
             )
@@ -133,10 +164,12 @@ def _check(name: str, items: list[Item], elsewhere: list[str]) -> None:
             )
     modes = {i.mode: i for i in items if i.mode in GROUPED_MODES}
     if len(modes) > 1:
-        shown = ", ".join(f"{i.ref} {mode} ({i.driver})" for mode, i in sorted(modes.items()))
+        shown = ", ".join(
+            f"{i.kind} {i.ref} {mode} ({i.driver})" for mode, i in sorted(modes.items())
+        )
         raise UserError(
             f"group {name} mixes modes ({shown}): set user.incus-borg.mode to one mode on all "
-            "its instances (freeze works on every pool)"
+            "its instances and the volumes they use (freeze works on every pool)"
         )
 
 

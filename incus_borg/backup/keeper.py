@@ -5,8 +5,9 @@ finds each instance quiesced only while it reads it.
 owns a gate (gate.py) on the items' staging directories. When a process opens one, the
 keeper quiesces that item (freezes or stops it, or mounts a fresh snapshot over its live
 data), lets the open through, and releases the item once that process has closed the
-directory (Borg keeps a directory open until it has read everything below it), has opened
-another item, or is gone. So each Borg pass (borgmatic runs one per repository) gets its own
+directory (Borg keeps a directory open until it has read everything below it), or is gone.
+A consistency group's members are quiesced together when a Borg opens the first of them,
+and released once it has closed every one (see groups.py). So each Borg pass (borgmatic runs one per repository) gets its own
 windows, and nothing is held between passes or by a Borg that reads no staging directory. A
 `borg create --dry-run` (borgmatic's check of the paths it plans to read) reads no data: it
 goes through without a quiesce.
@@ -39,6 +40,7 @@ from typing import Any
 from ..errors import UserError
 from ..host import processes, testpoints
 from ..manifest import Group, Item
+from . import groups
 from .capture import Capture, Held
 from .gate import Gate, Opening
 from .reader import WINDOW_MODES
@@ -105,7 +107,6 @@ class Hold:
     (at one moment: they are released together)."""
 
     helds: list[Held]
-    members: list[int]  # their indexes
     readers: set[int]  # those reading them now
     pids: set[int] = field(default_factory=set)  # every one that read them in this window
     allowed: float = field(default_factory=time.monotonic)  # when their first read began
@@ -246,15 +247,14 @@ class Keeper:
             self.holds[u].readers.add(pid)
             self.holds[u].pids.add(pid)
             return
-        members = self._members[u]
-        items = [self.items[j] for j in members]
+        items = [self.items[j] for j in self._members[u]]
         try:
             helds = self._quiesce(u, items)
         except (UserError, OSError) as exc:  # read live: the run is not consistent for them
             for item in items:
                 self.record.write("failed", ref=item.ref, kind=item.kind, pid=pid, why=str(exc))
             return
-        self.holds[u] = Hold(helds, members, {pid}, {pid})
+        self.holds[u] = Hold(helds, {pid}, {pid})
         for item in items:
             self.record.write("enter", ref=item.ref, kind=item.kind, pid=pid)
         testpoints.reached("held", items[0].ref)
@@ -303,9 +303,10 @@ class Keeper:
             fields = self._fields(held, hold, now, note) | {"release": time.monotonic() - now}
             self.record.write("window", length=window, **fields)
         if group is not None:
+            members = [h.item.ref for h in hold.helds if h.item.kind == "instance"]
             self.record.write(
-                "group", name=group.name, members=[h.item.ref for h in hold.helds],
-                mode=group.mode, at=group.at, window=group.window,
+                "group", name=group.name, members=members, mode=group.mode, at=group.at,
+                window=group.window,
             )  # fmt: skip
 
     @staticmethod
@@ -471,15 +472,7 @@ def report(record: Record, say: Callable[[str], None], warn: Callable[[str], Non
             if fields["note"]:
                 warn(f"{fields['kind']} {ref}: {fields['note']}")
         elif kind == "group":
-            what = (
-                "frozen for their snapshots"
-                if fields["mode"] == "snapshot"
-                else DID[fields["mode"]]
-            )
-            say(
-                f"group {fields['name']}: {', '.join(fields['members'])}: {what} together at "
-                f"{fields['at']} for {fields['window']:.2f} s"
-            )
+            say(groups.done(Group(**fields)))
         elif kind == "other":
             say(
                 f"{fields['program']} (pid {fields['pid']}) is not Borg, and may read files in "

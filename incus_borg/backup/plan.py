@@ -38,9 +38,10 @@ class Plan:
 
     @property
     def items(self) -> list[Item]:
-        """Instances, then volumes, in the order they are read (not those left out of the
-        run before it began, such as an instance whose pre command failed)."""
-        return [i for i in self.instances + self.volumes if i.failed is None]
+        """Instances, then volumes, in the order they are read, each consistency group's
+        members (its volumes last) one after another (not those left out of the run before
+        it began, such as an instance whose pre command failed)."""
+        return [i for i in groups_.contiguous(self.instances + self.volumes) if i.failed is None]
 
 
 def reader_of(requested: str, driver: str, readable: bool) -> str:
@@ -110,13 +111,15 @@ def build(
     cluster (`member` is this member's name), only what is located on this member."""
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances(recursion="1")
+    notes: list[str] = []
     chosen = _select(raw, selection)
+    if selection:
+        chosen = _with_groups(raw, chosen, declared, notes)
     elsewhere = [i for i in chosen if member is not None and i["location"] != member]
     chosen = _with_snapshots(incus, [i for i in chosen if i not in elsewhere], pools)
     trust = _trust(incus, rules or PolicyRules())
     profiles = _profile_configs(incus, chosen + elsewhere)
     modes = (requested_mode, command_line, trust)
-    notes: list[str] = []
     policies = [_policy(i, profiles, *modes) for i in chosen]
     planned = [_instance_item(i, pools, p, notes) for i, p in zip(chosen, policies, strict=True)]
     keys = {
@@ -125,13 +128,13 @@ def build(
         if p.group is not None
     }
     away = {f"{i['project']}/{i['name']}": _key_group(i, profiles, modes) for i in elsewhere}
-    groups = groups_.gather(planned, keys, declared, away, notes)
     instances = groups_.contiguous([i for i in planned if i.mode != "skip"])
     running = {f"{i['project']}/{i['name']}" for i in raw if i["status"] == "Running"}
     wanted = {i.ref for i in instances} if selection else None
     volumes, other_volumes = _volumes(incus, pools, modes, running, wanted, member, notes)
     skipped = [i for i in planned + volumes if i.mode == "skip"]
     volumes = [v for v in volumes if v.mode != "skip"]
+    groups = groups_.gather(planned, keys, declared, away, notes, volumes)
     others = [f"instance {i['project']}/{i['name']} ({i['location']})" for i in elsewhere]
     return Plan(
         instances,
@@ -143,6 +146,37 @@ def build(
         elsewhere=others + other_volumes,
         groups=groups,
     )
+
+
+def _with_groups(
+    raw: list[dict[str, Any]],
+    chosen: list[dict[str, Any]],
+    declared: Sequence[Declared],
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """The named instances, and the other instances of their consistency groups (a group is
+    read whole or not at all), as the keys and the configuration declare them (whose keys
+    count is decided later: one more instance read is all an ignored key can cause)."""
+
+    def ref(i: dict[str, Any]) -> str:
+        return f"{i['project']}/{i['name']}"
+
+    def key(i: dict[str, Any]) -> tuple[str, str | None]:
+        return i["project"], (i.get("expanded_config") or {}).get(policy.PREFIX + "group")
+
+    configured = [{r if "/" in r else f"default/{r}" for r in g.instances} for g in declared]
+    wanted = list(chosen)
+    for i in chosen:
+        mine = [g for g in configured if ref(i) in g]
+        if mine:
+            mates = [j for j in raw if ref(j) in mine[0]]
+        else:
+            mates = [j for j in raw if key(i)[1] is not None and key(j) == key(i)]
+        for j in mates:
+            if j not in wanted:
+                wanted.append(j)
+                notes.append(f"instance {ref(j)}: read too, as a member of {ref(i)}'s group")
+    return wanted
 
 
 def _key_group(

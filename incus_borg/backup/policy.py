@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import GROUP_NAME, PolicyRules
+from ..config import GROUP_NAME, GROUP_RULE, PolicyRules
 from ..errors import UserError
 from ..manifest import Item
 from . import patterns as patterns_
@@ -275,8 +275,7 @@ def _group(what: str, setting: Setting) -> str:
     if not GROUP_NAME.fullmatch(setting.value):
         raise UserError(
             f"{what}: {PREFIX}group={shown(setting.value)} (set on the {setting.source}) is not "
-            "a group name: letters, digits, '.', '_' and '-', at most 63, starting with a "
-            "letter or digit"
+            f"a group name: {GROUP_RULE}"
         )
     return setting.value
 

@@ -9,6 +9,7 @@ ends what is left of them and runs the instance's `post`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,7 @@ class Quiescer:
         self.warnings = warnings or Warnings()
         self.report = report or (lambda line: None)
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self._pending: list[Future[None]] = []
 
     # --- taking actions ------------------------------------------------------------------
@@ -202,9 +204,10 @@ class Quiescer:
         """Undo one step in the background (a `post` command, while the run goes on), then
         pass what its command did to `then`. `wait` and `undo_all` wait for it; a step
         whose undo failed stays journalled, and `undo_all` tries it again."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(POST_WORKERS, thread_name_prefix="incus-borg-post")
-        self._pending.append(self._pool.submit(lambda: then(self.release(step))))
+        with self._lock:  # a group's members are released side by side
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(POST_WORKERS, thread_name_prefix="incus-borg-post")
+            self._pending.append(self._pool.submit(lambda: then(self.release(step))))
 
     def wait(self) -> None:
         """Wait for the steps being undone in the background."""

@@ -11,7 +11,6 @@ same command again continues. --start starts what was running at backup time, in
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,9 +28,7 @@ from .poolmap import PoolMap
 from .rebuild import COLLIDE, CREATE, EXISTS, UPDATE, Plan, here_node
 from .rollback import refuse_pending_server
 from .source import NEWEST_COMPLETE, Source, open_run
-from .target import matching, report, require_member, wait_running
-
-START_TIMEOUT = 60  # seconds an instance may take to report Running once started
+from .target import matching, report, require_member, start_and_wait
 
 
 @dataclass
@@ -179,7 +176,11 @@ def start_running(incus: Incus, plan: Plan, created: list[Node]) -> dict[Node, f
     wanted.sort(key=lambda n: (-priority(plan, n), n.project, n.name))
     results: dict[Node, float | str] = {}
     for unit in _together(plan, wanted):
-        for node, outcome in zip(unit, side_by_side(lambda n: _start(incus, n), unit), strict=True):
+        for node, outcome in zip(
+            unit,
+            side_by_side(lambda n: start_and_wait(incus, n.project, n.name), unit),
+            strict=True,
+        ):
             if isinstance(outcome, UserError):
                 results[node] = str(outcome)
                 report(f"{node.label}: does not start: {outcome}")
@@ -204,11 +205,3 @@ def _together(plan: Plan, nodes: list[Node]) -> list[list[Node]]:
         elif not any(plan.graph.items[u[0]].group == group for u in units):
             units.append([n for n in nodes if plan.graph.items[n].group == group])
     return units
-
-
-def _start(incus: Incus, node: Node) -> float:
-    """Start one instance and wait until it runs; the seconds it took."""
-    began = time.monotonic()
-    incus.change_state(node.project, node.name, "start")
-    wait_running(incus, node.project, node.name, START_TIMEOUT)
-    return time.monotonic() - began

@@ -23,13 +23,12 @@ from ..incus import Incus
 from ..manifest import Group, Item, Manifest
 from . import instance
 from .instance import Built, InstanceOptions
-from .journal import RestoreJournal
+from .journal import Entry, RestoreJournal, alive
 from .rollback import refuse_pending_server
 from .source import Latest, Source, open_run
-from .target import report, require_member, wait_running
+from .target import report, require_member, start_and_wait
 
 ASIDE = "-replaced-"  # between the name and the token of a replaced member's name
-START_TIMEOUT = 60  # seconds a started member may take to report Running
 
 
 @dataclass
@@ -119,6 +118,8 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
             instance.preconditions(incus, source, item, one, options.replace)
             for item, one in zip(items, wanted, strict=True)
         ]
+        _refuse_collisions(group, targets)
+        _restore_each_volume_once(targets)
         existing = [t for t in targets if instance.exists(incus, t.project, t.name)]
     if existing and not options.replace:
         names = ", ".join(f"{t.project}/{t.name}" for t in existing)
@@ -127,6 +128,7 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
             "every member is restored and verified, or restore into another --project"
         )
     warnings = Warnings()
+    _put_back_asides(incus, journal, warnings)
     for ref in missing:
         warnings.add(f"group {group.name}: {ref} is not in {source.description}: not restored")
     built: list[Built] = []
@@ -139,7 +141,7 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
                     built.append(
                         instance.build(incus, source, item, target, options.stream, journal)
                     )
-            _swap(incus, built, existing)
+            _swap(incus, built, existing, journal)
     for made in built:
         instance.report_restored(made, source)
     report(
@@ -153,28 +155,53 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
     return warnings.exit_code
 
 
-@dataclass
-class _Aside:
-    """An existing member moved aside for its replacement."""
+def _refuse_collisions(group: Group, targets: list[instance.Target]) -> None:
+    """Refuse two members that would take one name (members of two projects restored into
+    one with --project)."""
+    seen: set[tuple[str, str]] = set()
+    for target in targets:
+        if (target.project, target.name) in seen:
+            raise UserError(
+                f"group {group.name}: two members would both be {target.project}/{target.name}: "
+                "restore into their own projects (leave out --project)"
+            )
+        seen.add((target.project, target.name))
 
-    project: str
-    name: str
-    aside: str
-    running: bool
+
+def _restore_each_volume_once(targets: list[instance.Target]) -> None:
+    """A custom volume that several members use and that must be restored is restored with
+    the first of them only."""
+    seen: set[str] = set()
+    for target in targets:
+        mine = [v for v in target.volumes if f"{v.pool}/{v.ref}" not in seen]
+        seen |= {f"{v.pool}/{v.ref}" for v in target.volumes}
+        target.volumes = mine
 
 
-def _swap(incus: Incus, built: list[Built], existing: list[instance.Target]) -> None:
-    """Give every built member its name, the existing ones moved aside first; on a failure,
-    the built ones go back to their temporary names and the originals to theirs."""
-    asides: list[_Aside] = []
+def aside_key(project: str, name: str) -> str:
+    """The restore journal's key of a member moved aside for its replacement."""
+    return f"aside@{project}@{name}"
+
+
+def _swap(
+    incus: Incus, built: list[Built], existing: list[instance.Target], journal: RestoreJournal
+) -> None:
+    """Give every built member its name, the existing ones moved aside first (each
+    journalled first: a restore killed meanwhile leaves them for the next one to put back);
+    on a failure, the built ones go back to their temporary names and the originals to
+    theirs."""
+    asides: list[Entry] = []
     named: list[Built] = []
     try:
         for target in existing:
             running = incus.instance_status(target.project, target.name) == "Running"
+            aside = f"{target.name[:40]}{ASIDE}{secrets.token_hex(4)}"
+            entry: Entry = {"project": target.project, "name": target.name, "aside": aside}
+            entry["running"] = running
+            journal.record(aside_key(target.project, target.name), entry)
+            asides.append(entry)
             if running:
                 incus.change_state(target.project, target.name, "stop")
-            aside = f"{target.name[:40]}{ASIDE}{secrets.token_hex(4)}"
-            asides.append(_Aside(target.project, target.name, aside, running))
             incus.rename_instance(target.project, target.name, aside)
         for made in built:
             instance.take_name(incus, made)
@@ -182,21 +209,53 @@ def _swap(incus: Incus, built: list[Built], existing: list[instance.Target]) -> 
     except BaseException:
         with signals.shielded():
             _undo_swap(incus, named, asides)
+            for one in asides:
+                journal.clear(aside_key(one["project"], one["name"]))
         raise
     for one in asides:
-        incus.delete_instance(one.project, one.aside)
-        report(f"instance {one.project}/{one.name}: the one it replaced is deleted")
+        incus.delete_instance(one["project"], one["aside"])
+        journal.clear(aside_key(one["project"], one["name"]))
+        report(f"instance {one['project']}/{one['name']}: the one it replaced is deleted")
 
 
-def _undo_swap(incus: Incus, named: list[Built], asides: list[_Aside]) -> None:
+def _undo_swap(incus: Incus, named: list[Built], asides: list[Entry]) -> None:
     """Put things back as they were before `_swap`, as far as Incus lets it."""
     for made in named:
         project, name = made.target.project, made.target.name
         _try(f"{project}/{name}", incus.rename_instance, project, name, made.temporary)
     for one in asides:
-        _try(f"{one.project}/{one.name}", incus.rename_instance, one.project, one.aside, one.name)
-        if one.running:
-            _try(f"{one.project}/{one.name}", incus.change_state, one.project, one.name, "start")
+        _put_back(incus, one)
+
+
+def _put_back(incus: Incus, one: Entry) -> None:
+    """Give a member moved aside its name back (if it was moved), and start it if it ran."""
+    project, name, aside = one["project"], one["name"], one["aside"]
+    if instance.exists(incus, project, aside):
+        _try(f"{project}/{name}", incus.rename_instance, project, aside, name)
+    if one["running"] and instance.exists(incus, project, name):
+        _try(f"{project}/{name}", incus.change_state, project, name, "start")
+
+
+def _put_back_asides(incus: Incus, journal: RestoreJournal, warnings: Warnings) -> None:
+    """Members a killed `restore group --replace` moved aside: each is given its name back
+    when that name is free, else named with the command that removes it."""
+    for key, entry in journal.entries("aside@").items():
+        if alive(entry):
+            continue
+        project, name, aside = entry["project"], entry["name"], entry["aside"]
+        if not instance.exists(incus, project, aside):
+            journal.clear(key)
+        elif instance.exists(incus, project, name):
+            warnings.add(
+                f"instance {project}/{aside} is what {project}/{name} was before a killed "
+                f"`restore group --replace` replaced it: `incus delete --project {project} "
+                f"{aside}` once the new one is right"
+            )
+        else:
+            warnings.add(f"instance {project}/{name}: put back from {aside}, where a killed "
+                         "`restore group --replace` had moved it")  # fmt: skip
+            _put_back(incus, entry)
+            journal.clear(key)
 
 
 def _try(what: str, step: Callable[..., object], *args: str) -> None:
@@ -209,13 +268,9 @@ def _try(what: str, step: Callable[..., object], *args: str) -> None:
 
 def _start_together(incus: Incus, built: list[Built]) -> None:
     """Start every member at once, and wait until all of them run."""
-
-    def start(made: Built) -> None:
-        project, name = made.target.project, made.target.name
-        incus.change_state(project, name, "start")
-        wait_running(incus, project, name, START_TIMEOUT)
-
-    failed = [str(o) for o in side_by_side(start, built) if isinstance(o, BaseException)]
+    places = [(m.target.project, m.target.name) for m in built]
+    outcomes = side_by_side(lambda place: start_and_wait(incus, *place), places)
+    failed = [str(o) for o in outcomes if isinstance(o, BaseException)]
     if failed:
         raise UserError(f"restored, but not every member starts: {'; '.join(failed)}")
     report(f"members started together: {', '.join(m.target.name for m in built)}")

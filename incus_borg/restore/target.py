@@ -142,11 +142,16 @@ def check_snapshots(what: str, found: list[str], expected: list[str]) -> None:
         )
 
 
-def wait_running(incus: Incus, project: str, name: str, timeout: float) -> None:
-    """Wait until an instance that was started runs; refuses one still not running after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+START_TIMEOUT = 60  # seconds a started instance may take to report Running
+
+
+def start_and_wait(incus: Incus, project: str, name: str) -> float:
+    """Start an instance and wait until it runs; the seconds that took. Refuses one still
+    not running after START_TIMEOUT."""
+    began = time.monotonic()
+    incus.change_state(project, name, "start")
     while (status := incus.instance_status(project, name)) != "Running":
-        if time.monotonic() > deadline:
-            raise UserError(f"{project}/{name} is {status} {timeout:.0f} s after its start")
+        if time.monotonic() - began > START_TIMEOUT:
+            raise UserError(f"{project}/{name} is {status} {START_TIMEOUT} s after its start")
         time.sleep(0.2)
+    return time.monotonic() - began
