@@ -217,6 +217,19 @@ def test_dry_run_names_what_other_members_hold(env: Env) -> None:
         assert f"{other}: on another cluster member, skipped" in done.stdout
 
 
+def test_a_group_spanning_members_is_refused_with_one_line(env: Env) -> None:
+    first = env.cluster.first
+    for name in ("c1", "c3"):  # default/c1 on m1, default/c3 on m3
+        first.incus("config", "set", name, "user.incus-borg.group=pair")
+    try:
+        error = one_line_error(env.cli("m1", "backup", "--dry-run"))
+    finally:
+        for name in ("c1", "c3"):
+            first.incus("config", "unset", name, "user.incus-borg.group")
+    assert "group default/pair spans cluster members" in error, error
+    assert "default/c1" in error and "default/c3" in error, error
+
+
 def test_latest_is_this_members_newest_run(env: Env) -> None:
     for member, run in env.runs.items():
         done = env.cli(member, "list", "latest")

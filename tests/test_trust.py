@@ -13,8 +13,11 @@ The kill matrix (phase x what the next command finds), backup and hook side:
 | hook pre  | the daemon is stopped   | backup       | daemon started, run complete, exit 1    |
 | hook pre  | instances are held      | backup       | all released, run complete, exit 1      |
 | hook post | half of it is undone    | hook post    | the rest released, exit 0               |
+| backup    | a freeze group is held  | backup       | every member thawed, exit 1             |
+| backup    | a snapshot group is frozen (kernel freezer) | backup | thawed, no snapshot left, exit 1 |
 
-(the backup rows are tests/test_scale.py::test_kill_9_in_each_phase_then_backup_again)
+(the backup rows are tests/test_scale.py::test_kill_9_in_each_phase_then_backup_again; the
+group rows tests/test_groups.py::test_a_kill_in_a_group_s_window_is_undone_by_the_next_run)
 """
 
 from __future__ import annotations
