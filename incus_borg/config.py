@@ -382,6 +382,8 @@ def _check_groups(groups: list[Group], source: str) -> None:
             raise UserError(f"{where}: group {group.name} lists no instances: add them")
         for ref in group.instances:
             full = ref if "/" in ref else f"default/{ref}"
+            if seen.get(full) == group.name:
+                raise UserError(f"{where}: instance {full} is listed twice in group {group.name}")
             if full in seen:
                 raise UserError(
                     f"{where}: instance {full} is in groups {seen[full]} and {group.name}: "

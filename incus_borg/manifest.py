@@ -64,7 +64,7 @@ class Group:
     """A consistency group: instances captured at one moment (see backup/groups.py)."""
 
     name: str  # NAME (from the configuration) or PROJECT/NAME (from user.incus-borg.group)
-    members: list[str]  # its instances in the run (P/NAME), in the order they are read
+    members: list[str]  # its instances the run read (P/NAME), in the order they are read
     mode: str  # the members' mode: snapshot, freeze, stop, or idle (none was running)
     source: str = ""  # where it was declared: "configuration", or the key's
     at: str | None = None  # when its moment began (ISO 8601, milliseconds); None in hook mode
@@ -72,6 +72,7 @@ class Group:
     # last thaw around the snapshots; for freeze and stop, the whole group's read.
     window: float | None = None
     volumes: list[str] = field(default_factory=list)  # custom volumes (POOL/P/NAME) held with it
+    left_out: list[str] = field(default_factory=list)  # members the run could not read (P/NAME)
 
 
 @dataclass

@@ -297,7 +297,30 @@ def test_bad_groups_are_refused_with_one_line(env: Env, tmp_path: Path) -> None:
     error = one_line_error(env.cli("restore", "group", "lonely", archive, config=lonely))
     assert "group lonely has no instance in" in error, error
     error = one_line_error(env.cli("restore", "group", "lonely", config=lonely))
-    assert "no incus-borg run holds group 'lonely'" in error or "group 'lonely'" in error, error
+    assert "group 'lonely'" in error, error
+
+    # A group read without one of its members is not restored as if it were whole.
+    pair = incus_config(
+        env.server, tmp_path / "pair", instances=["gt-2"],
+        groups=[{"name": "pair", "instances": ["gt-2", "gt-3"]}],
+    )  # fmt: skip
+    assert env.cli("init", config=pair).returncode == 0
+    env.incus("config", "set", "gt-3", "user.incus-borg.pre=false")
+    try:
+        partial = env.cli("backup", config=pair)
+    finally:
+        env.incus("config", "unset", "gt-3", "user.incus-borg.pre")
+    assert partial.returncode == 1, partial.stderr
+    assert "(left out of the run: default/gt-3)" in partial.stdout, partial.stdout
+    archive = newest(tmp_path / "pair" / "repo")
+    error = one_line_error(env.cli("restore", "group", "pair", archive, config=pair))
+    assert "group pair was read without default/gt-3" in error, error
+
+    typo = incus_config(
+        env.server, tmp_path / "typo", groups=[{"name": "t", "instances": ["gc-d1", "gc-dd"]}]
+    )
+    error = one_line_error(env.cli("backup", "--dry-run", config=typo))
+    assert "group t (configuration) names instance default/gc-dd" in error, error
 
 
 def test_restore_group_replaces_nothing_when_one_member_cannot_be_restored(

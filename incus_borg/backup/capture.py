@@ -18,7 +18,7 @@ from .. import __version__, layout, profile
 from ..host import testpoints
 from ..host.parallel import side_by_side
 from ..manifest import Group, Item, Manifest
-from . import commands
+from . import commands, groups
 from .commands import Outcome
 from .journal import Step
 from .plan import Plan
@@ -467,7 +467,7 @@ class Capture:
             incus_borg_version=__version__,
             member=s.member,
             database_note=self.database_note,
-            groups=plan.groups,
+            groups=[groups.as_read(g, plan.instances) for g in plan.groups],
         )
 
 

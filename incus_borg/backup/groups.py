@@ -186,9 +186,21 @@ def planned(group: Group) -> str:
     return f"group {group.name} (from the {group.source}): {', '.join(group.members)}: {HOW[group.mode]}"
 
 
+def as_read(group: Group, instances: Sequence[Item]) -> Group:
+    """The group as a run read it: the members it left out (a failed pre command, a failed
+    quiesce) are named apart."""
+    failed = {i.ref for i in instances if i.failed is not None}
+    every = group.members + group.left_out
+    group.left_out = [ref for ref in every if ref in failed]
+    group.members = [ref for ref in every if ref not in failed]
+    return group
+
+
 def done(group: Group) -> str:
     """What a run did with a group, in words."""
     members = ", ".join(group.members)
+    if group.left_out:
+        members += f" (left out of the run: {', '.join(group.left_out)})"
     if group.window is None:
         return f"group {group.name}: {members}: not held ({group.mode})"
     what = {"snapshot": "frozen for their snapshots", "freeze": "frozen", "stop": "stopped"}

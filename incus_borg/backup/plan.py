@@ -112,6 +112,7 @@ def build(
     pools = {p["name"]: p["driver"] for p in incus.pools()}
     raw = incus.instances(recursion="1")
     notes: list[str] = []
+    _check_declared(raw, declared)
     chosen = _select(raw, selection)
     if selection:
         chosen = _with_groups(raw, chosen, declared, notes)
@@ -146,6 +147,19 @@ def build(
         elsewhere=others + other_volumes,
         groups=groups,
     )
+
+
+def _check_declared(raw: list[dict[str, Any]], declared: Sequence[Declared]) -> None:
+    """Refuse a configuration group that names an instance this server does not have."""
+    known = {f"{i['project']}/{i['name']}" for i in raw}
+    for group in declared:
+        for ref in group.instances:
+            full = ref if "/" in ref else f"default/{ref}"
+            if full not in known:
+                raise UserError(
+                    f"group {group.name} (configuration) names instance {full}, which is not on "
+                    "this server: check `incus list --all-projects`, or take it out of groups"
+                )
 
 
 def _with_groups(

@@ -61,27 +61,39 @@ def find_group(manifest: Manifest, name: str, description: str) -> Group:
 
 
 def members(manifest: Manifest, group: Group, description: str) -> list[Item]:
-    """The group's instances the run holds; refuses a group with none."""
+    """The group's instances the run holds; refuses a group with none, and one the run
+    read without some of its members (restoring the others alone would bring back a set
+    that never existed)."""
     held = [i for i in manifest.instances if i.group == group.name and i.failed is None]
     if not held:
         raise UserError(
             f"group {group.name} has no instance in {description} (every one was left out of "
             "the run): restore from another run"
         )
+    if group.left_out:
+        raise UserError(
+            f"group {group.name} was read without {', '.join(group.left_out)} in "
+            f"{description} (left out of that run): restore from another run (`incus-borg "
+            "list`), or restore the others one by one with `restore instance`"
+        )
     return held
 
 
 def holding_group(name: str) -> Latest:
-    """`latest` for a restore of group `name`: the newest run that holds it."""
+    """`latest` for a restore of group `name`: the newest run that holds all of it (a name
+    that is ambiguous in a run is refused)."""
 
     def holds(manifest: Manifest) -> bool:
+        if not [g for g in manifest.groups if name in (g.name, g.name.rpartition("/")[2])]:
+            return False
+        group = find_group(manifest, name, f"run {manifest.run}")
         try:
-            members(manifest, find_group(manifest, name, ""), "")
+            members(manifest, group, "")
         except UserError:
             return False
         return True
 
-    return Latest(holds=holds, what=f"group {name!r} in any run")
+    return Latest(holds=holds, what=f"group {name!r} whole")
 
 
 def run(ctx: Context, archive: str, label: str | None, options: GroupOptions) -> int:
@@ -100,7 +112,6 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
     with --replace); returns the exit code."""
     group = find_group(source.manifest, options.name, source.description)
     items = members(source.manifest, group, source.description)
-    missing = [ref for ref in group.members if ref not in {i.ref for i in items}]
     wanted = [
         InstanceOptions(
             item.ref,
@@ -115,12 +126,13 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
     ]
     with profile.phase("preconditions"):
         targets = [
-            instance.preconditions(incus, source, item, one, options.replace)
+            instance.preconditions(incus, source, item, one, replacing=True)
             for item, one in zip(items, wanted, strict=True)
         ]
         _refuse_collisions(group, targets)
         _restore_each_volume_once(targets)
         existing = [t for t in targets if instance.exists(incus, t.project, t.name)]
+    _refuse_protected(incus, group, existing if options.replace else [])
     if existing and not options.replace:
         names = ", ".join(f"{t.project}/{t.name}" for t in existing)
         raise UserError(
@@ -129,8 +141,6 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
         )
     warnings = Warnings()
     _put_back_asides(incus, journal, warnings)
-    for ref in missing:
-        warnings.add(f"group {group.name}: {ref} is not in {source.description}: not restored")
     built: list[Built] = []
     with signals.interruptible():
         for target, one in zip(targets, wanted, strict=True):
@@ -153,6 +163,20 @@ def restore(incus: Incus, source: Source, options: GroupOptions, journal: Restor
     else:
         report(f"group {group.name}: left stopped (use --start to start its members together)")
     return warnings.exit_code
+
+
+def _refuse_protected(incus: Incus, group: Group, existing: list[instance.Target]) -> None:
+    """Refuse, before anything is stopped, to replace a member Incus will not delete."""
+    for target in existing:
+        found = incus.instance(target.project, target.name)
+        config = found.get("expanded_config") or found.get("config") or {}
+        if str(config.get("security.protection.delete", "")).lower() == "true":
+            raise UserError(
+                f"group {group.name}: {target.project}/{target.name} has "
+                "security.protection.delete=true, so it cannot be replaced: unset it "
+                f"(`incus config unset --project {target.project} {target.name} "
+                "security.protection.delete`), or restore into another --project"
+            )
 
 
 def _refuse_collisions(group: Group, targets: list[instance.Target]) -> None:
@@ -213,9 +237,14 @@ def _swap(
                 journal.clear(aside_key(one["project"], one["name"]))
         raise
     for one in asides:
-        incus.delete_instance(one["project"], one["aside"])
-        journal.clear(aside_key(one["project"], one["name"]))
-        report(f"instance {one['project']}/{one['name']}: the one it replaced is deleted")
+        project, aside = one["project"], one["aside"]
+        try:
+            incus.delete_instance(project, aside)
+        except UserError as exc:
+            report(f"instance {project}/{aside} (what {one['name']} was) is left: {exc}")
+            continue
+        journal.clear(aside_key(project, one["name"]))
+        report(f"instance {project}/{one['name']}: the one it replaced is deleted")
 
 
 def _undo_swap(incus: Incus, named: list[Built], asides: list[Entry]) -> None:
