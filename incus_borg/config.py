@@ -150,6 +150,11 @@ class Group:
         example=["default/web", "default/db"],
     )
 
+    @property
+    def refs(self) -> list[str]:
+        """Its instances as PROJECT/NAME."""
+        return [ref if "/" in ref else f"default/{ref}" for ref in self.instances]
+
 
 @dataclass(frozen=True)
 class Notify:
@@ -380,8 +385,7 @@ def _check_groups(groups: list[Group], source: str) -> None:
             raise UserError(f"{where}: group {group.name} is named twice: merge them")
         if not group.instances:
             raise UserError(f"{where}: group {group.name} lists no instances: add them")
-        for ref in group.instances:
-            full = ref if "/" in ref else f"default/{ref}"
+        for full in group.refs:
             if seen.get(full) == group.name:
                 raise UserError(f"{where}: instance {full} is listed twice in group {group.name}")
             if full in seen:

@@ -53,8 +53,7 @@ def gather(
     here = {i.ref for i in planned}
     member_of = dict(keys)
     for group in declared:
-        for ref in group.instances:
-            full = ref if "/" in ref else f"default/{ref}"
+        for full in group.refs:
             if full in elsewhere:
                 elsewhere[full] = group.name
             if full not in here:

@@ -153,8 +153,7 @@ def _check_declared(raw: list[dict[str, Any]], declared: Sequence[Declared]) -> 
     """Refuse a configuration group that names an instance this server does not have."""
     known = {f"{i['project']}/{i['name']}" for i in raw}
     for group in declared:
-        for ref in group.instances:
-            full = ref if "/" in ref else f"default/{ref}"
+        for full in group.refs:
             if full not in known:
                 raise UserError(
                     f"group {group.name} (configuration) names instance {full}, which is not on "
@@ -178,7 +177,7 @@ def _with_groups(
     def key(i: dict[str, Any]) -> tuple[str, str | None]:
         return i["project"], (i.get("expanded_config") or {}).get(policy.PREFIX + "group")
 
-    configured = [{r if "/" in r else f"default/{r}" for r in g.instances} for g in declared]
+    configured = [set(g.refs) for g in declared]
     wanted = list(chosen)
     for i in chosen:
         mine = [g for g in configured if ref(i) in g]

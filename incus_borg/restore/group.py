@@ -49,8 +49,7 @@ class GroupOptions:
 def find_group(manifest: Manifest, name: str, description: str) -> Group:
     """The group `name` names in a run: by its whole name, or by the NAME of PROJECT/NAME
     when only one project has it."""
-    exact = [g for g in manifest.groups if g.name == name]
-    found = exact or [g for g in manifest.groups if g.name.rpartition("/")[2] == name]
+    found = _named(manifest, name)
     if len(found) > 1:
         names = ", ".join(g.name for g in found)
         raise UserError(f"group {name!r} is ambiguous in {description}: name one of {names}")
@@ -58,6 +57,12 @@ def find_group(manifest: Manifest, name: str, description: str) -> Group:
         held = ", ".join(g.name for g in manifest.groups) or "none"
         raise UserError(f"no group {name!r} in {description} (it holds: {held})")
     return found[0]
+
+
+def _named(manifest: Manifest, name: str) -> list[Group]:
+    """The run's groups `name` names: the one of that whole name, else those of that NAME."""
+    exact = [g for g in manifest.groups if g.name == name]
+    return exact or [g for g in manifest.groups if g.name.rpartition("/")[2] == name]
 
 
 def members(manifest: Manifest, group: Group, description: str) -> list[Item]:
@@ -84,7 +89,7 @@ def holding_group(name: str) -> Latest:
     that is ambiguous in a run is refused)."""
 
     def holds(manifest: Manifest) -> bool:
-        if not [g for g in manifest.groups if name in (g.name, g.name.rpartition("/")[2])]:
+        if not _named(manifest, name):
             return False
         group = find_group(manifest, name, f"run {manifest.run}")
         try:
